@@ -1,0 +1,75 @@
+"""embserve: an embeddable, in-process model-serving runtime with pluggable cluster backends.
+
+Decorate functions and classes with :func:`deployment`, run them with a :class:`Runtime`, call
+them through :class:`Handle` objects from any Python code, serve them over HTTP with :class:`App`.
+``import embserve`` is light: backends and the ASGI adapter load when first used.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+from embserve.batching import Batcher
+from embserve.context import ReplicaContext, get_replica_context
+from embserve.deployment import Application, Deployment, DeploymentConfig, deployment
+from embserve.errors import (
+    BackendNotFoundError,
+    BackPressureError,
+    DeploymentFailedError,
+    EmbserveError,
+    HTTPError,
+    ReplicaDiedError,
+    RequestTimeoutError,
+    remote_traceback,
+)
+from embserve.handle import Handle, Response, ResponseStream
+from embserve.replica import ReplicaState
+from embserve.runtime import Runtime, get_handle, run, shutdown
+from embserve.status import DeploymentStatus, EndpointStatus, ReplicaStatus, RuntimeStatus
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "App",
+    "Application",
+    "BackPressureError",
+    "BackendNotFoundError",
+    "Batcher",
+    "Deployment",
+    "DeploymentConfig",
+    "DeploymentFailedError",
+    "DeploymentStatus",
+    "EmbserveError",
+    "EndpointStatus",
+    "HTTPError",
+    "Handle",
+    "ReplicaContext",
+    "ReplicaDiedError",
+    "ReplicaState",
+    "ReplicaStatus",
+    "RequestTimeoutError",
+    "Response",
+    "ResponseStream",
+    "Runtime",
+    "RuntimeStatus",
+    "deployment",
+    "get_handle",
+    "get_replica_context",
+    "remote_traceback",
+    "run",
+    "shutdown",
+]
+
+
+def __getattr__(name: str) -> Any:
+    # embserve.App lives in the embserve-asgi distribution; load it on first use only, so that
+    # `import embserve` imports no web framework.
+    if name == "App":
+        try:
+            return importlib.import_module("embserve_asgi").App
+        except ImportError:
+            raise AttributeError(
+                "embserve.App needs the ASGI adapter: pip install embserve-asgi"
+            ) from None
+    raise AttributeError(f"module 'embserve' has no attribute {name!r}")

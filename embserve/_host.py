@@ -1,0 +1,218 @@
+"""The replica side of every backend: the user object, its methods, its threads.
+
+A :class:`ReplicaHost` runs on one event loop (the runtime's for in-thread replicas, a worker's
+own loop in process and Dask replicas). Async user code runs on that loop; sync user code runs in
+the host's thread pool, sized to ``max_ongoing_requests`` so that user code never runs more calls
+at once than the deployment allows, even when callers gave up on some.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import functools
+import inspect
+import logging
+from collections.abc import AsyncIterator, Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Any
+
+from embserve.context import ReplicaContext, reset_replica_context, set_replica_context
+from embserve.errors import DeploymentFailedError, attach_traceback, format_traceback
+from embserve.replica import ReplicaSpec
+
+__all__ = ["ReplicaHost"]
+
+logger = logging.getLogger("embserve.replica")
+
+
+class _Kind(enum.Enum):
+    ASYNC = 1
+    SYNC = 2
+    ASYNC_GEN = 3
+    SYNC_GEN = 4
+
+
+def _kind_of(fn: Callable[..., Any]) -> _Kind:
+    if inspect.isasyncgenfunction(fn):
+        return _Kind.ASYNC_GEN
+    if inspect.iscoroutinefunction(fn):
+        return _Kind.ASYNC
+    if inspect.isgeneratorfunction(fn):
+        return _Kind.SYNC_GEN
+    call = getattr(fn, "__call__", None)  # noqa: B004  (callable objects with async __call__)
+    if call is not None and not inspect.isfunction(fn) and not inspect.ismethod(fn):
+        return _kind_of(call)
+    return _Kind.SYNC
+
+
+class ReplicaHost:
+    """Builds the user object of one replica and runs calls on it."""
+
+    def __init__(self, spec: ReplicaSpec, context: ReplicaContext) -> None:
+        self.spec = spec
+        self.context = context
+        self._executor = ThreadPoolExecutor(
+            max_workers=spec.config.ongoing_limit,
+            thread_name_prefix=f"embserve-{spec.replica_id}",
+            initializer=set_replica_context,
+            initargs=(context,),
+        )
+        self._instance: Any = None
+        self._methods: dict[str, tuple[Callable[..., Any], _Kind]] = {}
+        self._in_threads: set[Future[Any]] = set()
+
+    async def start(self) -> None:
+        """Construct the user object and apply ``user_config``.
+
+        Raises :class:`~embserve.DeploymentFailedError` carrying the user's traceback when the
+        constructor (or the first ``reconfigure``) raises.
+        """
+        spec = self.spec
+        if inspect.isclass(spec.target):
+            factory = functools.partial(spec.target, *spec.init_args, **spec.init_kwargs)
+            try:
+                self._instance = await self._in_thread(factory)
+            except Exception as exc:
+                self.close()
+                raise DeploymentFailedError(
+                    f"the constructor of deployment {spec.deployment!r} raised "
+                    f"{type(exc).__name__}: {exc}",
+                    format_traceback(exc),
+                ) from None
+        else:
+            self._instance = spec.target
+        if spec.config.user_config is not None:
+            try:
+                await self.reconfigure(spec.config.user_config)
+            except Exception as exc:
+                self.close()
+                raise DeploymentFailedError(
+                    f"reconfigure() of deployment {spec.deployment!r} raised "
+                    f"{type(exc).__name__}: {exc}",
+                    format_traceback(exc),
+                ) from None
+
+    def _resolve(self, name: str) -> tuple[Callable[..., Any], _Kind]:
+        if not inspect.isclass(self.spec.target):
+            if name != "__call__":
+                raise AttributeError(
+                    f"deployment {self.spec.deployment!r} is a function; it has no method {name!r}"
+                )
+            fn: Callable[..., Any] = self._instance
+        else:
+            fn = getattr(self._instance, name, None)  # type: ignore[assignment]
+            if fn is None or not callable(fn) or (name.startswith("_") and name != "__call__"):
+                raise AttributeError(
+                    f"deployment {self.spec.deployment!r} has no public method {name!r}"
+                )
+        entry = (fn, _kind_of(fn))
+        self._methods[name] = entry
+        return entry
+
+    async def call(self, method: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        """Run one call; user exceptions propagate with the replica's traceback attached."""
+        fn, kind = self._methods.get(method) or self._resolve(method)
+        token = set_replica_context(self.context)
+        try:
+            if kind is _Kind.ASYNC:
+                return await fn(*args, **kwargs)
+            if kind is _Kind.SYNC:
+                return await self._in_thread(functools.partial(fn, *args, **kwargs))
+            raise TypeError(
+                f"{self.spec.deployment}.{method} is a generator: call it through "
+                "handle.options(stream=True)"
+            )
+        except Exception as exc:
+            attach_traceback(exc)
+            raise
+        finally:
+            reset_replica_context(token)
+
+    async def stream(
+        self, method: str, args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> AsyncIterator[Any]:
+        """Run a generator method, yielding its items; sync generators step in the thread pool."""
+        fn, kind = self._methods.get(method) or self._resolve(method)
+        if kind is _Kind.ASYNC_GEN:
+            agen = fn(*args, **kwargs)
+            try:
+                while True:
+                    token = set_replica_context(self.context)
+                    try:
+                        item = await agen.__anext__()
+                    except StopAsyncIteration:
+                        return
+                    except Exception as exc:
+                        attach_traceback(exc)
+                        raise
+                    finally:
+                        reset_replica_context(token)
+                    yield item
+            finally:
+                await agen.aclose()
+        elif kind is _Kind.SYNC_GEN:
+            gen = await self._in_thread(functools.partial(fn, *args, **kwargs))
+            done = object()
+            try:
+                while True:
+                    try:
+                        item = await self._in_thread(functools.partial(next, gen, done))
+                    except Exception as exc:
+                        attach_traceback(exc)
+                        raise
+                    if item is done:
+                        return
+                    yield item
+            finally:
+                await self._in_thread(gen.close)
+        else:
+            raise TypeError(
+                f"{self.spec.deployment}.{method} is not a generator: call it without stream=True"
+            )
+
+    async def check_health(self) -> None:
+        """Run the user's ``check_health()`` if it has one; raise when it raises."""
+        await self._call_optional("check_health")
+
+    async def reconfigure(self, user_config: Any) -> None:
+        """Run the user's ``reconfigure(user_config)`` (required when user_config is set)."""
+        if getattr(self._instance, "reconfigure", None) is None:
+            raise TypeError(
+                f"deployment {self.spec.deployment!r} has a user_config but no reconfigure() method"
+            )
+        await self._call_optional("reconfigure", user_config)
+
+    async def _call_optional(self, name: str, *args: Any) -> None:
+        fn = getattr(self._instance, name, None)
+        if fn is None or not inspect.isclass(self.spec.target):
+            return
+        token = set_replica_context(self.context)
+        try:
+            if inspect.iscoroutinefunction(fn):
+                await fn(*args)
+            else:
+                await self._in_thread(functools.partial(fn, *args))
+        finally:
+            reset_replica_context(token)
+
+    async def _in_thread(self, fn: Callable[[], Any]) -> Any:
+        # Track the thread's work itself, not our wait for it: a cancelled caller stops waiting
+        # while the thread runs on, and close() must know that.
+        work = self._executor.submit(fn)
+        self._in_threads.add(work)
+        work.add_done_callback(self._in_threads.discard)
+        return await asyncio.wrap_future(work)
+
+    def close(self) -> None:
+        """Release the thread pool; threads still inside user code are left to finish alone."""
+        busy = len(self._in_threads)
+        if busy:
+            logger.warning(
+                "replica %s stopped with %d call(s) still running in its threads",
+                self.spec.replica_id,
+                busy,
+            )
+        self._executor.shutdown(wait=not busy, cancel_futures=True)
+        self._instance = None
+        self._methods.clear()

@@ -1,0 +1,56 @@
+"""What user code can learn about the replica it runs in."""
+
+from __future__ import annotations
+
+import contextvars
+import dataclasses
+from collections.abc import Mapping
+from typing import Any
+
+__all__ = ["ReplicaContext", "get_replica_context"]
+
+
+@dataclasses.dataclass(frozen=True)
+class ReplicaContext:
+    """The replica that is running the current code.
+
+    Attributes:
+        deployment: the deployment's name.
+        replica_id: the replica's id, unique within its runtime.
+        gpu_ids: the GPUs this replica holds (as ``CUDA_VISIBLE_DEVICES`` would name them).
+        worker: where the replica runs: ``"local"``, a process id, or a Dask worker address.
+        extra: anything else the backend knows (resources held, node name).
+    """
+
+    deployment: str
+    replica_id: str
+    gpu_ids: tuple[str, ...] = ()
+    worker: str = "local"
+    extra: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+
+
+_current: contextvars.ContextVar[ReplicaContext | None] = contextvars.ContextVar(
+    "embserve_replica_context", default=None
+)
+
+
+def get_replica_context() -> ReplicaContext:
+    """The :class:`ReplicaContext` of the replica running the caller.
+
+    Works in constructors, methods, sync code in the replica's threads and async code on its loop,
+    on every backend. Raises ``RuntimeError`` when called outside a replica.
+    """
+    context = _current.get()
+    if context is None:
+        raise RuntimeError("get_replica_context() called outside a replica")
+    return context
+
+
+def set_replica_context(context: ReplicaContext | None) -> contextvars.Token[ReplicaContext | None]:
+    """Make ``context`` the current replica's (used by replica hosts)."""
+    return _current.set(context)
+
+
+def reset_replica_context(token: contextvars.Token[ReplicaContext | None]) -> None:
+    """Undo :func:`set_replica_context`."""
+    _current.reset(token)

@@ -1,0 +1,257 @@
+"""Deployments, their options, and applications (a deployment bound to constructor arguments)."""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+import math
+from collections.abc import Callable, Iterator, Mapping
+from typing import Any, TypeVar, overload
+
+__all__ = ["Application", "Deployment", "DeploymentConfig", "deployment"]
+
+ROUTERS = ("power_of_two", "round_robin")
+AUTOSCALING_KEYS = frozenset(
+    {
+        "min_replicas",
+        "max_replicas",
+        "initial_replicas",
+        "target_ongoing_requests",
+        "upscale_delay_s",
+        "downscale_delay_s",
+        "metrics_interval_s",
+        "look_back_period_s",
+    }
+)
+DEFAULT_MAX_ONGOING_REQUESTS = 5
+
+
+@dataclasses.dataclass(frozen=True)
+class DeploymentConfig:
+    """The validated options of a deployment. See :func:`deployment` for their meaning."""
+
+    num_replicas: int = 1
+    autoscaling_config: Mapping[str, float] | None = None
+    max_ongoing_requests: int | None = None
+    max_queued_requests: int = 1000
+    resources: Mapping[str, float] = dataclasses.field(default_factory=dict)
+    user_config: Any = None
+    health_check_period_s: float = 10.0
+    health_check_timeout_s: float = 30.0
+    graceful_shutdown_timeout_s: float = 20.0
+    request_timeout_s: float | None = None
+    max_retries: int = 0
+    version: str | None = None
+    router: str = "power_of_two"
+
+    def __post_init__(self) -> None:
+        _check_int("num_replicas", self.num_replicas, minimum=0)
+        if self.max_ongoing_requests is not None:
+            _check_int("max_ongoing_requests", self.max_ongoing_requests, minimum=1)
+        _check_int("max_queued_requests", self.max_queued_requests, minimum=-1)
+        _check_int("max_retries", self.max_retries, minimum=0)
+        _check_seconds("health_check_period_s", self.health_check_period_s)
+        _check_seconds("health_check_timeout_s", self.health_check_timeout_s)
+        _check_seconds("graceful_shutdown_timeout_s", self.graceful_shutdown_timeout_s, zero=True)
+        if self.request_timeout_s is not None:
+            _check_seconds("request_timeout_s", self.request_timeout_s)
+        if not isinstance(self.resources, Mapping):
+            raise TypeError(
+                f"resources must be a mapping such as {{'GPU': 0.5}}, got {self.resources!r}"
+            )
+        for key, amount in self.resources.items():
+            if not isinstance(key, str) or not _is_number(amount) or amount < 0:
+                raise ValueError(
+                    f"resources must map names to non-negative numbers, got {key!r}: {amount!r}"
+                )
+        if self.version is not None and not isinstance(self.version, str):
+            raise TypeError(f"version must be a str, got {type(self.version).__name__}")
+        if self.router not in ROUTERS:
+            raise ValueError(f"router must be one of {', '.join(ROUTERS)}, got {self.router!r}")
+        if self.autoscaling_config is not None:
+            _check_autoscaling(self.autoscaling_config)
+
+    @property
+    def ongoing_limit(self) -> int:
+        """``max_ongoing_requests``, or its default when not given."""
+        if self.max_ongoing_requests is None:
+            return DEFAULT_MAX_ONGOING_REQUESTS
+        return self.max_ongoing_requests
+
+    @property
+    def initial_replicas(self) -> int:
+        """How many replicas to start with."""
+        auto = self.autoscaling_config
+        if auto is None:
+            return self.num_replicas
+        return int(auto.get("initial_replicas", auto.get("min_replicas", 1)))
+
+
+def _is_number(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _check_int(name: str, value: object, *, minimum: int) -> None:
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    if value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value}")
+
+
+def _check_seconds(name: str, value: object, *, zero: bool = False) -> None:
+    if not _is_number(value):
+        raise TypeError(f"{name} must be a number of seconds, got {value!r}")
+    assert isinstance(value, (int, float))
+    if value < 0 or (value == 0 and not zero):
+        raise ValueError(f"{name} must be {'>= 0' if zero else '> 0'}, got {value}")
+
+
+def _check_autoscaling(config: Mapping[str, float]) -> None:
+    if not isinstance(config, Mapping):
+        raise TypeError("autoscaling_config must be a mapping")
+    unknown = set(config) - AUTOSCALING_KEYS
+    if unknown:
+        raise ValueError(
+            f"autoscaling_config has unknown keys {sorted(unknown)}; "
+            f"known: {sorted(AUTOSCALING_KEYS)}"
+        )
+    for key, value in config.items():
+        if not _is_number(value) or value < 0:
+            raise ValueError(f"autoscaling_config[{key!r}] must be a non-negative number")
+    low = config.get("min_replicas", 1)
+    high = config.get("max_replicas", max(low, 1))
+    if low > high:
+        raise ValueError(f"autoscaling_config: min_replicas {low} > max_replicas {high}")
+
+
+_OPTION_NAMES = frozenset(f.name for f in dataclasses.fields(DeploymentConfig)) | {"name"}
+
+
+class Deployment:
+    """A function or class plus the options its replicas run with.
+
+    Made by :func:`deployment`; copied with changes by :meth:`options`; bound to constructor
+    arguments by :meth:`bind`, which gives the :class:`Application` that a runtime runs.
+    """
+
+    def __init__(self, target: Callable[..., Any], name: str, config: DeploymentConfig) -> None:
+        self.target = target
+        self.name = name
+        self.config = config
+
+    @property
+    def is_class(self) -> bool:
+        """Whether the deployment wraps a class (one instance per replica) or a function."""
+        return inspect.isclass(self.target)
+
+    def options(self, **changes: Any) -> Deployment:
+        """A copy of this deployment with some options changed; options are validated here."""
+        _check_option_names(changes)
+        name = changes.pop("name", self.name)
+        if not isinstance(name, str) or not name:
+            raise TypeError("name must be a non-empty str")
+        if "num_replicas" in changes and changes["num_replicas"] is not None:
+            changes.setdefault("autoscaling_config", None)
+        return Deployment(self.target, name, dataclasses.replace(self.config, **changes))
+
+    def bind(self, *args: Any, **kwargs: Any) -> Application:
+        """Bind constructor arguments; bound deployments among them arrive as handles."""
+        return Application(self, args, kwargs)
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        raise TypeError(
+            f"deployment {self.name!r} cannot be called directly: use "
+            f"{self.name}.bind(...) and call it through the handle that Runtime.run returns"
+        )
+
+    def __repr__(self) -> str:
+        return f"Deployment(name={self.name!r})"
+
+
+def _check_option_names(options: Mapping[str, Any]) -> None:
+    unknown = set(options) - _OPTION_NAMES
+    if unknown:
+        raise TypeError(
+            f"unknown deployment option(s) {sorted(unknown)}; known: {sorted(_OPTION_NAMES)}"
+        )
+
+
+class Application:
+    """A deployment bound to its constructor arguments: what :meth:`Runtime.run` takes."""
+
+    def __init__(
+        self, deployment: Deployment, args: tuple[Any, ...], kwargs: Mapping[str, Any]
+    ) -> None:
+        self.deployment = deployment
+        self.args = args
+        self.kwargs = dict(kwargs)
+
+    @property
+    def name(self) -> str:
+        """The name of the bound deployment."""
+        return self.deployment.name
+
+    def walk(self) -> Iterator[Application]:
+        """This application's bound dependencies, depth first, then itself."""
+        for value in (*self.args, *self.kwargs.values()):
+            if isinstance(value, Application):
+                yield from value.walk()
+        yield self
+
+    def __repr__(self) -> str:
+        return f"Application({self.deployment.name!r})"
+
+
+_T = TypeVar("_T", bound=Callable[..., Any])
+
+
+@overload
+def deployment(_target: _T, /) -> Deployment: ...
+
+
+@overload
+def deployment(
+    _target: None = None, /, *, name: str | None = None, **options: Any
+) -> Callable[[Callable[..., Any]], Deployment]: ...
+
+
+def deployment(
+    _target: Callable[..., Any] | None = None, /, *, name: str | None = None, **options: Any
+) -> Deployment | Callable[[Callable[..., Any]], Deployment]:
+    """Turn a function or class into a :class:`Deployment`.
+
+    Use bare (``@embserve.deployment``) or with options (``@embserve.deployment(num_replicas=2)``).
+    Options, validated here (a bad one raises ``TypeError`` or ``ValueError`` naming it):
+
+    - ``name``: defaults to the function's or class's name.
+    - ``num_replicas`` (default 1) or ``autoscaling_config`` (Ray Serve's keys).
+    - ``max_ongoing_requests``: requests one replica runs at once (default 5), strictly enforced.
+    - ``max_queued_requests``: requests waiting for a free replica before callers get
+      :class:`~embserve.BackPressureError` (default 1000; -1 for no bound).
+    - ``resources``: e.g. ``{"CPU": 1, "GPU": 0.5}``, placed by the backend.
+    - ``user_config``: passed to the replica's ``reconfigure(config)`` at start and on change.
+    - ``health_check_period_s``, ``health_check_timeout_s``: how often ``check_health()`` runs
+      and how long it may take before the replica is replaced.
+    - ``graceful_shutdown_timeout_s``: how long a stopping replica may finish in-flight requests.
+    - ``request_timeout_s``: end-to-end bound of one request, queueing included.
+    - ``max_retries``: times a request that started on a replica that died is retried
+      (for idempotent work; requests that had not started are always retried).
+    - ``version``: replicas of the same version are reconfigured in place, not replaced.
+    - ``router``: ``"power_of_two"`` (default) or ``"round_robin"``.
+    """
+    _check_option_names(options)
+    config = DeploymentConfig(**options)
+
+    def wrap(target: Callable[..., Any]) -> Deployment:
+        if isinstance(target, Deployment):
+            raise TypeError("@deployment applied twice; use .options(...) to change options")
+        if not callable(target):
+            raise TypeError(f"@deployment needs a function or class, got {target!r}")
+        dep_name = name if name is not None else getattr(target, "__name__", None)
+        if not isinstance(dep_name, str) or not dep_name:
+            raise TypeError("name must be a non-empty str")
+        return Deployment(target, dep_name, config)
+
+    if _target is not None:
+        return wrap(_target)
+    return wrap

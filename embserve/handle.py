@@ -1,0 +1,266 @@
+"""Handles (references to an endpoint or deployment) and the responses their calls return.
+
+A call started on the runtime's own event loop is a task on that loop: no thread hop. A call
+started from any other thread, or from another event loop, is handed to the runtime's loop once;
+its :class:`Response` is then awaitable in the caller's loop and blocking-readable from threads.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import threading
+from collections.abc import AsyncIterator, Callable, Coroutine, Generator, Iterator
+from typing import Any, Protocol
+
+__all__ = ["Handle", "Response", "ResponseStream"]
+
+
+class Submitter(Protocol):
+    """What a handle needs from the runtime that serves it (a runtime, or a proxy to one)."""
+
+    def submit(
+        self, target: str, method: str, args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> Response:
+        """Start a call and return its response."""
+        ...
+
+    def submit_stream(
+        self, target: str, method: str, args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> ResponseStream:
+        """Start a streaming call."""
+        ...
+
+
+# Runtimes (and, in worker processes, proxies to them) by id, so unpickled handles find theirs.
+_submitters: dict[str, Submitter] = {}
+_lock = threading.Lock()
+
+
+def register_submitter(runtime_id: str, submitter: Submitter) -> None:
+    """Make handles of ``runtime_id`` call through ``submitter`` in this process."""
+    with _lock:
+        _submitters[runtime_id] = submitter
+
+
+def unregister_submitter(runtime_id: str) -> None:
+    """Forget the submitter of ``runtime_id`` (its runtime shut down)."""
+    with _lock:
+        _submitters.pop(runtime_id, None)
+
+
+def _find_submitter(runtime_id: str) -> Submitter:
+    submitter = _submitters.get(runtime_id)
+    if submitter is None:
+        from embserve.errors import EmbserveError
+
+        raise EmbserveError(
+            f"this handle belongs to runtime {runtime_id!r}, which is not running in this "
+            "process (it shut down, or the handle was unpickled where it cannot be reached)"
+        )
+    return submitter
+
+
+class Handle:
+    """A cheap, picklable reference to an endpoint or deployment of a runtime.
+
+    ``h.remote(*args, **kwargs)`` calls ``__call__``; ``h.method.remote(...)`` calls another
+    method; ``h.options(stream=True).remote(...)`` returns a :class:`ResponseStream` for generator
+    methods. Handles are safe to share between threads and event loops.
+    """
+
+    __slots__ = ("_method", "_runtime_id", "_stream", "_submitter", "name")
+
+    def __init__(
+        self, runtime_id: str, name: str, *, method: str = "__call__", stream: bool = False
+    ) -> None:
+        self._runtime_id = runtime_id
+        self.name = name
+        self._method = method
+        self._stream = stream
+        self._submitter: Submitter | None = None
+
+    @property
+    def method_name(self) -> str:
+        """The method this handle calls."""
+        return self._method
+
+    def options(self, *, method_name: str | None = None, stream: bool | None = None) -> Handle:
+        """A copy of this handle calling ``method_name`` and/or streaming results."""
+        return Handle(
+            self._runtime_id,
+            self.name,
+            method=self._method if method_name is None else method_name,
+            stream=self._stream if stream is None else stream,
+        )
+
+    def __getattr__(self, method: str) -> Handle:
+        if method.startswith("_"):
+            raise AttributeError(method)
+        return self.options(method_name=method)
+
+    def remote(self, *args: Any, **kwargs: Any) -> Any:
+        """Start a call; returns a :class:`Response` (a :class:`ResponseStream` when streaming).
+
+        Responses of other calls may be passed among the arguments: the call waits for them and
+        receives their results.
+        """
+        submitter = self._submitter
+        if submitter is None:
+            submitter = self._submitter = _find_submitter(self._runtime_id)
+        if self._stream:
+            return submitter.submit_stream(self.name, self._method, args, kwargs)
+        return submitter.submit(self.name, self._method, args, kwargs)
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (_rebuild_handle, (self._runtime_id, self.name, self._method, self._stream))
+
+    def __repr__(self) -> str:
+        method = "" if self._method == "__call__" else f".{self._method}"
+        return f"Handle({self.name!r}{method})"
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Handle) and self.__reduce__() == other.__reduce__()
+
+    def __hash__(self) -> int:
+        return hash((self._runtime_id, self.name, self._method, self._stream))
+
+
+def _rebuild_handle(runtime_id: str, name: str, method: str, stream: bool) -> Handle:
+    return Handle(runtime_id, name, method=method, stream=stream)
+
+
+class Response:
+    """The future result of one call.
+
+    Await it in any event loop, or call :meth:`result` from a thread that is not the runtime's
+    loop. :meth:`cancel` cancels the request (async user code is cancelled; sync user code runs
+    on, its result dropped).
+    """
+
+    __slots__ = ("_future", "_loop")
+
+    def __init__(
+        self,
+        future: asyncio.Future[Any] | concurrent.futures.Future[Any],
+        loop: asyncio.AbstractEventLoop,
+    ) -> None:
+        self._future = future
+        self._loop = loop
+
+    def __await__(self) -> Generator[Any, None, Any]:
+        future = self._future
+        if isinstance(future, asyncio.Future) and asyncio._get_running_loop() is self._loop:
+            return (yield from future.__await__())
+        return (yield from asyncio.wrap_future(self._concurrent()).__await__())
+
+    def _concurrent(self) -> concurrent.futures.Future[Any]:
+        future = self._future
+        if isinstance(future, concurrent.futures.Future):
+            return future
+        bridge: concurrent.futures.Future[Any] = concurrent.futures.Future()
+
+        def copy(done: asyncio.Future[Any]) -> None:
+            if done.cancelled():
+                bridge.cancel()
+            elif (exc := done.exception()) is not None:
+                bridge.set_exception(exc)
+            else:
+                bridge.set_result(done.result())
+
+        def cancel_source(_: concurrent.futures.Future[Any]) -> None:
+            if bridge.cancelled():
+                self._loop.call_soon_threadsafe(future.cancel)
+
+        self._loop.call_soon_threadsafe(future.add_done_callback, copy)
+        bridge.add_done_callback(cancel_source)
+        self._future = bridge
+        return bridge
+
+    def result(self, timeout_s: float | None = None) -> Any:
+        """Block until the result is there and return it (or raise the call's exception).
+
+        Raises ``TimeoutError`` after ``timeout_s`` (the request goes on; cancel it if need be),
+        and ``RuntimeError`` when called on the runtime's event loop, where it would deadlock.
+        """
+        if asyncio._get_running_loop() is self._loop:
+            raise RuntimeError(
+                "Response.result() would block the runtime's event loop; use `await response`"
+            )
+        try:
+            return self._concurrent().result(timeout_s)
+        except concurrent.futures.TimeoutError:
+            raise TimeoutError(f"no result within {timeout_s} s") from None
+        except concurrent.futures.CancelledError:
+            raise asyncio.CancelledError("the request was cancelled") from None
+
+    def cancel(self) -> bool:
+        """Cancel the request; returns False when it already finished."""
+        future = self._future
+        if future.done():
+            return False
+        if isinstance(future, asyncio.Future) and asyncio._get_running_loop() is not self._loop:
+            self._loop.call_soon_threadsafe(future.cancel)
+            return True
+        return future.cancel()
+
+    def done(self) -> bool:
+        """Whether the call finished (with a result, an error, or cancelled)."""
+        return self._future.done()
+
+
+class ResponseStream:
+    """The items of a streaming call, as a sync or async iterator.
+
+    The request starts when iteration begins. Items come one at a time from the runtime's loop;
+    :meth:`cancel` (or breaking out of an ``async for``) stops the generator in the replica.
+    """
+
+    def __init__(
+        self,
+        factory: Callable[[], AsyncIterator[Any]],
+        loop: asyncio.AbstractEventLoop,
+    ) -> None:
+        self._factory = factory
+        self._loop = loop
+        self._iterator: AsyncIterator[Any] | None = None
+
+    def _it(self) -> AsyncIterator[Any]:
+        if self._iterator is None:
+            self._iterator = self._factory()
+        return self._iterator
+
+    def _on_loop(self, make: Callable[[], Coroutine[Any, Any, Any]]) -> Any:
+        return asyncio.run_coroutine_threadsafe(make(), self._loop)
+
+    def __aiter__(self) -> ResponseStream:
+        return self
+
+    async def __anext__(self) -> Any:
+        if asyncio._get_running_loop() is self._loop:
+            return await self._it().__anext__()
+        return await asyncio.wrap_future(self._on_loop(self._next_on_loop))
+
+    async def _next_on_loop(self) -> Any:
+        return await self._it().__anext__()
+
+    def __iter__(self) -> Iterator[Any]:
+        if asyncio._get_running_loop() is self._loop:
+            raise RuntimeError("iterate a stream on the runtime's loop with `async for`")
+        while True:
+            try:
+                yield self._on_loop(self._next_on_loop).result()
+            except StopAsyncIteration:
+                return
+
+    def cancel(self) -> None:
+        """Stop the stream and the generator that feeds it."""
+        if self._iterator is None:
+            return
+        aclose = getattr(self._iterator, "aclose", None)
+        if aclose is None:
+            return
+        if asyncio._get_running_loop() is self._loop:
+            self._loop.create_task(aclose())
+        else:
+            self._on_loop(aclose).result()

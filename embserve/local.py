@@ -1,0 +1,70 @@
+"""The in-thread backend: replicas are user objects in this process, on the runtime's loop.
+
+This is the production request path with the cheapest possible backend underneath, which makes it
+the test mode too: a call reaches async user code with no thread hop and no copy.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Mapping
+from typing import Any, ClassVar
+
+from embserve._host import ReplicaHost
+from embserve.backends import Backend
+from embserve.context import ReplicaContext
+from embserve.errors import ReplicaDiedError
+from embserve.replica import Call, Replica, ReplicaSpec, ReplicaState
+
+__all__ = ["LocalBackend", "LocalReplica"]
+
+
+class LocalReplica(Replica):
+    """A replica whose user object lives in this process."""
+
+    def __init__(self, host: ReplicaHost) -> None:
+        super().__init__(host.spec.replica_id, host.spec.deployment)
+        self.host = host
+
+    @property
+    def info(self) -> Mapping[str, Any]:
+        return {"worker": "local"}
+
+    def _check_alive(self) -> None:
+        if self.state is ReplicaState.STOPPED:
+            raise ReplicaDiedError(f"replica {self.replica_id} is stopped", started=False)
+
+    async def call(self, call: Call) -> Any:
+        if self.state is ReplicaState.STOPPED:
+            self._check_alive()
+        return await self.host.call(call.method, call.args, call.kwargs)
+
+    async def stream(self, call: Call) -> AsyncIterator[Any]:
+        self._check_alive()
+        async for item in self.host.stream(call.method, call.args, call.kwargs):
+            yield item
+
+    async def check_health(self) -> None:
+        self._check_alive()
+        await self.host.check_health()
+
+    async def reconfigure(self, user_config: Any) -> None:
+        self._check_alive()
+        await self.host.reconfigure(user_config)
+
+    async def stop(self) -> None:
+        if self.state is not ReplicaState.STOPPED:
+            self.state = ReplicaState.STOPPED
+            self.host.close()
+
+
+class LocalBackend(Backend):
+    """Runs each replica as an object in this process (the default backend)."""
+
+    name: ClassVar[str] = "local"
+
+    async def start_replica(self, spec: ReplicaSpec) -> Replica:
+        host = ReplicaHost(spec, ReplicaContext(spec.deployment, spec.replica_id))
+        replica = LocalReplica(host)
+        await host.start()
+        replica.state = ReplicaState.RUNNING
+        return replica

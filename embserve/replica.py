@@ -1,0 +1,121 @@
+"""The Replica seam: the caller's view of one running replica, wherever it runs.
+
+A :class:`Replica` is what the router hands requests to. The in-thread implementation calls the
+user object directly on the runtime's event loop; process and Dask implementations send one
+message each way. Nothing above this seam knows which one it holds.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import enum
+from abc import ABC, abstractmethod
+from collections.abc import AsyncIterator, Callable, Mapping
+from typing import Any
+
+from embserve.deployment import DeploymentConfig
+
+__all__ = ["Call", "Replica", "ReplicaSpec", "ReplicaState"]
+
+
+class ReplicaState(str, enum.Enum):
+    """Where a replica is in its life: STARTING → RUNNING → DRAINING → STOPPED."""
+
+    STARTING = "STARTING"
+    RUNNING = "RUNNING"
+    DRAINING = "DRAINING"
+    STOPPED = "STOPPED"
+
+
+@dataclasses.dataclass(frozen=True)
+class ReplicaSpec:
+    """Everything a backend needs to start one replica; picklable with cloudpickle.
+
+    ``init_args`` and ``init_kwargs`` already hold handles where the application bound other
+    deployments.
+    """
+
+    deployment: str
+    replica_id: str
+    target: Callable[..., Any]
+    init_args: tuple[Any, ...]
+    init_kwargs: Mapping[str, Any]
+    config: DeploymentConfig
+    runtime_id: str = ""
+
+
+@dataclasses.dataclass(slots=True)
+class Call:
+    """One request as a replica sees it: which method, with which arguments."""
+
+    method: str
+    args: tuple[Any, ...]
+    kwargs: dict[str, Any]
+    request_id: str = ""
+
+
+class Replica(ABC):
+    """The caller's view of one running replica.
+
+    Contract:
+
+    - Every method is called on the runtime's event loop and must not block it.
+    - :meth:`call` returns the user method's result or raises the user's exception (same type);
+      it raises :class:`~embserve.ReplicaDiedError` when the replica is gone, with
+      ``started=False`` when the request never reached user code (the router retries those).
+    - ``ongoing`` is kept by the router that owns the replica, not by the replica: it counts the
+      requests assigned and not yet released.
+    """
+
+    def __init__(self, replica_id: str, deployment: str) -> None:
+        self.replica_id = replica_id
+        self.deployment = deployment
+        self.state = ReplicaState.STARTING
+        self.message = ""
+        self.ongoing = 0
+        self._idle: asyncio.Event | None = None
+
+    @property
+    def info(self) -> Mapping[str, Any]:
+        """Where the replica runs (worker address, process id, GPU ids), for status."""
+        return {}
+
+    @abstractmethod
+    async def call(self, call: Call) -> Any:
+        """Run ``call`` on the replica and return its result."""
+
+    @abstractmethod
+    def stream(self, call: Call) -> AsyncIterator[Any]:
+        """Run a generator method and yield its items as they come."""
+
+    @abstractmethod
+    async def check_health(self) -> None:
+        """Return when the replica is healthy; raise when it is not."""
+
+    @abstractmethod
+    async def reconfigure(self, user_config: Any) -> None:
+        """Pass a new ``user_config`` to the user object's ``reconfigure``."""
+
+    @abstractmethod
+    async def stop(self) -> None:
+        """Stop the replica and release what it holds. Draining is done by the caller first."""
+
+    def mark_released(self) -> None:
+        """Called by the router after ``ongoing`` went down, to wake :meth:`wait_idle`."""
+        if self.ongoing == 0 and self._idle is not None:
+            self._idle.set()
+
+    async def wait_idle(self) -> None:
+        """Wait until no request is in flight on this replica."""
+        if self.ongoing == 0:
+            return
+        if self._idle is None:
+            self._idle = asyncio.Event()
+        self._idle.clear()
+        while self.ongoing:
+            await self._idle.wait()
+            self._idle.clear()
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} {self.replica_id} {self.state.value}>"

@@ -1,0 +1,186 @@
+"""The Router seam: which replica serves each request, and what waits when all are busy.
+
+A router belongs to one deployment. It owns the in-flight count of each replica
+(``Replica.ongoing``), never gives a replica more than ``max_ongoing_requests``, keeps the
+requests that find every replica full in a bounded FIFO queue, and raises
+:class:`~embserve.BackPressureError` when that queue is full. Subclasses only choose among
+replicas; counting and queueing are shared.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import random
+from abc import ABC, abstractmethod
+from collections import deque
+from collections.abc import Sequence
+
+from embserve.errors import BackPressureError
+from embserve.replica import Replica
+
+__all__ = ["PowerOfTwoChoicesRouter", "RoundRobinRouter", "Router", "make_router"]
+
+
+class Router(ABC):
+    """Assigns requests to replicas of one deployment.
+
+    Contract: every method runs on the runtime's event loop. :meth:`assign` returns a replica
+    whose ``ongoing`` it has already counted; the caller must :meth:`release` it exactly once.
+    Waiting requests are served in arrival order. A replica removed by :meth:`set_replicas` gets
+    no new request; its in-flight ones finish and are released as usual.
+    """
+
+    def __init__(
+        self,
+        *,
+        max_ongoing_requests: int,
+        max_queued_requests: int = -1,
+        rng: random.Random | None = None,
+    ) -> None:
+        self.max_ongoing_requests = max_ongoing_requests
+        self.max_queued_requests = max_queued_requests
+        self.rng = rng if rng is not None else random.Random()
+        self.replicas: list[Replica] = []
+        self._waiters: deque[asyncio.Future[Replica]] = deque()
+
+    @abstractmethod
+    def choose(self, replicas: Sequence[Replica], key: str | None) -> Replica | None:
+        """Pick a replica with ``ongoing < max_ongoing_requests`` from ``replicas``, or None.
+
+        ``replicas`` is not empty. ``key`` is the request's routing key, when it has one.
+        """
+
+    @property
+    def queued(self) -> int:
+        """How many requests wait for a free replica."""
+        return len(self._waiters)
+
+    def set_replicas(self, replicas: Sequence[Replica]) -> None:
+        """Route to exactly ``replicas`` from now on, and serve waiters that now fit."""
+        self.replicas = list(replicas)
+        self._serve_waiters()
+
+    def try_assign(self, key: str | None = None) -> Replica | None:
+        """A replica for a request if one has room and nobody waits before it; else None."""
+        if self._waiters or not self.replicas:
+            return None
+        replica = self.choose(self.replicas, key)
+        if replica is not None:
+            replica.ongoing += 1
+        return replica
+
+    async def assign(self, key: str | None = None) -> Replica:
+        """A replica for one request, waiting in the queue when all are full.
+
+        Raises :class:`~embserve.BackPressureError` at once when the queue is full.
+        """
+        replica = self.try_assign(key)
+        if replica is not None:
+            return replica
+        if 0 <= self.max_queued_requests <= len(self._waiters):
+            raise BackPressureError(
+                f"all replicas are busy and {len(self._waiters)} request(s) wait "
+                f"(max_queued_requests={self.max_queued_requests}); retry later or add replicas"
+            )
+        waiter: asyncio.Future[Replica] = asyncio.get_running_loop().create_future()
+        self._waiters.append(waiter)
+        try:
+            return await waiter
+        except asyncio.CancelledError:
+            if waiter.done() and not waiter.cancelled():
+                # Assigned in the same tick we were cancelled: give the slot back.
+                self.release(waiter.result())
+            else:
+                with contextlib.suppress(ValueError):
+                    self._waiters.remove(waiter)
+            raise
+
+    def release(self, replica: Replica) -> None:
+        """Give back the slot :meth:`assign` counted on ``replica``."""
+        replica.ongoing -= 1
+        if self._waiters:
+            self._serve_waiters()
+        if replica.ongoing == 0:
+            replica.mark_released()
+
+    def fail_waiters(self, error: BaseException) -> None:
+        """End every queued request with ``error`` (the deployment is going away)."""
+        while self._waiters:
+            waiter = self._waiters.popleft()
+            if not waiter.done():
+                waiter.set_exception(error)
+
+    def _serve_waiters(self) -> None:
+        waiters = self._waiters
+        while waiters and self.replicas:
+            if waiters[0].done():  # cancelled while waiting
+                waiters.popleft()
+                continue
+            replica = self.choose(self.replicas, None)
+            if replica is None:
+                return
+            replica.ongoing += 1
+            waiters.popleft().set_result(replica)
+
+
+class PowerOfTwoChoicesRouter(Router):
+    """Sample two replicas, take the one with fewer requests in flight (the default)."""
+
+    def choose(self, replicas: Sequence[Replica], key: str | None) -> Replica | None:
+        limit = self.max_ongoing_requests
+        count = len(replicas)
+        if count == 1:
+            only = replicas[0]
+            return only if only.ongoing < limit else None
+        randrange = self.rng.randrange
+        first = randrange(count)
+        second = randrange(count - 1)
+        if second >= first:
+            second += 1
+        a, b = replicas[first], replicas[second]
+        best = a if a.ongoing <= b.ongoing else b
+        if best.ongoing < limit:
+            return best
+        best = min(replicas, key=_ongoing)
+        return best if best.ongoing < limit else None
+
+
+class RoundRobinRouter(Router):
+    """Each replica in turn, skipping those that are full."""
+
+    _next = 0  # the replica to try first; an instance attribute once set
+
+    def choose(self, replicas: Sequence[Replica], key: str | None) -> Replica | None:
+        count = len(replicas)
+        for step in range(count):
+            replica = replicas[(self._next + step) % count]
+            if replica.ongoing < self.max_ongoing_requests:
+                self._next = (self._next + step + 1) % count
+                return replica
+        return None
+
+
+def _ongoing(replica: Replica) -> int:
+    return replica.ongoing
+
+
+_ROUTERS: dict[str, type[Router]] = {
+    "power_of_two": PowerOfTwoChoicesRouter,
+    "round_robin": RoundRobinRouter,
+}
+
+
+def make_router(
+    kind: str,
+    *,
+    max_ongoing_requests: int,
+    max_queued_requests: int,
+    rng: random.Random | None = None,
+) -> Router:
+    """The router named ``kind`` (a deployment's ``router`` option)."""
+    return _ROUTERS[kind](
+        max_ongoing_requests=max_ongoing_requests,
+        max_queued_requests=max_queued_requests,
+        rng=rng,
+    )

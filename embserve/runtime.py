@@ -1,0 +1,534 @@
+"""The Runtime: the in-process control plane that runs applications and routes their calls."""
+
+from __future__ import annotations
+
+import asyncio
+import atexit
+import importlib
+import logging
+import random
+import threading
+import uuid
+import weakref
+from collections.abc import AsyncIterator, Coroutine, Mapping
+from types import TracebackType
+from typing import Any, TypeVar
+
+from embserve._controller import DeploymentController
+from embserve._endpoint import Endpoint
+from embserve._loop import LoopThread
+from embserve.backends import Backend, resolve_backend
+from embserve.deployment import Application, Deployment
+from embserve.errors import EmbserveError
+from embserve.handle import (
+    Handle,
+    Response,
+    ResponseStream,
+    register_submitter,
+    unregister_submitter,
+)
+from embserve.replica import Call, Replica
+from embserve.status import EndpointStatus, RuntimeStatus
+
+__all__ = ["Runtime", "get_handle", "run", "shutdown"]
+
+logger = logging.getLogger("embserve.runtime")
+T = TypeVar("T")
+
+
+class Runtime:
+    """Holds deployments and endpoints, keeps their replicas running, and routes calls.
+
+    ``with Runtime() as rt:`` runs it on an event loop in a thread of its own (for sync code and
+    foreign loops); ``async with Runtime() as rt:`` runs it on the caller's loop, so async callers
+    on that loop reach in-thread replicas with no thread hop. A runtime used without either starts
+    on first use in a thread of its own, and stops at interpreter exit. Every blocking method is
+    safe from any thread but the runtime's loop, where its ``*_async`` twin is to be awaited.
+
+    Args:
+        backend: ``"local"`` (default: replicas in this process), ``"process"``,
+            ``"dask://host:port"``, or a :class:`~embserve.backends.Backend` instance.
+        name: the runtime's id, used in handles and logs (default: random).
+        seed: seeds the random choices of routers and traffic policies (for tests).
+    """
+
+    def __init__(
+        self,
+        backend: str | Backend | None = "local",
+        *,
+        name: str | None = None,
+        seed: int | None = None,
+    ) -> None:
+        self.id = name or f"rt-{uuid.uuid4().hex[:8]}"
+        self._backend_spec = backend
+        self._backend: Backend | None = None
+        self._rng = random.Random(seed)
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread: LoopThread | None = None
+        self._start_lock = threading.Lock()
+        self._closed = False
+        self._controllers: dict[str, DeploymentController] = {}
+        self._endpoints: dict[str, Endpoint] = {}
+        self._shadow_tasks: set[asyncio.Task[Any]] = set()
+
+    # -- lifecycle ------------------------------------------------------------------------
+
+    @property
+    def backend(self) -> Backend:
+        """The backend replicas run on (available once the runtime started)."""
+        if self._backend is None:
+            raise EmbserveError("the runtime has not started")
+        return self._backend
+
+    @property
+    def loop(self) -> asyncio.AbstractEventLoop | None:
+        """The event loop the runtime runs on, once started."""
+        return self._loop
+
+    def start(self) -> Runtime:
+        """Start on an event loop in a thread of its own (does nothing if already started)."""
+        with self._start_lock:
+            if self._closed:
+                raise EmbserveError("this runtime was shut down; create a new one")
+            if self._loop is not None:
+                return self
+            thread = LoopThread(f"embserve-{self.id}")
+            try:
+                thread.run(self._start_on_loop())
+            except BaseException:
+                thread.stop()
+                raise
+            self._thread, self._loop = thread, thread.loop
+            _running.add(self)
+            return self
+
+    async def start_async(self) -> Runtime:
+        """Start on the running event loop (does nothing if already started)."""
+        with self._start_lock:
+            if self._closed:
+                raise EmbserveError("this runtime was shut down; create a new one")
+            if self._loop is not None:
+                return self
+            self._loop = asyncio.get_running_loop()
+        try:
+            await self._start_on_loop()
+        except BaseException:
+            self._loop = None
+            raise
+        return self
+
+    async def _start_on_loop(self) -> None:
+        backend = resolve_backend(self._backend_spec)
+        await backend.start(self._replica_died)
+        self._backend = backend
+        register_submitter(self.id, self)
+
+    def __enter__(self) -> Runtime:
+        return self.start()
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.shutdown()
+
+    async def __aenter__(self) -> Runtime:
+        return await self.start_async()
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.shutdown_async()
+
+    def shutdown(self) -> None:
+        """Drain every deployment, stop every replica and the runtime's thread (if it has one)."""
+        loop = self._loop
+        if self._closed or loop is None:
+            self._closed = True
+            return
+        if asyncio._get_running_loop() is loop:
+            raise RuntimeError("shutdown() would block the runtime's loop; await shutdown_async()")
+        if loop.is_closed():
+            self._closed = True
+            return
+        asyncio.run_coroutine_threadsafe(self.shutdown_async(), loop).result()
+        if self._thread is not None:
+            self._thread.stop()
+        _running.discard(self)
+
+    async def shutdown_async(self) -> None:
+        """Drain every deployment and stop every replica."""
+        if self._closed:
+            return
+        self._closed = True
+        unregister_submitter(self.id)
+        self._endpoints.clear()
+        controllers, self._controllers = list(self._controllers.values()), {}
+        await asyncio.gather(*(c.stop("the runtime is shutting down") for c in controllers))
+        for task in list(self._shadow_tasks):
+            task.cancel()
+        await asyncio.gather(*self._shadow_tasks, return_exceptions=True)
+        if self._backend is not None:
+            await self._backend.close()
+
+    def _blocking(self, make: Coroutine[Any, Any, T]) -> T:
+        if self._loop is None:
+            self.start()
+        loop = self._loop
+        assert loop is not None
+        if asyncio._get_running_loop() is loop:
+            make.close()
+            raise RuntimeError(
+                "this blocking call would deadlock the runtime's event loop; "
+                "await its *_async twin instead"
+            )
+        return asyncio.run_coroutine_threadsafe(make, loop).result()
+
+    async def _ensure_started_async(self) -> None:
+        if self._loop is None:
+            await self.start_async()
+        elif asyncio._get_running_loop() is not self._loop:
+            raise RuntimeError(
+                "this runtime runs on another event loop; use its blocking methods from here"
+            )
+        if self._closed:
+            raise EmbserveError("this runtime was shut down; create a new one")
+
+    # -- applications ---------------------------------------------------------------------
+
+    def run(
+        self,
+        app: Application | Deployment,
+        *,
+        name: str | None = None,
+        route_prefix: str | None = None,
+        wait: bool = True,
+    ) -> Handle:
+        """Deploy ``app`` (and the deployments it binds) behind an endpoint; return its handle.
+
+        ``name`` names the ingress deployment and its endpoint (default: the deployment's name).
+        Running a name again updates it: in place when its ``version`` is unchanged, else as a
+        rolling update that drops no request. Waits until the replicas run unless ``wait`` is
+        False. Raises :class:`~embserve.DeploymentFailedError` when a constructor fails.
+        """
+        return self._blocking(self.run_async(app, name=name, route_prefix=route_prefix, wait=wait))
+
+    async def run_async(
+        self,
+        app: Application | Deployment,
+        *,
+        name: str | None = None,
+        route_prefix: str | None = None,
+        wait: bool = True,
+    ) -> Handle:
+        """The awaitable twin of :meth:`run`."""
+        await self._ensure_started_async()
+        if isinstance(app, Deployment):
+            app = app.bind()
+        if not isinstance(app, Application):
+            raise TypeError(f"run() takes an Application (Deployment.bind(...)), got {app!r}")
+        ingress = name or app.deployment.name
+        if route_prefix is not None:
+            _check_route_prefix(route_prefix)
+            for other in self._endpoints.values():
+                if other.route_prefix == route_prefix and other.name != ingress:
+                    raise ValueError(f"route prefix {route_prefix!r} is used by {other.name!r}")
+        handles: dict[int, Handle] = {}
+        for node in app.walk():
+            if id(node) in handles:
+                continue
+            dep_name = ingress if node is app else node.deployment.name
+            args = tuple(_bound(a, handles) for a in node.args)
+            kwargs = {k: _bound(v, handles) for k, v in node.kwargs.items()}
+            deployment = node.deployment
+            if deployment.name != dep_name:
+                deployment = deployment.options(name=dep_name)
+            await self._deploy(deployment, args, kwargs, wait=wait)
+            handles[id(node)] = Handle(self.id, dep_name)
+        endpoint = self._endpoints.get(ingress)
+        if endpoint is None:
+            self._endpoints[ingress] = Endpoint(
+                ingress, route_prefix, {ingress: 1.0}, rng=self._rng
+            )
+        elif route_prefix is not None:
+            endpoint.route_prefix = route_prefix
+        return Handle(self.id, ingress)
+
+    async def _deploy(
+        self,
+        deployment: Deployment,
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+        *,
+        wait: bool,
+    ) -> None:
+        controller = self._controllers.get(deployment.name)
+        if controller is None:
+            controller = DeploymentController(
+                deployment, args, kwargs, backend=self.backend, runtime_id=self.id
+            )
+            controller.router.rng = self._rng
+            self._controllers[deployment.name] = controller
+            work = controller.deploy()
+        else:
+            work = controller.update(deployment, args, kwargs)
+        if not wait:
+            asyncio.ensure_future(work).add_done_callback(_log_failure)
+            return
+        try:
+            await work
+        except BaseException:
+            if controller.state == "UNHEALTHY" and not controller.running:
+                self._controllers.pop(deployment.name, None)
+                await controller.stop(f"deployment {deployment.name!r} failed to start")
+            raise
+
+    def get_handle(self, name: str) -> Handle:
+        """A handle to the endpoint or deployment called ``name``."""
+        if name not in self._endpoints and name not in self._controllers:
+            known = sorted({*self._endpoints, *self._controllers})
+            raise KeyError(f"no endpoint or deployment named {name!r}; known: {known}")
+        return Handle(self.id, name)
+
+    def delete(self, name: str) -> None:
+        """Remove the endpoint and deployment called ``name``, draining its replicas."""
+        self._blocking(self.delete_async(name))
+
+    async def delete_async(self, name: str) -> None:
+        """The awaitable twin of :meth:`delete`."""
+        await self._ensure_started_async()
+        self._endpoints.pop(name, None)
+        controller = self._controllers.pop(name, None)
+        if controller is not None:
+            await controller.stop(f"deployment {name!r} was deleted")
+
+    def set_traffic(
+        self,
+        endpoint: str,
+        traffic: Mapping[str, float],
+        *,
+        shadow: Mapping[str, float] | None = None,
+    ) -> None:
+        """Split ``endpoint``'s requests over deployments by weight, and copy shares to shadows.
+
+        ``rt.set_traffic("clf", {"clf": 0.9, "clf-v2": 0.1}, shadow={"clf-v3": 0.05})``. The
+        change is atomic: each request follows the old or the new policy, and none is dropped.
+        """
+        self._blocking(self.set_traffic_async(endpoint, traffic, shadow=shadow))
+
+    async def set_traffic_async(
+        self,
+        endpoint: str,
+        traffic: Mapping[str, float],
+        *,
+        shadow: Mapping[str, float] | None = None,
+    ) -> None:
+        """The awaitable twin of :meth:`set_traffic`."""
+        await self._ensure_started_async()
+        target = self._endpoints.get(endpoint)
+        if target is None:
+            raise KeyError(f"no endpoint named {endpoint!r}")
+        missing = sorted((set(traffic) | set(shadow or {})) - set(self._controllers))
+        if missing:
+            raise KeyError(f"set_traffic names deployments that are not running: {missing}")
+        target.set_traffic(traffic, shadow or {})
+
+    def status(self) -> RuntimeStatus:
+        """A typed snapshot of deployments, replicas and endpoints (safe from any thread)."""
+        backend = self._backend.describe() if self._backend is not None else "not started"
+        return RuntimeStatus(
+            backend=backend,
+            deployments={name: c.status() for name, c in list(self._controllers.items())},
+            endpoints={
+                name: EndpointStatus(name, e.route_prefix, dict(e.traffic), dict(e.shadow))
+                for name, e in list(self._endpoints.items())
+            },
+        )
+
+    def asgi_app(self, **options: Any) -> Any:
+        """An ASGI app serving this runtime's endpoints (needs ``embserve-asgi``)."""
+        try:
+            adapter = importlib.import_module("embserve_asgi")
+        except ImportError:
+            raise EmbserveError(
+                "serving over HTTP needs the ASGI adapter: pip install embserve-asgi"
+            ) from None
+        return adapter.App(runtime=self, **options)
+
+    # -- the request path -----------------------------------------------------------------
+
+    def submit(
+        self, target: str, method: str, args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> Response:
+        """Start a call to ``target`` (what ``Handle.remote`` does)."""
+        loop = self._loop
+        if loop is None or self._closed:
+            if self._closed:
+                raise EmbserveError("this runtime was shut down; create a new one")
+            self.start()
+            loop = self._loop
+            assert loop is not None
+        coro = self._request(target, method, args, kwargs)
+        if asyncio._get_running_loop() is loop:
+            return Response(loop.create_task(coro), loop)
+        return Response(asyncio.run_coroutine_threadsafe(coro, loop), loop)
+
+    def submit_stream(
+        self, target: str, method: str, args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> ResponseStream:
+        """Start a streaming call to ``target``."""
+        if self._closed:
+            raise EmbserveError("this runtime was shut down; create a new one")
+        if self._loop is None:
+            self.start()
+        assert self._loop is not None
+        return ResponseStream(lambda: self._stream(target, method, args, kwargs), self._loop)
+
+    def controller(self, target: str) -> tuple[DeploymentController, list[str]]:
+        """The deployment serving the next request to ``target``, and its shadows."""
+        endpoint = self._endpoints.get(target)
+        shadows: list[str] = []
+        if endpoint is not None:
+            name = endpoint.pick()
+            if endpoint.shadow:
+                shadows = endpoint.shadow_targets()
+        else:
+            name = target
+        controller = self._controllers.get(name)
+        if controller is None:
+            if self._closed:
+                raise EmbserveError("this runtime was shut down")
+            raise EmbserveError(f"no endpoint or deployment named {target!r} is running")
+        return controller, shadows
+
+    async def _request(
+        self, target: str, method: str, args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> Any:
+        controller, shadows = self.controller(target)
+        if _has_response(args, kwargs):
+            args, kwargs = await _resolve_responses(args, kwargs)
+        call = Call(method, args, kwargs)
+        if shadows:
+            self._shadow(shadows, call)
+        return await controller.handle(call)
+
+    async def _stream(
+        self, target: str, method: str, args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> AsyncIterator[Any]:
+        controller, _ = self.controller(target)
+        if _has_response(args, kwargs):
+            args, kwargs = await _resolve_responses(args, kwargs)
+        async for item in controller.stream(Call(method, args, kwargs)):
+            yield item
+
+    def _shadow(self, names: list[str], call: Call) -> None:
+        for name in names:
+            controller = self._controllers.get(name)
+            if controller is None:
+                continue
+            task = asyncio.ensure_future(controller.handle(call))
+            self._shadow_tasks.add(task)
+            task.add_done_callback(self._shadow_done)
+
+    def _shadow_done(self, task: asyncio.Task[Any]) -> None:
+        self._shadow_tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            logger.debug("shadow request failed", exc_info=task.exception())
+
+    def _replica_died(self, replica: Replica, reason: str) -> None:
+        controller = self._controllers.get(replica.deployment)
+        if controller is not None:
+            controller.replica_died(replica, reason)
+
+    def __repr__(self) -> str:
+        return f"Runtime(id={self.id!r}, backend={self._backend_spec!r})"
+
+
+def _check_route_prefix(prefix: str) -> None:
+    if not isinstance(prefix, str) or not prefix.startswith("/"):
+        raise ValueError(f"route_prefix must start with '/', got {prefix!r}")
+
+
+def _bound(value: Any, handles: dict[int, Handle]) -> Any:
+    if isinstance(value, Application):
+        return handles[id(value)]
+    return value
+
+
+def _has_response(args: tuple[Any, ...], kwargs: dict[str, Any]) -> bool:
+    for value in args:
+        if isinstance(value, Response):
+            return True
+    return any(isinstance(value, Response) for value in kwargs.values()) if kwargs else False
+
+
+async def _resolve_responses(
+    args: tuple[Any, ...], kwargs: dict[str, Any]
+) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    async def value(v: Any) -> Any:
+        return await v if isinstance(v, Response) else v
+
+    resolved = await asyncio.gather(*(value(v) for v in args), *(value(v) for v in kwargs.values()))
+    return tuple(resolved[: len(args)]), dict(zip(kwargs, resolved[len(args) :], strict=True))
+
+
+def _log_failure(task: asyncio.Future[Any]) -> None:
+    if not task.cancelled() and task.exception() is not None:
+        logger.error("deployment failed to start", exc_info=task.exception())
+
+
+# Runtimes with a thread of their own, stopped at exit so no replica outlives the interpreter.
+_running: weakref.WeakSet[Runtime] = weakref.WeakSet()
+
+
+@atexit.register
+def _shutdown_all() -> None:
+    for runtime in list(_running):
+        try:
+            runtime.shutdown()
+        except Exception:  # exiting: report and go on
+            logger.exception("shutting down %r at exit failed", runtime)
+
+
+# -- the default runtime of the module-level helpers ---------------------------------------
+
+_default: Runtime | None = None
+_default_lock = threading.Lock()
+
+
+def _default_runtime() -> Runtime:
+    global _default
+    with _default_lock:
+        if _default is None:
+            _default = Runtime(name="default")
+        return _default
+
+
+def run(
+    app: Application | Deployment,
+    *,
+    name: str | None = None,
+    route_prefix: str | None = None,
+    wait: bool = True,
+) -> Handle:
+    """:meth:`Runtime.run` on the default runtime (created on first use)."""
+    return _default_runtime().run(app, name=name, route_prefix=route_prefix, wait=wait)
+
+
+def get_handle(name: str) -> Handle:
+    """:meth:`Runtime.get_handle` on the default runtime."""
+    return _default_runtime().get_handle(name)
+
+
+def shutdown() -> None:
+    """Shut the default runtime down; the next module-level call starts a new one."""
+    global _default
+    with _default_lock:
+        runtime, _default = _default, None
+    if runtime is not None:
+        runtime.shutdown()
