@@ -171,7 +171,7 @@ def main() -> None:
         sync_rate = sync_throughput(lambda: handle.remote(1), total)
         floor_rate = sync_throughput(lambda: asyncio.run_coroutine_threadsafe(bare(), loop), total)
 
-    report = {
+    report: dict[str, Any] = {
         "benchmark": "handles",
         "python": sys.version.split()[0],
         "threads_left": threading.active_count() - 1,

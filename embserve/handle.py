@@ -187,9 +187,12 @@ class Response:
             raise RuntimeError(
                 "Response.result() would block the runtime's event loop; use `await response`"
             )
+        future = self._concurrent()
         try:
-            return self._concurrent().result(timeout_s)
+            return future.result(timeout_s)
         except concurrent.futures.TimeoutError:
+            if future.done():  # the call itself raised a TimeoutError (RequestTimeoutError)
+                raise
             raise TimeoutError(f"no result within {timeout_s} s") from None
         except concurrent.futures.CancelledError:
             raise asyncio.CancelledError("the request was cancelled") from None

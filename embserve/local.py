@@ -6,6 +6,8 @@ the test mode too: a call reaches async user code with no thread hop and no copy
 
 from __future__ import annotations
 
+import asyncio
+import sys
 from collections.abc import AsyncIterator, Mapping
 from typing import Any, ClassVar
 
@@ -24,6 +26,11 @@ class LocalReplica(Replica):
     def __init__(self, host: ReplicaHost) -> None:
         super().__init__(host.spec.replica_id, host.spec.deployment)
         self.host = host
+        # The tasks running a call here, so that stop() can end the ones that outlived the
+        # drain with ReplicaDiedError instead of leaving them to hang.
+        self._calls: set[asyncio.Task[Any]] = set()
+        self._killed: set[asyncio.Task[Any]] = set()
+        self._stopped = False
 
     @property
     def info(self) -> Mapping[str, Any]:
@@ -36,7 +43,23 @@ class LocalReplica(Replica):
     async def call(self, call: Call) -> Any:
         if self.state is ReplicaState.STOPPED:
             self._check_alive()
-        return await self.host.call(call.method, call.args, call.kwargs)
+        task = asyncio.current_task()
+        assert task is not None
+        self._calls.add(task)
+        try:
+            return await self.host.call(call.method, call.args, call.kwargs)
+        except asyncio.CancelledError:
+            if task not in self._killed:
+                raise
+            self._killed.discard(task)
+            if sys.version_info >= (3, 11):
+                task.uncancel()
+            raise ReplicaDiedError(
+                f"replica {self.replica_id} stopped before the request finished "
+                "(graceful_shutdown_timeout_s ran out)"
+            ) from None
+        finally:
+            self._calls.discard(task)
 
     async def stream(self, call: Call) -> AsyncIterator[Any]:
         self._check_alive()
@@ -52,8 +75,12 @@ class LocalReplica(Replica):
         await self.host.reconfigure(user_config)
 
     async def stop(self) -> None:
-        if self.state is not ReplicaState.STOPPED:
+        if not self._stopped:
+            self._stopped = True
             self.state = ReplicaState.STOPPED
+            for task in self._calls:
+                self._killed.add(task)
+                task.cancel()
             self.host.close()
 
 

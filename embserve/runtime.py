@@ -177,8 +177,15 @@ class Runtime:
             await self._backend.close()
 
     def _blocking(self, make: Coroutine[Any, Any, T]) -> T:
+        if self._closed:
+            make.close()
+            raise EmbserveError("this runtime was shut down; create a new one")
         if self._loop is None:
-            self.start()
+            try:
+                self.start()
+            except BaseException:
+                make.close()
+                raise
         loop = self._loop
         assert loop is not None
         if asyncio._get_running_loop() is loop:

@@ -1,0 +1,238 @@
+"""Routers: strict per-replica limits, FIFO queueing, backpressure, cancellation, fairness."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+from collections import Counter
+from collections.abc import AsyncIterator
+from typing import Any
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from embserve.errors import BackPressureError
+from embserve.replica import Call, Replica
+from embserve.router import PowerOfTwoChoicesRouter, RoundRobinRouter, Router, make_router
+
+
+class Slot(Replica):
+    """A replica that only exists to be counted."""
+
+    async def call(self, call: Call) -> Any:
+        raise NotImplementedError
+
+    async def stream(self, call: Call) -> AsyncIterator[Any]:
+        if call.method:
+            raise NotImplementedError
+        yield
+
+    async def check_health(self) -> None:
+        pass
+
+    async def reconfigure(self, user_config: Any) -> None:
+        pass
+
+    async def stop(self) -> None:
+        pass
+
+
+def slots(count: int) -> list[Replica]:
+    return [Slot(f"r{i}", "d") for i in range(count)]
+
+
+def p2c(limit: int = 2, queued: int = -1, seed: int = 0) -> Router:
+    return PowerOfTwoChoicesRouter(
+        max_ongoing_requests=limit, max_queued_requests=queued, rng=random.Random(seed)
+    )
+
+
+@pytest.mark.anyio
+async def test_assign_counts_and_release_uncounts() -> None:
+    router = p2c(limit=1)
+    (only,) = replicas = slots(1)
+    router.set_replicas(replicas)
+    assert await router.assign() is only
+    assert only.ongoing == 1
+    router.release(only)
+    assert only.ongoing == 0
+
+
+@pytest.mark.anyio
+async def test_full_replicas_queue_in_arrival_order() -> None:
+    router = p2c(limit=1)
+    (only,) = replicas = slots(1)
+    router.set_replicas(replicas)
+    await router.assign()
+    order: list[int] = []
+
+    async def waiter(index: int) -> None:
+        replica = await router.assign()
+        order.append(index)
+        router.release(replica)
+
+    tasks = [asyncio.ensure_future(waiter(i)) for i in range(5)]
+    await asyncio.sleep(0)  # let them queue
+    assert router.queued == 5
+    router.release(only)
+    await asyncio.gather(*tasks)
+    assert order == [0, 1, 2, 3, 4]
+    assert only.ongoing == 0
+
+
+@pytest.mark.anyio
+async def test_backpressure_when_the_queue_is_full() -> None:
+    router = p2c(limit=1, queued=2)
+    router.set_replicas(slots(1))
+    await router.assign()
+    waiting = [asyncio.ensure_future(router.assign()) for _ in range(2)]
+    await asyncio.sleep(0)
+    with pytest.raises(BackPressureError, match="max_queued_requests=2"):
+        await router.assign()
+    for task in waiting:
+        task.cancel()
+    await asyncio.gather(*waiting, return_exceptions=True)
+    assert router.queued == 0
+
+
+@pytest.mark.anyio
+async def test_cancelled_waiter_leaves_the_queue_and_loses_no_slot() -> None:
+    router = p2c(limit=1)
+    (only,) = replicas = slots(1)
+    router.set_replicas(replicas)
+    await router.assign()
+    cancelled = asyncio.ensure_future(router.assign())
+    kept = asyncio.ensure_future(router.assign())
+    await asyncio.sleep(0)
+    cancelled.cancel()
+    router.release(only)
+    assert await kept is only
+    assert only.ongoing == 1
+    with pytest.raises(asyncio.CancelledError):
+        await cancelled
+
+
+@pytest.mark.anyio
+async def test_waiters_are_served_when_replicas_arrive() -> None:
+    router = p2c(limit=1)
+    waiter = asyncio.ensure_future(router.assign())
+    await asyncio.sleep(0)
+    assert not waiter.done()
+    replicas = slots(1)
+    router.set_replicas(replicas)
+    assert await waiter is replicas[0]
+
+
+@pytest.mark.anyio
+async def test_fail_waiters_ends_every_queued_request() -> None:
+    router = p2c()
+    waiters = [asyncio.ensure_future(router.assign()) for _ in range(3)]
+    await asyncio.sleep(0)
+    router.fail_waiters(RuntimeError("gone"))
+    results = await asyncio.gather(*waiters, return_exceptions=True)
+    assert all(isinstance(r, RuntimeError) for r in results)
+
+
+def test_power_of_two_prefers_the_less_loaded() -> None:
+    router = p2c(limit=100)
+    busy, idle = slots(2)
+    busy.ongoing = 10
+    picks = Counter(router.choose([busy, idle], None) for _ in range(100))
+    assert picks == {idle: 100}
+
+
+def test_round_robin_takes_turns_and_skips_full_ones() -> None:
+    router = RoundRobinRouter(max_ongoing_requests=1)
+    a, b, c = replicas = slots(3)
+    assert [router.choose(replicas, None) for _ in range(3)] == [a, b, c]
+    b.ongoing = 1
+    assert [router.choose(replicas, None) for _ in range(2)] == [a, c]
+
+
+def test_make_router_by_name() -> None:
+    router = make_router("round_robin", max_ongoing_requests=3, max_queued_requests=4)
+    assert isinstance(router, RoundRobinRouter)
+    assert (router.max_ongoing_requests, router.max_queued_requests) == (3, 4)
+
+
+@given(
+    kind=st.sampled_from(["power_of_two", "round_robin"]),
+    replicas=st.integers(1, 4),
+    limit=st.integers(1, 3),
+    requests=st.integers(1, 40),
+    seed=st.integers(0, 2**16),
+)
+@settings(max_examples=60, deadline=None)
+def test_random_concurrency_never_exceeds_the_limit_and_serves_everyone(
+    kind: str, replicas: int, limit: int, requests: int, seed: int
+) -> None:
+    """Requests hold their replica for random steps and some are cancelled; at every step no
+    replica is over its limit, and every request not cancelled is served exactly once."""
+    rng = random.Random(seed)
+
+    async def scenario() -> None:
+        router = make_router(
+            kind, max_ongoing_requests=limit, max_queued_requests=-1, rng=random.Random(seed)
+        )
+        pool = slots(replicas)
+        router.set_replicas(pool)
+        served: Counter[int] = Counter()
+
+        async def request(index: int) -> None:
+            replica = await router.assign()
+            try:
+                assert all(r.ongoing <= limit for r in pool)
+                served[index] += 1
+                for _ in range(rng.randrange(3)):
+                    await asyncio.sleep(0)
+            finally:
+                router.release(replica)
+
+        tasks = [asyncio.ensure_future(request(i)) for i in range(requests)]
+        for _ in range(rng.randrange(3)):
+            await asyncio.sleep(0)
+        cancelled = {i for i in range(requests) if rng.random() < 0.2}
+        for index in cancelled:
+            tasks[index].cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        for index in range(requests):
+            if index not in cancelled or not tasks[index].cancelled():
+                assert served[index] == 1, index
+            else:
+                assert served[index] <= 1
+        assert all(r.ongoing == 0 for r in pool)
+        assert router.queued == 0
+
+    asyncio.run(scenario())
+
+
+@given(
+    seed=st.integers(0, 2**16),
+    loads=st.lists(st.integers(0, 5), min_size=2, max_size=8),
+)
+@settings(max_examples=100, deadline=None)
+def test_power_of_two_never_picks_the_one_busiest_replica(seed: int, loads: list[int]) -> None:
+    """It takes the lesser of two distinct samples, so a replica busier than every other one is
+    never chosen, whatever the randomness."""
+    router = p2c(limit=1000, seed=seed)
+    pool = slots(len(loads))
+    for replica, load in zip(pool, loads, strict=True):
+        replica.ongoing = load
+    busiest = max(loads)
+    chosen = router.choose(pool, None)
+    assert chosen is not None
+    if loads.count(busiest) == 1:
+        assert chosen.ongoing < busiest
+
+
+def test_power_of_two_spreads_load() -> None:
+    """Requests that never finish end up spread evenly (fixed seed: deterministic)."""
+    router = p2c(limit=1000, seed=1)
+    pool = slots(6)
+    for _ in range(600):
+        chosen = router.choose(pool, None)
+        assert chosen is not None
+        chosen.ongoing += 1
+    counts = [r.ongoing for r in pool]
+    assert max(counts) - min(counts) <= 3, counts
