@@ -10,7 +10,7 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-from embserve.batching import Batcher
+from embserve.batching import Batcher, batch
 from embserve.context import ReplicaContext, get_replica_context
 from embserve.deployment import Application, Deployment, DeploymentConfig, deployment
 from embserve.errors import (
@@ -53,6 +53,7 @@ __all__ = [
     "ResponseStream",
     "Runtime",
     "RuntimeStatus",
+    "batch",
     "deployment",
     "get_handle",
     "get_replica_context",

@@ -12,6 +12,7 @@ import sys
 from collections.abc import AsyncIterator, Awaitable
 from typing import Any
 
+from embserve.autoscaling import Autoscaler, AutoscalingPolicy
 from embserve.backends import Backend
 from embserve.deployment import Deployment, DeploymentConfig
 from embserve.errors import (
@@ -66,6 +67,8 @@ class DeploymentController:
         self._tasks: set[asyncio.Task[Any]] = set()
         self._health_task: asyncio.Task[None] | None = None
         self._replacing: asyncio.Task[None] | None = None
+        self._autoscaler: Autoscaler | None = None
+        self._autoscale_task: asyncio.Task[None] | None = None
         self._update_lock = asyncio.Lock()
         self._stopping = False
 
@@ -143,6 +146,34 @@ class DeploymentController:
         async with self._update_lock:
             await self._scale_to(self.target_replicas, fail_fast=True)
         self._health_task = asyncio.ensure_future(self._health_loop())
+        self._configure_autoscaling()
+
+    def _configure_autoscaling(self) -> None:
+        auto = self.config.autoscaling_config
+        self._autoscaler = Autoscaler(AutoscalingPolicy.from_config(auto)) if auto else None
+        if self._autoscaler is not None and self._autoscale_task is None:
+            self._autoscale_task = asyncio.ensure_future(self._autoscale_loop())
+
+    async def _autoscale_loop(self) -> None:
+        loop = asyncio.get_running_loop()
+        while (autoscaler := self._autoscaler) is not None:
+            await asyncio.sleep(autoscaler.policy.metrics_interval_s)
+            if autoscaler is not self._autoscaler:
+                continue  # the deployment was updated while we slept
+            now = loop.time()
+            autoscaler.observe(now, sum(r.ongoing for r in self.running) + self.router.queued)
+            wanted = autoscaler.decide(now, self.target_replicas)
+            if wanted != self.target_replicas and not self._update_lock.locked():
+                async with self._update_lock:
+                    logger.info(
+                        "autoscaling %s from %d to %d replicas",
+                        self.name,
+                        self.target_replicas,
+                        wanted,
+                    )
+                    self.target_replicas = wanted
+                    await self._scale_to(wanted)
+        self._autoscale_task = None
 
     async def update(
         self, deployment: Deployment, init_args: tuple[Any, ...], init_kwargs: dict[str, Any]
@@ -158,7 +189,15 @@ class DeploymentController:
             self.deployment = deployment
             self.config = deployment.config
             self.init_args, self.init_kwargs = init_args, init_kwargs
-            self.target_replicas = self.config.initial_replicas
+            auto = self.config.autoscaling_config
+            if auto and old_config.autoscaling_config:
+                # Keep the size the autoscaler reached, within the new bounds.
+                policy = AutoscalingPolicy.from_config(auto)
+                self.target_replicas = min(
+                    max(self.target_replicas, policy.min_replicas), policy.max_replicas
+                )
+            else:
+                self.target_replicas = self.config.initial_replicas
             self.router.max_ongoing_requests = self.config.ongoing_limit
             self.router.max_queued_requests = self.config.max_queued_requests
             self.state = "UPDATING"
@@ -168,6 +207,7 @@ class DeploymentController:
                         *(r.reconfigure(self.config.user_config) for r in self.running)
                     )
                 await self._scale_to(self.target_replicas, fail_fast=True)
+                self._configure_autoscaling()
                 return
             old = list(self.running)
             for index in range(max(len(old), self.target_replicas)):
@@ -181,6 +221,7 @@ class DeploymentController:
                 if index < len(old):
                     self._spawn(self._retire(old[index]))
             self.state, self.message = "HEALTHY", ""
+            self._configure_autoscaling()
 
     async def _scale_to(self, count: int, *, fail_fast: bool = False) -> None:
         missing = count - len(self.running)
@@ -196,7 +237,9 @@ class DeploymentController:
                 raise errors[0]
             self._route_to([*self.running, *started])
         elif missing < 0:
-            for replica in self.running[missing:]:
+            leaving = self.running[count:]
+            self._route_to(self.running[:count])  # out of routing now, drained in the background
+            for replica in leaving:
                 self._spawn(self._retire(replica))
         self.state, self.message = "HEALTHY", ""
 
@@ -255,16 +298,17 @@ class DeploymentController:
     async def stop(self, reason: str) -> None:
         """Drain and stop every replica; fail the requests still queued with ``reason``."""
         self._stopping = True
-        if self._health_task is not None:
-            self._health_task.cancel()
+        self._autoscaler = None
+        for task in (self._health_task, self._autoscale_task):
+            if task is not None:
+                task.cancel()
         self.state = "DELETING"
         self.router.fail_waiters(EmbserveError(reason))
         await asyncio.gather(*(self._retire(r) for r in list(self.running)))
         for task in list(self._tasks):
             task.cancel()
-        await asyncio.gather(
-            *self._tasks, *(t for t in [self._health_task] if t), return_exceptions=True
-        )
+        loops = [t for t in (self._health_task, self._autoscale_task) if t is not None]
+        await asyncio.gather(*self._tasks, *loops, return_exceptions=True)
 
     # -- requests -------------------------------------------------------------------------
 

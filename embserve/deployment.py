@@ -8,21 +8,13 @@ import math
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any, TypeVar, overload
 
+from embserve.autoscaling import AutoscalingPolicy
+from embserve.batching import batch_capacity
+
 __all__ = ["Application", "Deployment", "DeploymentConfig", "deployment"]
 
 ROUTERS = ("power_of_two", "round_robin")
-AUTOSCALING_KEYS = frozenset(
-    {
-        "min_replicas",
-        "max_replicas",
-        "initial_replicas",
-        "target_ongoing_requests",
-        "upscale_delay_s",
-        "downscale_delay_s",
-        "metrics_interval_s",
-        "look_back_period_s",
-    }
-)
+AUTOSCALING_KEYS = frozenset(f.name for f in dataclasses.fields(AutoscalingPolicy))
 DEFAULT_MAX_ONGOING_REQUESTS = 5
 
 
@@ -43,6 +35,9 @@ class DeploymentConfig:
     max_retries: int = 0
     version: str | None = None
     router: str = "power_of_two"
+    # Set by Deployment from its batched methods (max_batch_size x max_concurrent_batches), not
+    # a user option: the replica must admit that many requests or its batches never fill.
+    batch_capacity: int = 0
 
     def __post_init__(self) -> None:
         _check_int("num_replicas", self.num_replicas, minimum=0)
@@ -70,12 +65,13 @@ class DeploymentConfig:
             raise ValueError(f"router must be one of {', '.join(ROUTERS)}, got {self.router!r}")
         if self.autoscaling_config is not None:
             _check_autoscaling(self.autoscaling_config)
+            AutoscalingPolicy.from_config(self.autoscaling_config)
 
     @property
     def ongoing_limit(self) -> int:
         """``max_ongoing_requests``, or its default when not given."""
         if self.max_ongoing_requests is None:
-            return DEFAULT_MAX_ONGOING_REQUESTS
+            return max(DEFAULT_MAX_ONGOING_REQUESTS, self.batch_capacity)
         return self.max_ongoing_requests
 
     @property
@@ -84,7 +80,7 @@ class DeploymentConfig:
         auto = self.autoscaling_config
         if auto is None:
             return self.num_replicas
-        return int(auto.get("initial_replicas", auto.get("min_replicas", 1)))
+        return AutoscalingPolicy.from_config(auto).start_replicas
 
 
 def _is_number(value: object) -> bool:
@@ -106,6 +102,9 @@ def _check_seconds(name: str, value: object, *, zero: bool = False) -> None:
         raise ValueError(f"{name} must be {'>= 0' if zero else '> 0'}, got {value}")
 
 
+_POSITIVE_AUTOSCALING_KEYS = {"target_ongoing_requests", "metrics_interval_s", "look_back_period_s"}
+
+
 def _check_autoscaling(config: Mapping[str, float]) -> None:
     if not isinstance(config, Mapping):
         raise TypeError("autoscaling_config must be a mapping")
@@ -118,13 +117,17 @@ def _check_autoscaling(config: Mapping[str, float]) -> None:
     for key, value in config.items():
         if not _is_number(value) or value < 0:
             raise ValueError(f"autoscaling_config[{key!r}] must be a non-negative number")
+        if value == 0 and key in _POSITIVE_AUTOSCALING_KEYS:
+            raise ValueError(f"autoscaling_config[{key!r}] must be > 0")
     low = config.get("min_replicas", 1)
     high = config.get("max_replicas", max(low, 1))
     if low > high:
         raise ValueError(f"autoscaling_config: min_replicas {low} > max_replicas {high}")
 
 
-_OPTION_NAMES = frozenset(f.name for f in dataclasses.fields(DeploymentConfig)) | {"name"}
+_OPTION_NAMES = frozenset(
+    f.name for f in dataclasses.fields(DeploymentConfig) if f.name != "batch_capacity"
+) | {"name"}
 
 
 class Deployment:
@@ -135,6 +138,17 @@ class Deployment:
     """
 
     def __init__(self, target: Callable[..., Any], name: str, config: DeploymentConfig) -> None:
+        capacity, why = batch_capacity(target)
+        given = config.max_ongoing_requests
+        if given is not None and given < capacity:
+            raise ValueError(
+                f"deployment {name!r}: max_ongoing_requests={given} is smaller than "
+                f"{capacity}, but {why}, so a replica must admit at least {capacity} requests "
+                f"for a batch to fill; raise max_ongoing_requests to >= {capacity} or leave it "
+                "unset, or lower max_batch_size"
+            )
+        if config.batch_capacity != capacity:
+            config = dataclasses.replace(config, batch_capacity=capacity)
         self.target = target
         self.name = name
         self.config = config

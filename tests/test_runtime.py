@@ -14,6 +14,7 @@ import pytest
 
 import embserve
 from embserve import Runtime
+from tests.waiting import wait_until
 
 
 @embserve.deployment
@@ -46,15 +47,6 @@ class Echo:
 
     async def fail(self, message: str) -> None:
         raise ValueError(message)
-
-
-def deadline_poll(predicate: Any, timeout_s: float = 5.0) -> None:
-    """Wait until ``predicate()`` holds, polling with a deadline."""
-    end = time.monotonic() + timeout_s
-    while not predicate():
-        if time.monotonic() > end:
-            raise AssertionError("condition not reached before the deadline")
-        time.sleep(0.005)
 
 
 @pytest.fixture
@@ -252,7 +244,7 @@ def test_backpressure_when_replicas_and_queue_are_full(rt: Runtime) -> None:
 
     handle = rt.run(blocked.bind())
     first, second = handle.remote(), handle.remote()
-    deadline_poll(lambda: rt.status().deployments["blocked"].queued_requests == 1)
+    wait_until(lambda: rt.status().deployments["blocked"].queued_requests == 1)
     with pytest.raises(embserve.BackPressureError, match="max_queued_requests=1"):
         handle.remote().result(timeout_s=1)
     gate.set()
@@ -313,7 +305,7 @@ def test_failing_health_check_replaces_the_replica(rt: Runtime) -> None:
     handle = rt.run(Fragile.bind())
     first = handle.remote().result(timeout_s=1)
     sick.add(first)
-    deadline_poll(lambda: handle.remote().result(timeout_s=1) != first)
+    wait_until(lambda: handle.remote().result(timeout_s=1) != first)
     status = rt.status().deployments["Fragile"]
     assert status.running_replicas == 1
     assert all(r.replica_id != first for r in status.replicas if r.state.value == "RUNNING")
@@ -373,10 +365,10 @@ def test_rolling_update_drops_no_request(rt: Runtime) -> None:
     with ThreadPoolExecutor(4) as pool:
         for _ in range(4):
             pool.submit(caller)
-        deadline_poll(lambda: len(seen) > 20)
+        wait_until(lambda: len(seen) > 20)
         rt.run(V2.bind(), name="model")
         count = len(seen)
-        deadline_poll(lambda: len(seen) > count + 20)
+        wait_until(lambda: len(seen) > count + 20)
         stop.set()
     assert not errors
     assert seen[-1] == "v2" and "v1" in seen
@@ -443,3 +435,44 @@ def test_status_reports_deployments_replicas_and_endpoints(rt: Runtime) -> None:
     assert plain["deployments"]["status-demo"]["replicas"][0]["state"] == "RUNNING"
     with pytest.raises(ValueError, match="route prefix '/demo'"):
         rt.run(double.bind(), route_prefix="/demo")
+
+
+def test_run_without_waiting_serves_once_replicas_run(rt: Runtime) -> None:
+    constructed = threading.Event()
+
+    @embserve.deployment
+    class Late:
+        def __init__(self) -> None:
+            constructed.wait(5)
+
+        def __call__(self) -> str:
+            return "late"
+
+    handle = rt.run(Late.bind(), wait=False)
+    response = handle.remote()
+    assert rt.status().deployments["Late"].state == "UPDATING"
+    constructed.set()
+    assert response.result(timeout_s=5) == "late"
+    wait_until(lambda: rt.status().deployments["Late"].state == "HEALTHY")
+
+
+def test_cancelling_a_stream_closes_the_generator(rt: Runtime) -> None:
+    closed = threading.Event()
+
+    @embserve.deployment
+    class Endless:
+        async def __call__(self) -> AsyncIterator[int]:
+            try:
+                n = 0
+                while True:
+                    yield n
+                    n += 1
+            finally:
+                closed.set()
+
+    stream = rt.run(Endless.bind()).options(stream=True).remote()
+    iterator = iter(stream)
+    assert [next(iterator) for _ in range(3)] == [0, 1, 2]
+    stream.cancel()
+    assert closed.wait(5)
+    assert rt.status().deployments["Endless"].replicas[0].ongoing_requests == 0

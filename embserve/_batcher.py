@@ -1,0 +1,406 @@
+"""The :class:`DynamicBatcher`: one replica's queues of waiting items and the batches it starts.
+
+Public through :mod:`embserve.batching`; import the names from there.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import weakref
+from collections import deque
+from collections.abc import AsyncIterator, Callable, Hashable
+from typing import Any
+
+from embserve._batch_contract import Batcher
+from embserve._batch_policy import BatchMetrics, BatchPolicy, Clock, LoopClock, Timer
+
+__all__ = ["DynamicBatcher", "live_batchers"]
+
+
+_END = object()
+
+
+def _fits(results: Any, size: int) -> bool:
+    # Lists, tuples and arrays (one row per input) are accepted; a str or dict is never meant.
+    if isinstance(results, (str, bytes, dict)) or not hasattr(results, "__len__"):
+        return False
+    return len(results) == size
+
+
+class _Item:
+    """One waiting request: its input, cost, arrival time, and where its answer goes."""
+
+    __slots__ = ("arrived", "cost", "future", "queue", "started", "value")
+
+    def __init__(self, value: Any, cost: int, arrived: float) -> None:
+        self.value = value
+        self.cost = cost
+        self.arrived = arrived
+        self.started = False
+        self.future: asyncio.Future[Any] | None = None
+        self.queue: asyncio.Queue[tuple[bool, Any]] | None = None  # streaming only
+
+    @property
+    def gone(self) -> bool:
+        """The caller no longer wants an answer."""
+        return self.future is not None and self.future.done()
+
+
+class _Bucket:
+    """Items that may share a batch (same ``bucket_key``), in arrival order."""
+
+    __slots__ = ("cost", "due", "items", "key", "timer")
+
+    def __init__(self, key: Hashable) -> None:
+        self.key = key
+        self.items: deque[_Item] = deque()
+        self.cost = 0
+        self.due = False
+        self.timer: Timer | None = None
+
+
+class DynamicBatcher(Batcher[Any, Any]):
+    """Sends a batch when its limit is reached or its first item has waited long enough.
+
+    Args:
+        batch_fn: ``async`` function of a list of inputs returning a list of as many outputs
+            (or, with ``streaming``, an async generator yielding such lists).
+        policy: the limits (:class:`FixedPolicy` or :class:`AdaptivePolicy`).
+        max_concurrent_batches: batches that may run at once.
+        batch_size_fn: cost of one input (rows, tokens); default 1 per input. An input costing
+            more than the limit fails alone with ``ValueError``.
+        bucket_key: inputs with different keys never share a batch.
+        clock: time and timers (default: the running loop's).
+        streaming: ``batch_fn`` is an async generator; use :meth:`submit_stream`.
+        name: used in error messages.
+
+    Must be created and used on one event loop (the replica's).
+    """
+
+    def __init__(
+        self,
+        batch_fn: Callable[[list[Any]], Any],
+        policy: BatchPolicy,
+        *,
+        max_concurrent_batches: int = 1,
+        batch_size_fn: Callable[[Any], int] | None = None,
+        bucket_key: Callable[[Any], Hashable] | None = None,
+        clock: Clock | None = None,
+        streaming: bool = False,
+        name: str = "batched function",
+    ) -> None:
+        self.loop = asyncio.get_running_loop()
+        self.policy = policy
+        self.metrics = BatchMetrics()
+        self.name = name
+        self._fn = batch_fn
+        self._concurrency = max_concurrent_batches
+        self._size_fn = batch_size_fn
+        self._key_fn = bucket_key
+        self._clock: Clock = clock or LoopClock(self.loop)
+        self._streaming = streaming
+        self._buckets: dict[Hashable, _Bucket] = {}
+        self._running: set[asyncio.Task[None]] = set()
+        self._closed = False
+        self._arrivals = 0
+        self._quiet_check: int | None = None  # arrivals seen when the last check was set
+        _live.add(self)
+
+    # -- the caller's side
+
+    async def submit(self, item: Any) -> Any:
+        """Queue ``item`` and return its own result once its batch ran."""
+        entry = self._enqueue(item)
+        future = entry.future = self.loop.create_future()
+        self._after_arrival(entry)
+        try:
+            return await future
+        except asyncio.CancelledError:
+            self._withdraw(entry)
+            raise
+
+    async def submit_stream(self, item: Any) -> AsyncIterator[Any]:
+        """Queue ``item`` for a streaming batch and yield its own outputs as they come."""
+        entry = self._enqueue(item)
+        queue = entry.queue = asyncio.Queue()
+        self._after_arrival(entry)
+        finished = False
+        try:
+            while True:
+                ok, value = await queue.get()
+                if not ok:
+                    finished = True
+                    raise value
+                if value is _END:
+                    finished = True
+                    return
+                yield value
+        finally:
+            if not finished:
+                self._withdraw(entry)
+                # Mark it gone so the running batch stops feeding it.
+                entry.queue = None
+
+    def _enqueue(self, value: Any) -> _Item:
+        if self._closed:
+            raise RuntimeError(f"{self.name}: the batcher is closed")
+        cost = 1
+        if self._size_fn is not None:
+            cost = self._size_fn(value)
+            if not isinstance(cost, int) or isinstance(cost, bool) or cost < 1:
+                raise ValueError(
+                    f"{self.name}: batch_size_fn must return an int >= 1, got {cost!r}"
+                )
+            if cost > self.policy.max_batch_size:
+                raise self._oversize_error(cost, self.policy.max_batch_size)
+        return _Item(value, cost, self._clock.now())
+
+    def _after_arrival(self, entry: _Item) -> None:
+        key = self._key_fn(entry.value) if self._key_fn is not None else None
+        bucket = self._buckets.get(key)
+        if bucket is None:
+            bucket = self._buckets[key] = _Bucket(key)
+        bucket.items.append(entry)
+        bucket.cost += entry.cost
+        self._arrivals += 1
+        if len(bucket.items) == 1:
+            self._arm(bucket)
+        if bucket.cost >= self.policy.max_size():
+            self._pump()
+        elif self.policy.quiesce and self._quiet_check is None:
+            self._quiet_check = self._arrivals
+            self.loop.call_soon(self._check_quiet)
+
+    def _withdraw(self, entry: _Item) -> None:
+        """A caller gave up: leave the queue if the batch has not started."""
+        if entry.started:
+            return
+        for bucket in self._buckets.values():
+            if entry in bucket.items:
+                bucket.items.remove(entry)
+                bucket.cost -= entry.cost
+                if not bucket.items:
+                    self._disarm(bucket)
+                elif bucket.items[0].arrived > entry.arrived:
+                    # The first item left: the wait now counts from the new first item.
+                    self._disarm(bucket)
+                    self._arm(bucket)
+                return
+
+    # -- timers and dispatch
+
+    def _arm(self, bucket: _Bucket) -> None:
+        """Time the bucket from its first waiting item's arrival."""
+        wait = self.policy.wait_s()
+        remaining = bucket.items[0].arrived + wait - self._clock.now()
+        if remaining <= 0:
+            bucket.due = True
+            self.loop.call_soon(self._pump)
+        else:
+            bucket.timer = self._clock.call_later(remaining, functools.partial(self._due, bucket))
+
+    def _disarm(self, bucket: _Bucket) -> None:
+        if bucket.timer is not None:
+            bucket.timer.cancel()
+            bucket.timer = None
+        bucket.due = False
+
+    def _due(self, bucket: _Bucket) -> None:
+        bucket.timer = None
+        if bucket.items:
+            bucket.due = True
+            self._pump()
+
+    def _check_quiet(self) -> None:
+        # Callers woken by the last batch reach us over a few loop turns; send once a turn
+        # brings nobody new, so the batch holds everyone who was on the way.
+        if self._quiet_check != self._arrivals:
+            self._quiet_check = self._arrivals
+            self.loop.call_soon(self._check_quiet)
+            return
+        self._quiet_check = None
+        for bucket in self._buckets.values():
+            if bucket.items:
+                bucket.due = True
+        self._pump()
+
+    def _pump(self) -> None:
+        """Start every batch that is ready while a batch slot is free."""
+        while len(self._running) < self._concurrency:
+            limit = self.policy.max_size()
+            ready = None
+            for bucket in self._buckets.values():
+                if not bucket.items or not (bucket.due or bucket.cost >= limit):
+                    continue
+                if ready is None or bucket.items[0].arrived < ready.items[0].arrived:
+                    ready = bucket
+            if ready is None:
+                return
+            items = self._take(ready, limit)
+            if items:
+                self._start(items)
+
+    def _take(self, bucket: _Bucket, limit: int) -> list[_Item]:
+        items: list[_Item] = []
+        cost = 0
+        queue = bucket.items
+        hard = self.policy.max_batch_size
+        while queue:
+            entry = queue[0]
+            # The first item always goes, even past an adaptive size below its cost.
+            if items and cost + entry.cost > limit:
+                break
+            queue.popleft()
+            bucket.cost -= entry.cost
+            if entry.cost > hard:  # the limit was lowered after it arrived
+                self._fail(entry, self._oversize_error(entry.cost, hard))
+                continue
+            cost += entry.cost
+            entry.started = True
+            items.append(entry)
+        was_due = bucket.due
+        self._disarm(bucket)
+        if queue:
+            self._arm(bucket)
+            # What is left was as quiet as what was taken: it goes with the next free slot.
+            bucket.due = bucket.due or (was_due and self.policy.quiesce)
+        elif self._key_fn is not None:
+            del self._buckets[bucket.key]
+        return items
+
+    def _oversize_error(self, cost: int, limit: int) -> ValueError:
+        return ValueError(
+            f"{self.name}: this request's batch_size_fn cost is {cost}, more than "
+            f"max_batch_size={limit}; split it or raise max_batch_size"
+        )
+
+    @staticmethod
+    def _fail(entry: _Item, exc: BaseException) -> None:
+        if entry.future is not None and not entry.future.done():
+            entry.future.set_exception(exc)
+        if entry.queue is not None:
+            entry.queue.put_nowait((False, exc))
+
+    def _start(self, items: list[_Item]) -> None:
+        now = self._clock.now()
+        metrics = self.metrics
+        for entry in items:
+            waited = now - entry.arrived
+            metrics.queue_wait_s_sum += waited
+            if waited > metrics.queue_wait_s_max:
+                metrics.queue_wait_s_max = waited
+        run = self._run_stream if self._streaming else self._run
+        task = self.loop.create_task(run(items, now))
+        self._running.add(task)
+        task.add_done_callback(self._finished)
+
+    def _finished(self, task: asyncio.Task[None]) -> None:
+        self._running.discard(task)
+        if not self._closed:
+            self._pump()
+
+    def _record(self, size: int, started: float, failed: bool) -> None:
+        elapsed = self._clock.now() - started
+        metrics = self.metrics
+        metrics.batches += 1
+        metrics.items += size
+        metrics.failed_batches += failed
+        metrics.batch_sizes[size] = metrics.batch_sizes.get(size, 0) + 1
+        metrics.exec_s_sum += elapsed
+        if elapsed > metrics.exec_s_max:
+            metrics.exec_s_max = elapsed
+        if not failed:
+            self.policy.observe(size, elapsed)
+
+    def _length_error(self, got: Any, expected: int) -> ValueError:
+        count = len(got) if hasattr(got, "__len__") else type(got).__name__
+        return ValueError(
+            f"{self.name} returned {count} results for a batch of {expected} inputs; a batched "
+            "function must return a list with one result per input, in order"
+        )
+
+    async def _run(self, items: list[_Item], started: float) -> None:
+        try:
+            results = await self._fn([entry.value for entry in items])
+            if not _fits(results, len(items)):
+                raise self._length_error(results, len(items))
+        except asyncio.CancelledError:
+            self._record(len(items), started, True)
+            for entry in items:
+                if entry.future is not None and not entry.future.done():
+                    entry.future.cancel()
+            raise
+        except Exception as exc:
+            self._record(len(items), started, True)
+            for entry in items:
+                if entry.future is not None and not entry.future.done():
+                    entry.future.set_exception(exc)
+            return
+        self._record(len(items), started, False)
+        for entry, result in zip(items, results):  # noqa: B905 (lengths checked above)
+            future = entry.future
+            if future is not None and not future.done():
+                future.set_result(result)
+
+    async def _run_stream(self, items: list[_Item], started: float) -> None:
+        agen = self._fn([entry.value for entry in items])
+        failed = False
+        try:
+            async for outputs in agen:
+                if not _fits(outputs, len(items)):
+                    raise self._length_error(outputs, len(items))
+                alive = False
+                for entry, output in zip(items, outputs):  # noqa: B905 (checked above)
+                    if entry.queue is not None:
+                        entry.queue.put_nowait((True, output))
+                        alive = True
+                if not alive:  # every caller left: stop computing for nobody
+                    break
+            for entry in items:
+                if entry.queue is not None:
+                    entry.queue.put_nowait((True, _END))
+        except Exception as exc:
+            failed = True
+            for entry in items:
+                if entry.queue is not None:
+                    entry.queue.put_nowait((False, exc))
+        finally:
+            await agen.aclose()
+            self._record(len(items), started, failed)
+
+    # -- run-time changes and shutdown
+
+    def limits_changed(self) -> None:
+        """Re-time waiting buckets and send what is now ready (after a setter changed a limit)."""
+        for bucket in self._buckets.values():
+            if bucket.items:
+                self._disarm(bucket)
+                self._arm(bucket)
+        self._pump()
+
+    @property
+    def waiting(self) -> int:
+        """Items queued and not yet in a batch."""
+        return sum(len(bucket.items) for bucket in self._buckets.values())
+
+    async def close(self) -> None:
+        """Fail the waiting items with ``RuntimeError``; wait for the running batches."""
+        self._closed = True
+        error = RuntimeError(f"{self.name}: the replica is shutting down")
+        for bucket in self._buckets.values():
+            self._disarm(bucket)
+            for entry in bucket.items:
+                self._fail(entry, error)
+            bucket.items.clear()
+            bucket.cost = 0
+        if self._running:
+            await asyncio.gather(*self._running, return_exceptions=True)
+
+
+_live: weakref.WeakSet[DynamicBatcher] = weakref.WeakSet()
+
+
+def live_batchers() -> list[DynamicBatcher]:
+    """The batchers alive in this process (for the metrics exporter: see ``.metrics``)."""
+    return list(_live)

@@ -1,0 +1,222 @@
+"""Batching end to end through handles on a local runtime: sizes, order, errors, latency."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import AsyncIterator, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import pytest
+
+import embserve
+from embserve import Runtime
+from embserve.batching import live_batchers
+
+SEEN: dict[str, list[int]] = {}
+
+
+def seen(name: str) -> list[int]:
+    return SEEN.setdefault(name, [])
+
+
+@embserve.deployment
+class Doubler:
+    """Batches fill (max 16) long before the 2 s wait; errors and wrong lengths on demand."""
+
+    @embserve.batch(max_batch_size=16, batch_wait_timeout_s=2.0)
+    async def __call__(self, xs: list[int]) -> list[int]:
+        seen("doubler").append(len(xs))
+        if -1 in xs:
+            raise KeyError("a negative input")
+        if -2 in xs:
+            return [2 * x for x in xs][:-1]
+        return [2 * x for x in xs]
+
+    @embserve.batch(max_batch_size=4, batch_wait_timeout_s=0.01)
+    async def count(self, starts: list[int]) -> AsyncIterator[list[int]]:
+        for step in range(3):
+            yield [start + step for start in starts]
+
+    @embserve.batch(max_batch_size=8, batch_wait_timeout_s=0.02)
+    async def lone(self, xs: list[int]) -> list[int]:
+        return xs
+
+    @embserve.batch(max_batch_size=64, target_latency_s=0.2)
+    async def adaptive(self, xs: list[int]) -> list[int]:
+        seen("adaptive").append(len(xs))
+        return xs
+
+
+@embserve.deployment(user_config={"max_batch_size": 2})
+class Tunable:
+    """Its batch size comes from user_config, through reconfigure."""
+
+    def reconfigure(self, config: dict[str, Any]) -> None:
+        self.__call__.set_max_batch_size(config["max_batch_size"])
+
+    @embserve.batch(max_batch_size=8, batch_wait_timeout_s=2.0)
+    async def __call__(self, xs: list[int]) -> list[int]:
+        seen("tunable").append(len(xs))
+        return xs
+
+
+@embserve.deployment
+@embserve.batch(max_batch_size=4, batch_wait_timeout_s=2.0)
+async def square(xs: list[int]) -> list[int]:
+    seen("square").append(len(xs))
+    return [x * x for x in xs]
+
+
+@pytest.fixture(scope="module")
+def runtime() -> Iterator[Runtime]:
+    with Runtime(seed=0) as rt:
+        yield rt
+
+
+@pytest.fixture(scope="module")
+def doubler(runtime: Runtime) -> embserve.Handle:
+    return runtime.run(Doubler.bind(), name="doubler")
+
+
+def call_all(handle: embserve.Handle, inputs: list[int]) -> list[Any]:
+    """Start every call before waiting for any, so they can share batches."""
+    responses = [handle.remote(x) for x in inputs]
+    out: list[Any] = []
+    for response in responses:
+        try:
+            out.append(response.result(timeout_s=5))
+        except Exception as exc:
+            out.append(exc)
+    return out
+
+
+def test_batches_fill_results_map_in_order(doubler: embserve.Handle) -> None:
+    seen("doubler").clear()
+    # 32 callers and no max_ongoing_requests given: the replica admits 16 (not the default 5),
+    # so full batches of 16 form at once instead of 2 s waits.
+    start = time.perf_counter()
+    assert call_all(doubler, list(range(32))) == [2 * x for x in range(32)]
+    assert time.perf_counter() - start < 1.5
+    assert seen("doubler") == [16, 16]
+
+
+def test_sync_callers_from_many_threads_share_batches(doubler: embserve.Handle) -> None:
+    seen("doubler").clear()
+    barrier = threading.Barrier(16)
+
+    def one(x: int) -> int:
+        barrier.wait()
+        return int(doubler.remote(x).result(timeout_s=5))
+
+    with ThreadPoolExecutor(16) as pool:
+        assert list(pool.map(one, range(16))) == [2 * x for x in range(16)]
+    assert seen("doubler") == [16]
+
+
+def test_an_error_reaches_every_caller_of_its_batch_and_only_them(
+    doubler: embserve.Handle,
+) -> None:
+    seen("doubler").clear()
+    bad = call_all(doubler, [1] * 15 + [-1])
+    good = call_all(doubler, list(range(16)))
+    assert all(isinstance(r, KeyError) for r in bad)
+    assert good == [2 * x for x in range(16)]
+    assert seen("doubler") == [16, 16]
+
+
+def test_a_wrong_length_is_a_clear_error_to_the_whole_batch(doubler: embserve.Handle) -> None:
+    results = call_all(doubler, [-2] + [1] * 15)
+    assert all(isinstance(r, ValueError) for r in results)
+    assert "returned 15 results for a batch of 16 inputs" in str(results[0])
+    assert call_all(doubler, [3] * 16) == [6] * 16  # the replica is fine afterwards
+
+
+def waiting_in(name: str) -> int:
+    return sum(b.waiting for b in live_batchers() if b.name == name)
+
+
+def test_a_cancelled_waiting_request_leaves_its_batch(doubler: embserve.Handle) -> None:
+    seen("doubler").clear()
+    doomed = doubler.remote(1000)
+    deadline = time.monotonic() + 2
+    while waiting_in("Doubler.__call__") != 1:  # it reached the replica's batcher
+        assert time.monotonic() < deadline
+        time.sleep(0.001)
+    assert doomed.cancel()
+    deadline = time.monotonic() + 2
+    while waiting_in("Doubler.__call__") != 0:  # it left the batch
+        assert time.monotonic() < deadline
+        time.sleep(0.001)
+    start = time.perf_counter()
+    assert call_all(doubler, list(range(16))) == [2 * x for x in range(16)]
+    assert time.perf_counter() - start < 1.5  # one full batch, nobody left waiting 2 s
+    assert seen("doubler") == [16]
+
+
+def test_each_streaming_caller_gets_its_own_items(doubler: embserve.Handle) -> None:
+    stream = doubler.options(stream=True).count
+    streams = [stream.remote(start) for start in (0, 10, 20, 30)]
+    assert [list(s) for s in streams] == [[s, s + 1, s + 2] for s in (0, 10, 20, 30)]
+
+
+def test_a_lone_request_waits_the_timeout_and_no_more(doubler: embserve.Handle) -> None:
+    wait = 0.02
+    latencies = []
+    for _ in range(5):
+        time.sleep(0.03)  # an idle period: the point of the test, not a wait for state
+        start = time.perf_counter()
+        assert doubler.lone.remote(7).result(timeout_s=1) == 7
+        latencies.append(time.perf_counter() - start)
+    assert min(latencies) >= wait * 0.95  # timed from this request, not from the last batch
+    # The best of five: a loaded machine may delay some, but one must come on time.
+    assert min(latencies) <= wait + 0.002
+
+
+def test_adaptive_lone_request_does_not_wait_and_load_fills_batches(
+    doubler: embserve.Handle,
+) -> None:
+    seen("adaptive").clear()
+    start = time.perf_counter()
+    assert doubler.adaptive.remote(1).result(timeout_s=1) == 1
+    assert time.perf_counter() - start < 0.05  # far below the 0.2 s target: no waiting
+    assert call_all(doubler.adaptive, list(range(48))) == list(range(48))
+    assert max(seen("adaptive")) > 8
+
+
+def test_batch_size_set_from_reconfigure(runtime: Runtime) -> None:
+    handle = runtime.run(Tunable.bind(), name="tunable")
+    seen("tunable").clear()
+    assert call_all(handle, list(range(6))) == list(range(6))
+    assert seen("tunable") == [2, 2, 2]
+
+
+def test_a_batched_function_deployment(runtime: Runtime) -> None:
+    handle = runtime.run(square.bind(), name="square")
+    seen("square").clear()
+    assert call_all(handle, list(range(8))) == [x * x for x in range(8)]
+    assert seen("square") == [4, 4]
+
+
+def test_max_ongoing_requests_too_small_for_a_batch_is_refused() -> None:
+    with pytest.raises(ValueError, match="a replica must admit at least 64 requests"):
+        Doubler.options(max_ongoing_requests=5)
+
+
+@embserve.deployment
+class Sizes:
+    """Answers each input with the size of the batch it was in."""
+
+    @embserve.batch(max_batch_size=8, batch_wait_timeout_s=2.0)
+    async def __call__(self, xs: list[int]) -> list[tuple[int, int]]:
+        return [(x, len(xs)) for x in xs]
+
+
+def test_batching_in_a_worker_process() -> None:
+    pytest.importorskip("embserve_process")
+    with Runtime(backend="process") as rt:
+        handle = rt.run(Sizes.bind())
+        start = time.perf_counter()
+        assert call_all(handle, list(range(16))) == [(x, 8) for x in range(16)]
+        assert time.perf_counter() - start < 1.5  # full batches, not the 2 s wait

@@ -1,0 +1,473 @@
+"""The batcher on a simulated clock: when batches leave, what callers get, limits, the policy."""
+
+from __future__ import annotations
+
+import asyncio
+import heapq
+import itertools
+from collections.abc import AsyncIterator, Callable, Coroutine
+from typing import Any
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import embserve
+from embserve.batching import (
+    AdaptivePolicy,
+    DynamicBatcher,
+    FixedPolicy,
+    batch_capacity,
+    live_batchers,
+)
+
+pytestmark = pytest.mark.anyio
+
+
+class FakeTimer:
+    """A timer of :class:`FakeClock`."""
+
+    def __init__(self) -> None:
+        self.cancelled = False
+
+    def cancel(self) -> None:
+        self.cancelled = True
+
+
+class FakeClock:
+    """Simulated time: timers fire only when the test advances the clock."""
+
+    def __init__(self) -> None:
+        self.time = 100.0
+        self._timers: list[tuple[float, int, FakeTimer, Callable[[], None]]] = []
+        self._seq = itertools.count()
+
+    def now(self) -> float:
+        return self.time
+
+    def call_later(self, delay: float, callback: Callable[[], None]) -> FakeTimer:
+        timer = FakeTimer()
+        heapq.heappush(self._timers, (self.time + delay, next(self._seq), timer, callback))
+        return timer
+
+    @property
+    def pending(self) -> int:
+        return sum(not timer.cancelled for _, _, timer, _ in self._timers)
+
+    async def advance(self, seconds: float) -> None:
+        """Move time forward, firing due timers in order and letting the loop run after each."""
+        await settle()  # what was started before the advance happens before it
+        end = self.time + seconds
+        while self._timers and self._timers[0][0] <= end + 1e-12:
+            when, _, timer, callback = heapq.heappop(self._timers)
+            self.time = max(self.time, when)
+            if not timer.cancelled:
+                callback()
+                await settle()
+        self.time = end
+        await settle()
+
+
+async def settle(turns: int = 10) -> None:
+    """Let ready tasks and callbacks run (no time passes on the fake clock)."""
+    for _ in range(turns):
+        await asyncio.sleep(0)
+
+
+class Recorder:
+    """A batch function that records its batches and can be told to fail or hold."""
+
+    def __init__(self) -> None:
+        self.batches: list[list[Any]] = []
+        self.fail_on: object = None
+        self.wrong_length = False
+        self.gate: asyncio.Event | None = None
+
+    async def __call__(self, items: list[Any]) -> list[Any]:
+        self.batches.append(list(items))
+        if self.gate is not None:
+            await self.gate.wait()
+        if self.fail_on is not None and self.fail_on in items:
+            raise KeyError(f"bad {self.fail_on}")
+        if self.wrong_length:
+            return items[:-1]
+        return [("out", item) for item in items]
+
+
+def make(
+    fn: Callable[[list[Any]], Any],
+    clock: FakeClock,
+    *,
+    size: int = 4,
+    wait: float = 0.01,
+    **kwargs: Any,
+) -> DynamicBatcher:
+    return DynamicBatcher(fn, FixedPolicy(size, wait), clock=clock, **kwargs)
+
+
+def spawn(coro: Coroutine[Any, Any, Any]) -> asyncio.Task[Any]:
+    return asyncio.ensure_future(coro)
+
+
+async def test_full_batch_leaves_at_once_without_time_passing() -> None:
+    clock, fn = FakeClock(), Recorder()
+    batcher = make(fn, clock, size=3)
+    tasks = [spawn(batcher.submit(i)) for i in range(7)]
+    await settle()
+    assert fn.batches == [[0, 1, 2], [3, 4, 5]]
+    assert [await t for t in tasks[:6]] == [("out", i) for i in range(6)]
+    assert not tasks[6].done()
+    await clock.advance(0.01)
+    assert fn.batches[-1] == [6]
+    assert await tasks[6] == ("out", 6)
+
+
+async def test_wait_counts_from_the_first_waiting_item_not_the_last_batch() -> None:
+    clock, fn = FakeClock(), Recorder()
+    batcher = make(fn, clock, size=10, wait=0.01)
+    first = spawn(batcher.submit("a"))
+    await clock.advance(0.004)
+    second = spawn(batcher.submit("b"))
+    await clock.advance(0.0059)
+    assert fn.batches == []
+    await clock.advance(0.0002)
+    assert fn.batches == [["a", "b"]]
+    assert await first == ("out", "a") and await second == ("out", "b")
+    # A long idle period, then a lone item: it waits exactly its own timeout, no more, no less.
+    await clock.advance(5.0)
+    lone = spawn(batcher.submit("c"))
+    await clock.advance(0.0099)
+    assert not lone.done()
+    await clock.advance(0.0001)
+    assert await lone == ("out", "c")
+    assert batcher.metrics.queue_wait_s_max == pytest.approx(0.01)
+
+
+async def test_an_exception_reaches_its_batch_and_only_it() -> None:
+    clock, fn = FakeClock(), Recorder()
+    fn.fail_on = "bad"
+    batcher = make(fn, clock, size=2)
+    tasks = [spawn(batcher.submit(x)) for x in ("ok1", "bad", "ok2", "ok3")]
+    await settle()
+    results = await asyncio.gather(*tasks, return_exceptions=True)
+    assert isinstance(results[0], KeyError) and isinstance(results[1], KeyError)
+    assert results[2:] == [("out", "ok2"), ("out", "ok3")]
+    assert batcher.metrics.failed_batches == 1 and batcher.metrics.batches == 2
+
+
+async def test_a_result_of_the_wrong_length_fails_every_caller_of_the_batch() -> None:
+    clock, fn = FakeClock(), Recorder()
+    fn.wrong_length = True
+    batcher = make(fn, clock, size=3)
+    tasks = [spawn(batcher.submit(i)) for i in range(3)]
+    results = await asyncio.gather(*tasks, return_exceptions=True)
+    for result in results:
+        assert isinstance(result, ValueError)
+        assert "returned 2 results for a batch of 3 inputs" in str(result)
+
+
+async def test_a_cancelled_waiting_request_leaves_its_batch() -> None:
+    clock, fn = FakeClock(), Recorder()
+    batcher = make(fn, clock, size=3, wait=0.01)
+    first = spawn(batcher.submit("a"))
+    await clock.advance(0.002)
+    second = spawn(batcher.submit("b"))
+    await settle()
+    first.cancel()
+    await settle()
+    assert batcher.waiting == 1
+    # The wait now counts from "b", the new first item, which arrived at +2 ms.
+    await clock.advance(0.0095)
+    assert fn.batches == []
+    await clock.advance(0.001)
+    assert fn.batches == [["b"]]
+    assert await second == ("out", "b")
+
+
+async def test_a_cancelled_running_request_has_its_result_dropped() -> None:
+    clock, fn = FakeClock(), Recorder()
+    fn.gate = asyncio.Event()
+    batcher = make(fn, clock, size=3)
+    tasks = [spawn(batcher.submit(i)) for i in range(3)]
+    await settle()
+    assert fn.batches == [[0, 1, 2]]
+    tasks[1].cancel()
+    await settle()
+    fn.gate.set()
+    assert await tasks[0] == ("out", 0) and await tasks[2] == ("out", 2)
+    assert tasks[1].cancelled()
+
+
+async def test_batch_size_fn_batches_by_cost_and_refuses_oversized_requests() -> None:
+    clock, fn = FakeClock(), Recorder()
+    batcher = make(fn, clock, size=10, batch_size_fn=len)
+    rows = [[1] * 4, [2] * 4, [3] * 4, [4] * 1]
+    tasks = [spawn(batcher.submit(r)) for r in rows]
+    await settle()
+    assert [sum(len(r) for r in b) for b in fn.batches] == [8]  # 4 + 4, the next 4 won't fit
+    await clock.advance(0.01)
+    assert [len(b) for b in fn.batches] == [2, 2]
+    await asyncio.gather(*tasks)
+    with pytest.raises(ValueError, match="cost is 11, more than max_batch_size=10"):
+        await batcher.submit([0] * 11)
+
+
+async def test_bucket_key_keeps_different_keys_apart() -> None:
+    clock, fn = FakeClock(), Recorder()
+    batcher = make(fn, clock, size=2, bucket_key=lambda item: item[0])
+    tasks = [spawn(batcher.submit(x)) for x in ("a1", "b1", "a2", "b2", "a3")]
+    await settle()
+    assert fn.batches == [["a1", "a2"], ["b1", "b2"]]
+    await clock.advance(0.01)
+    assert fn.batches[-1] == ["a3"]
+    await asyncio.gather(*tasks)
+
+
+async def test_max_concurrent_batches_bounds_running_batches() -> None:
+    clock, fn = FakeClock(), Recorder()
+    fn.gate = asyncio.Event()
+    batcher = make(fn, clock, size=1, max_concurrent_batches=2)
+    tasks = [spawn(batcher.submit(i)) for i in range(5)]
+    await settle()
+    assert fn.batches == [[0], [1]]
+    fn.gate.set()
+    await asyncio.gather(*tasks)
+    assert fn.batches == [[0], [1], [2], [3], [4]]
+
+
+async def test_streaming_each_caller_gets_its_own_items() -> None:
+    clock = FakeClock()
+
+    async def gen(items: list[int]) -> AsyncIterator[list[int]]:
+        for step in range(3):
+            yield [item * 10 + step for item in items]
+
+    batcher = make(gen, clock, size=2, streaming=True)
+
+    async def collect(item: int) -> list[int]:
+        return [out async for out in batcher.submit_stream(item)]
+
+    a, b = spawn(collect(1)), spawn(collect(2))
+    assert await a == [10, 11, 12] and await b == [20, 21, 22]
+    assert batcher.metrics.batch_sizes == {2: 1}
+
+
+async def test_streaming_error_reaches_every_caller_of_the_batch() -> None:
+    clock = FakeClock()
+
+    async def gen(items: list[int]) -> AsyncIterator[list[int]]:
+        yield items
+        raise KeyError("broke")
+
+    batcher = make(gen, clock, size=2, streaming=True)
+
+    async def collect(item: int) -> list[int]:
+        return [out async for out in batcher.submit_stream(item)]
+
+    results = await asyncio.gather(collect(1), collect(2), return_exceptions=True)
+    assert all(isinstance(r, KeyError) for r in results)
+
+
+async def test_close_fails_waiting_items() -> None:
+    clock, fn = FakeClock(), Recorder()
+    batcher = make(fn, clock, size=5)
+    task = spawn(batcher.submit(1))
+    await settle()
+    await batcher.close()
+    with pytest.raises(RuntimeError, match="shutting down"):
+        await task
+    assert clock.pending == 0
+    with pytest.raises(RuntimeError, match="closed"):
+        await batcher.submit(2)
+
+
+async def test_metrics_count_sizes_waits_and_execution() -> None:
+    clock = FakeClock()
+
+    async def slow(items: list[int]) -> list[int]:
+        clock.time += 0.003  # the batch "takes" 3 ms of simulated time
+        return items
+
+    batcher = make(slow, clock, size=2, wait=0.01)
+    assert batcher in live_batchers()
+    tasks = [spawn(batcher.submit(i)) for i in range(3)]
+    await settle()
+    await clock.advance(0.01)
+    await asyncio.gather(*tasks)
+    snap = batcher.metrics.snapshot()
+    assert snap["batch_sizes"] == {2: 1, 1: 1}
+    assert snap["mean_batch_size"] == 1.5
+    assert snap["exec_s_sum"] == pytest.approx(0.006)
+    assert snap["queue_wait_s_max"] == pytest.approx(0.01)
+
+
+async def test_adaptive_sends_a_lone_request_without_waiting_and_fills_under_load() -> None:
+    clock, fn = FakeClock(), Recorder()
+    batcher = DynamicBatcher(fn, AdaptivePolicy(0.05, max_batch_size=64), clock=clock)
+    assert await batcher.submit("lone") == ("out", "lone")  # no clock advance needed
+    tasks = [spawn(batcher.submit(i)) for i in range(40)]
+    await asyncio.gather(*tasks)
+    assert fn.batches[1] == list(range(40))
+
+
+def test_adaptive_policy_sizes_batches_to_the_target() -> None:
+    policy = AdaptivePolicy(target_latency_s=0.02, max_batch_size=1000)
+    assert policy.max_size() == 1000 and policy.predict(1) is None
+    for size in (1, 8, 32, 64, 8, 32):
+        policy.observe(size, 0.001 + 0.0001 * size)  # 1 ms fixed + 0.1 ms per item
+    assert policy.predict(10) == pytest.approx(0.002)
+    assert policy.max_size() == 90  # (10 ms - 1 ms) / 0.1 ms
+    assert policy.wait_s() == pytest.approx((0.02 - 0.01) / 2)
+    policy.max_batch_size = 16
+    assert policy.max_size() == 16
+
+
+def test_decorator_validates_its_arguments() -> None:
+    with pytest.raises(TypeError, match="async function"):
+        embserve.batch(lambda xs: xs)
+    with pytest.raises(ValueError, match="max_batch_size"):
+        embserve.batch(max_batch_size=0)
+    with pytest.raises(ValueError, match="batch_wait_timeout_s"):
+        embserve.batch(batch_wait_timeout_s=-1)
+    with pytest.raises(TypeError, match="batch_size_fn"):
+        embserve.batch(batch_size_fn=3)  # type: ignore[call-overload]
+
+
+async def test_decorated_function_and_setters_outside_a_replica() -> None:
+    seen: list[int] = []
+
+    @embserve.batch(max_batch_size=4, batch_wait_timeout_s=10)
+    async def double(xs: list[int]) -> list[int]:
+        seen.append(len(xs))
+        return [2 * x for x in xs]
+
+    tasks = [spawn(double(i)) for i in range(2)]
+    await settle()
+    assert seen == []
+    double.set_max_batch_size(2)  # a waiting batch that is now full leaves at once
+    assert await asyncio.gather(*tasks) == [0, 2]
+    assert seen == [2]
+    double.set_batch_wait_timeout_s(0)
+    assert await double(5) == 10
+    assert seen == [2, 1]
+
+
+def test_a_batched_deployment_admits_a_full_batch() -> None:
+    class Model:
+        @embserve.batch(max_batch_size=16, max_concurrent_batches=2)
+        async def __call__(self, xs: list[int]) -> list[int]:
+            return xs
+
+    assert batch_capacity(Model)[0] == 32
+    dep = embserve.deployment(Model)
+    assert dep.config.ongoing_limit == 32
+    assert embserve.deployment(max_ongoing_requests=40)(Model).config.ongoing_limit == 40
+    with pytest.raises(ValueError, match=r"max_ongoing_requests=8 is smaller than 32.*Model"):
+        embserve.deployment(max_ongoing_requests=8)(Model)
+    with pytest.raises(ValueError, match="max_batch_size=16 x max_concurrent_batches=2"):
+        dep.options(max_ongoing_requests=4)
+    with pytest.raises(TypeError, match="unknown deployment option"):
+        dep.options(batch_capacity=1)
+
+
+# --------------------------------------------------------------------------- invariants
+
+operation = st.one_of(
+    st.tuples(st.just("submit"), st.integers(1, 5)),  # an item of that cost
+    st.tuples(st.just("advance"), st.sampled_from([0.0, 0.001, 0.004, 0.01, 0.03])),
+    st.tuples(st.just("cancel"), st.integers(0, 50)),
+    st.tuples(st.just("finish"), st.just(0)),
+)
+
+
+@settings(max_examples=100, deadline=None)
+@given(
+    ops=st.lists(operation, max_size=40),
+    limit=st.integers(5, 12),
+    concurrency=st.integers(1, 3),
+    adaptive=st.booleans(),
+)
+def test_invariants_under_random_schedules(
+    ops: list[tuple[str, Any]], limit: int, concurrency: int, adaptive: bool
+) -> None:
+    """Batches never exceed the limit; each live item is answered once, with its own result."""
+
+    async def scenario() -> None:
+        clock = FakeClock()
+        batches: list[list[tuple[int, int]]] = []
+        gates: list[asyncio.Event] = []
+
+        async def fn(items: list[tuple[int, int]]) -> list[int]:
+            batches.append(items)
+            gate = asyncio.Event()
+            gates.append(gate)
+            await gate.wait()
+            return [ident for ident, _ in items]
+
+        policy = AdaptivePolicy(0.02, limit) if adaptive else FixedPolicy(limit, 0.01)
+        batcher = DynamicBatcher(
+            fn,
+            policy,
+            clock=clock,
+            max_concurrent_batches=concurrency,
+            batch_size_fn=lambda item: item[1],
+        )
+        tasks: list[asyncio.Task[Any]] = []
+        for kind, value in ops:
+            if kind == "submit":
+                tasks.append(spawn(batcher.submit((len(tasks), value))))
+            elif kind == "advance":
+                await clock.advance(value)
+            elif kind == "cancel" and tasks:
+                tasks[value % len(tasks)].cancel()
+            elif kind == "finish":
+                for gate in gates:
+                    gate.set()
+            await settle(3)
+            running = sum(not gate.is_set() for gate in gates)
+            assert running <= concurrency
+        # Drain: release everything and let timers fire until all callers are answered.
+        for _ in range(50):
+            for gate in gates:
+                gate.set()
+            await clock.advance(0.02)
+            if all(task.done() for task in tasks):
+                break
+        assert all(task.done() for task in tasks)
+        seen: list[int] = []
+        for batch_items in batches:
+            assert sum(cost for _, cost in batch_items) <= limit
+            idents = [ident for ident, _ in batch_items]
+            assert idents == sorted(idents)  # first come, first in
+            seen.extend(idents)
+        assert len(seen) == len(set(seen))
+        for ident, task in enumerate(tasks):
+            if not task.cancelled():
+                assert task.result() == ident
+                assert ident in seen
+        assert batcher.waiting == 0
+
+    asyncio.run(scenario())
+
+
+class Shipped:
+    """A class with a batched method, sent to another process by value (as backends do)."""
+
+    @embserve.batch(max_batch_size=4, batch_wait_timeout_s=0.001)
+    async def __call__(self, xs: list[int]) -> list[int]:
+        return [x + 1 for x in xs]
+
+
+def test_a_batched_class_pickles_after_use_and_works_where_it_lands() -> None:
+    import cloudpickle
+
+    async def use(cls: Any) -> list[int]:
+        instance = cls()
+        return list(await asyncio.gather(*(instance(i) for i in range(6))))
+
+    assert asyncio.run(use(Shipped)) == [1, 2, 3, 4, 5, 6]
+    Shipped.__call__.set_max_batch_size(2)
+    blob = cloudpickle.dumps(Shipped, protocol=5)
+    # By value, as for a class defined in a script: a fresh copy with a fresh batcher state.
+    landed = cloudpickle.loads(cloudpickle.dumps(cloudpickle.loads(blob)))
+    assert asyncio.run(use(landed)) == [1, 2, 3, 4, 5, 6]
