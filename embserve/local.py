@@ -7,8 +7,9 @@ the test mode too: a call reaches async user code with no thread hop and no copy
 from __future__ import annotations
 
 import asyncio
+import functools
 import sys
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 from typing import Any, ClassVar
 
 from embserve._host import ReplicaHost
@@ -16,6 +17,7 @@ from embserve.backends import Backend
 from embserve.context import ReplicaContext
 from embserve.errors import ReplicaDiedError
 from embserve.replica import Call, Replica, ReplicaSpec, ReplicaState
+from embserve.resources import ResourcePool, acquire
 
 __all__ = ["LocalBackend", "LocalReplica"]
 
@@ -84,14 +86,73 @@ class LocalReplica(Replica):
             self.host.close()
 
 
+class _HoldingReplica(LocalReplica):
+    # A local replica that holds resources, given back when it stops.
+
+    def __init__(self, host: ReplicaHost, release: Callable[[], object]) -> None:
+        super().__init__(host)
+        self._release = release
+
+    async def stop(self) -> None:
+        try:
+            await super().stop()
+        finally:
+            self._release()
+
+
 class LocalBackend(Backend):
-    """Runs each replica as an object in this process (the default backend)."""
+    """Runs each replica as an object in this process (the default backend).
+
+    Args:
+        resources: the capacity replicas are placed in (default: this machine's CPUs and visible
+            GPUs), as in :class:`~embserve.resources.ResourcePool`. Deployments that ask for
+            nothing take nothing; one that does not fit waits until a replica stops.
+        gpu_ids: the ids of the GPUs of ``resources`` (default: the visible ones).
+    """
 
     name: ClassVar[str] = "local"
 
+    def __init__(
+        self,
+        resources: Mapping[str, float] | None = None,
+        *,
+        gpu_ids: list[str] | None = None,
+    ) -> None:
+        super().__init__()
+        self._capacity = resources
+        self._gpu_ids = gpu_ids
+        self.pool: ResourcePool | None = None
+
     async def start_replica(self, spec: ReplicaSpec) -> Replica:
-        host = ReplicaHost(spec, ReplicaContext(spec.deployment, spec.replica_id))
-        replica = LocalReplica(host)
-        await host.start()
+        demand = spec.config.resources
+        if not demand:
+            host = ReplicaHost(spec, ReplicaContext(spec.deployment, spec.replica_id))
+            replica = LocalReplica(host)
+            await host.start()
+            replica.state = ReplicaState.RUNNING
+            return replica
+        # Built on first demand: most local runtimes ask for nothing and never probe for GPUs.
+        if self.pool is None:  # off the loop: finding the GPUs may run nvidia-smi
+            built = await asyncio.get_running_loop().run_in_executor(
+                None, functools.partial(ResourcePool, self._capacity, gpu_ids=self._gpu_ids)
+            )
+            if self.pool is None:  # replicas starting together: the first pool built is kept
+                self.pool = built
+        pool = self.pool
+        owner = spec.replica_id
+        allocation = await acquire(pool, owner, demand, group=spec.deployment, pending=self.pending)
+        context = ReplicaContext(
+            spec.deployment,
+            spec.replica_id,
+            gpu_ids=allocation.gpu_ids,
+            extra={"resources": dict(demand)},
+        )
+        host = ReplicaHost(spec, context)
+        replica = _HoldingReplica(host, functools.partial(pool.release, owner))
+        try:
+            await host.start()
+        except BaseException:
+            pool.release(owner)
+            raise
         replica.state = ReplicaState.RUNNING
         return replica

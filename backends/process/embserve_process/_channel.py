@@ -1,0 +1,351 @@
+"""One message channel over a connected stream socket, driven by an asyncio loop's selector.
+
+A message is ``(kind, ident, payload)``: ``kind`` one of :data:`KINDS`, ``ident`` the request it
+belongs to, ``payload`` any picklable value (or none). On the wire::
+
+    !B kind | !Q ident | !I frame count | !Q length per frame | payload pickle | buffers...
+
+Kind and ident travel outside the pickle, so that a payload the other side cannot unpickle still
+names the request it fails. Payloads are pickle protocol 5 with out-of-band buffers: a numpy
+array's memory is handed to ``sendmsg`` as it is (no copy into the pickle, none into a write
+buffer) and received straight into a buffer of its own, which becomes the array on the other
+side.
+
+The channel reads and writes with ``add_reader``/``add_writer`` callbacks, not asyncio
+transports: a transport copies what it cannot send at once, and this channel carries arrays of
+many megabytes. Small messages, the common case, cost one ``send`` and one ``recv_into``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+import pickle
+import socket
+import struct
+from collections.abc import Callable
+from typing import Any
+
+__all__ = ["KINDS", "STREAM_WINDOW", "Channel", "decode", "encode"]
+
+logger = logging.getLogger("embserve.process")
+
+Frame = bytes | bytearray | memoryview
+#: Called for each message received: kind, ident, payload frames (decode them with decode()).
+OnMessage = Callable[[str, int, list[Frame]], None]
+
+#: Every kind of message, parent to worker and back (its index is its code on the wire).
+KINDS = (
+    "start",
+    "started",
+    "start_failed",
+    "call",
+    "stream",
+    "health",
+    "reconfigure",
+    "cancel",
+    "stop",
+    "ok",
+    "err",
+    "item",
+    "end",
+    "submit",
+    "submit_stream",
+    "sub_cancel",
+    "sub_ok",
+    "sub_err",
+    "sub_item",
+    "sub_end",
+    "more",
+)
+
+#: Items a stream may send ahead of what its consumer took; the consumer grants more as it
+#: reads, so a fast generator cannot fill the parent's memory behind a slow reader.
+STREAM_WINDOW = 64
+_CODES = {kind: code for code, kind in enumerate(KINDS)}
+
+_FIXED = struct.Struct("!BQI")  # kind, ident, frame count
+_ONE = struct.Struct("!BQIQ")  # the header of a message of one frame
+_LENGTH = struct.Struct("!Q")
+_LENGTHS = tuple(struct.Struct(f"!{n}Q") for n in range(8))  # the usual frame counts
+_BUFFER = 256 * 1024  # messages up to this size are parsed out of one reused read buffer
+_IOV_MAX = 512
+_NO_PAYLOAD: Any = object()
+
+
+def encode(payload: Any, *, by_value: bool = False) -> list[Frame]:
+    """``payload`` as a pickle stream and its out-of-band buffers.
+
+    Plain pickle is tried first (it is several times faster on small values); what it cannot
+    pickle (lambdas, classes defined in functions) goes through cloudpickle. ``by_value`` forces
+    cloudpickle, for user code that the other side may not be able to import.
+    """
+    buffers: list[pickle.PickleBuffer] = []
+    if not by_value:
+        try:
+            head = pickle.dumps(payload, protocol=5, buffer_callback=buffers.append)
+        except Exception:
+            buffers.clear()
+        else:
+            return [head, *(b.raw() for b in buffers)]
+    import cloudpickle
+
+    head = cloudpickle.dumps(payload, protocol=5, buffer_callback=buffers.append)
+    return [head, *(b.raw() for b in buffers)]
+
+
+def decode(frames: list[Frame]) -> Any:
+    """The payload :func:`encode` turned into ``frames``."""
+    if not frames:
+        return None
+    return pickle.loads(frames[0], buffers=frames[1:])
+
+
+class Channel:
+    """Sends and receives messages over ``sock`` on ``loop``.
+
+    ``on_message`` runs on the loop for every message; ``on_closed`` runs once, with the reason,
+    when the peer closes the connection or it breaks (not when :meth:`close` is called here).
+    """
+
+    def __init__(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        sock: socket.socket,
+        on_message: OnMessage,
+        on_closed: Callable[[str], None],
+    ) -> None:
+        sock.setblocking(False)
+        self._loop = loop
+        self._sock = sock
+        self._fd = sock.fileno()
+        self._on_message = on_message
+        self._on_closed = on_closed
+        self.closed = False
+        # Reading: one fixed buffer (never resized, so one view of it serves every read), and a
+        # buffer of its own for each frame of a large message.
+        self._buf = bytearray(_BUFFER)
+        self._view = memoryview(self._buf)
+        self._start = 0
+        self._end = 0
+        self._large: tuple[int, int, list[int], list[Frame]] | None = None
+        self._frame: bytearray | None = None  # the frame of a large message being filled
+        self._filled = 0
+        # Writing: what the socket did not take yet, in order.
+        self._out: collections.deque[memoryview] = collections.deque()
+        loop.add_reader(self._fd, self._readable)
+
+    # -- sending --------------------------------------------------------------------------
+
+    def send(
+        self, kind: str, ident: int, payload: Any = _NO_PAYLOAD, *, by_value: bool = False
+    ) -> None:
+        """Send one message. Raises what pickling raises; a broken connection is not an error
+        here (``on_closed`` reports it)."""
+        code = _CODES[kind]
+        if payload is _NO_PAYLOAD:
+            self._send_bytes(_FIXED.pack(code, ident, 0))
+            return
+        if not by_value:
+            buffers: list[pickle.PickleBuffer] = []
+            try:
+                head = pickle.dumps(payload, protocol=5, buffer_callback=buffers.append)
+            except Exception:
+                pass
+            else:
+                if not buffers:
+                    self._send_bytes(_ONE.pack(code, ident, 1, len(head)) + head)
+                else:
+                    self._send(code, ident, [head, *(b.raw() for b in buffers)])
+                return
+        self._send(code, ident, encode(payload, by_value=True))
+
+    def send_frames(self, kind: str, ident: int, frames: list[Frame]) -> None:
+        """Send a message whose payload :func:`encode` already turned into frames."""
+        self._send(_CODES[kind], ident, frames)
+
+    def _send(self, code: int, ident: int, frames: list[Frame]) -> None:
+        sizes = [memoryview(f).nbytes for f in frames]
+        header = _FIXED.pack(code, ident, len(frames)) + b"".join(_LENGTH.pack(n) for n in sizes)
+        if sum(sizes) < 16384:
+            self._send_bytes(header + b"".join(frames))
+        else:
+            self._write([header, *frames])
+
+    def _send_bytes(self, data: bytes) -> None:
+        if self.closed:
+            return
+        if self._out:
+            self._out.append(memoryview(data))
+            return
+        try:
+            sent = self._sock.send(data)
+        except (BlockingIOError, InterruptedError):
+            sent = 0
+        except OSError as exc:
+            self._broken(f"sending failed: {exc}")
+            return
+        if sent < len(data):
+            self._out.append(memoryview(data)[sent:])
+            self._loop.add_writer(self._fd, self._writable)
+
+    def _write(self, chunks: list[Frame]) -> None:
+        if self.closed:
+            return
+        idle = not self._out
+        self._out.extend(memoryview(c).cast("B") for c in chunks)
+        if idle:
+            self._flush()
+            if self._out and not self.closed:
+                self._loop.add_writer(self._fd, self._writable)
+
+    def _flush(self) -> None:
+        out = self._out
+        while out:
+            batch = [out[i] for i in range(min(len(out), _IOV_MAX))]
+            try:
+                sent = self._sock.sendmsg(batch)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:
+                self._broken(f"sending failed: {exc}")
+                return
+            while sent:
+                head = out[0]
+                if sent >= head.nbytes:
+                    sent -= head.nbytes
+                    out.popleft()
+                else:
+                    out[0] = head[sent:]
+                    sent = 0
+
+    def _writable(self) -> None:
+        self._flush()
+        if not self._out and not self.closed:
+            self._loop.remove_writer(self._fd)
+
+    # -- receiving ------------------------------------------------------------------------
+
+    def _readable(self) -> None:
+        frame = self._frame
+        try:
+            if frame is not None:
+                count = self._sock.recv_into(memoryview(frame)[self._filled :])
+            else:
+                count = self._sock.recv_into(self._view[self._end :])
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError as exc:
+            self._broken(f"receiving failed: {exc}")
+            return
+        if count == 0:
+            self._broken("the other side closed the connection")
+            return
+        if frame is not None:
+            self._filled += count
+            if self._filled < len(frame):
+                return
+            self._large_frame_done(frame)
+        else:
+            self._end += count
+        self._parse()
+
+    def _parse(self) -> None:
+        buf, view = self._buf, self._view
+        start, end = self._start, self._end
+        while not self.closed and self._frame is None:
+            available = end - start
+            if available < _FIXED.size:
+                break
+            code, ident, count = _FIXED.unpack_from(buf, start)
+            header = _FIXED.size + count * _LENGTH.size
+            if available < header:
+                if start + header > _BUFFER:
+                    start, end = self._compact(start, end)
+                break
+            lengths = (_LENGTHS[count] if count < 8 else struct.Struct(f"!{count}Q")).unpack_from(
+                buf, start + _FIXED.size
+            )
+            total = header + sum(lengths)
+            if total <= available:
+                position = start + header
+                frames: list[Frame] = []
+                for index, length in enumerate(lengths):
+                    chunk = view[position : position + length]
+                    # The pickle stream is read once; buffers become arrays, which must own
+                    # writable memory.
+                    frames.append(bytes(chunk) if index == 0 else bytearray(chunk))
+                    position += length
+                self._start, self._end = start, end = position, end
+                self._deliver(code, ident, frames)
+                start, end = self._start, self._end
+                continue
+            if total <= _BUFFER:  # the rest is on its way and will fit in the buffer
+                if start + total > _BUFFER:
+                    start, end = self._compact(start, end)
+                break
+            # A large message: each frame is received into memory of its own.
+            self._start = start + header
+            self._large = (code, ident, list(lengths), [])
+            self._next_large_frame()
+            start, end = self._start, self._end
+        if start == end:
+            start = end = 0
+        self._start, self._end = start, end
+
+    def _compact(self, start: int, end: int) -> tuple[int, int]:
+        pending = end - start
+        self._buf[:pending] = bytes(self._view[start:end])
+        self._start, self._end = 0, pending
+        return 0, pending
+
+    def _next_large_frame(self) -> None:
+        # Fill the next frame from what the read buffer already holds; the rest of it is
+        # received straight into it by _readable.
+        assert self._large is not None
+        code, ident, lengths, frames = self._large
+        while len(frames) < len(lengths):
+            length = lengths[len(frames)]
+            frame = bytearray(length)
+            have = min(length, self._end - self._start)
+            frame[:have] = self._view[self._start : self._start + have]
+            self._start += have
+            if have < length:
+                self._frame, self._filled = frame, have
+                return
+            frames.append(frame)
+        self._large = None
+        self._deliver(code, ident, frames)
+
+    def _large_frame_done(self, frame: bytearray) -> None:
+        assert self._large is not None
+        self._large[3].append(frame)
+        self._frame = None
+        self._start = self._end = 0
+        self._next_large_frame()
+
+    def _deliver(self, code: int, ident: int, frames: list[Frame]) -> None:
+        kind = KINDS[code] if code < len(KINDS) else f"unknown-{code}"
+        try:
+            self._on_message(kind, ident, frames)
+        except Exception:
+            logger.exception("handling a %r message failed", kind)
+
+    # -- closing --------------------------------------------------------------------------
+
+    def _broken(self, reason: str) -> None:
+        if self.closed:
+            return
+        self.close()
+        self._on_closed(reason)
+
+    def close(self) -> None:
+        """Stop reading and writing and close the socket."""
+        if self.closed:
+            return
+        self.closed = True
+        self._loop.remove_reader(self._fd)
+        self._loop.remove_writer(self._fd)
+        self._out.clear()
+        self._sock.close()

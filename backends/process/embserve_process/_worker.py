@@ -1,0 +1,388 @@
+"""The main of a replica's worker process: one event loop, one :class:`ReplicaHost`, one channel.
+
+The parent sends the replica's spec first; the worker builds the user object and then runs each
+request as a task on its loop (sync user code in the host's threads, as in-thread replicas do).
+Handles inside the worker reach the parent's runtime through :class:`ParentRuntime`, over the same
+channel. The worker exits when told to stop, when its channel closes (the parent died), or when
+its parent process is no longer its parent.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextvars
+import dataclasses
+import itertools
+import os
+import pickle
+import signal
+import socket
+import sys
+from collections.abc import AsyncIterator, Coroutine, Generator
+from typing import Any
+
+from embserve._host import ReplicaHost
+from embserve.context import ReplicaContext
+from embserve.errors import (
+    EmbserveError,
+    attach_traceback,
+    format_traceback,
+    remote_traceback,
+)
+from embserve.handle import Response, ResponseStream, register_submitter
+from embserve.replica import ReplicaSpec
+from embserve.wire import RemoteError
+from embserve_process._channel import STREAM_WINDOW, Channel, Frame, decode
+
+__all__ = ["ParentRuntime", "error_payload", "load_error", "run_worker"]
+
+# How often the worker checks that its parent is alive, besides noticing its channel close.
+_PARENT_CHECK_S = 1.0
+
+
+def error_payload(exc: BaseException) -> tuple[str, str, str, bytes | None]:
+    """An exception as (type name, message, traceback text, pickled exception or None).
+
+    Pickled apart from the rest, so that an exception the other side cannot rebuild still arrives
+    as a :class:`~embserve.wire.RemoteError` with its type, message and traceback.
+    """
+    text = remote_traceback(exc) or format_traceback(exc)
+    try:
+        import cloudpickle
+
+        blob: bytes | None = cloudpickle.dumps(exc, protocol=5)
+    except Exception:
+        blob = None
+    return type(exc).__qualname__, str(exc), text, blob
+
+
+def load_error(payload: tuple[str, str, str, bytes | None]) -> BaseException:
+    """The exception of :func:`error_payload`, with its remote traceback attached."""
+    type_name, message, text, blob = payload
+    exc: BaseException
+    try:
+        exc = pickle.loads(blob) if blob is not None else RemoteError(type_name, message)
+    except Exception:
+        exc = RemoteError(type_name, message)
+    attach_traceback(exc, text, note=True)
+    return exc
+
+
+class ParentRuntime:
+    """Stands in for the parent's runtime in a worker: handle calls go to it over the channel."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, channel: Channel) -> None:
+        self._loop = loop
+        self._channel = channel
+        self._ids = itertools.count(1)
+        self._calls: dict[int, asyncio.Future[Any]] = {}
+        self._streams: dict[int, asyncio.Queue[tuple[str, Any]]] = {}
+
+    def submit(
+        self, target: str, method: str, args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> Response:
+        """Start a call to ``target`` in the parent's runtime."""
+        loop = self._loop
+        coro = self._call(target, method, args, kwargs)
+        if asyncio._get_running_loop() is loop:
+            return Response(loop.create_task(coro), loop)
+        return Response(asyncio.run_coroutine_threadsafe(coro, loop), loop)
+
+    def submit_stream(
+        self, target: str, method: str, args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> ResponseStream:
+        """Start a streaming call to ``target`` in the parent's runtime."""
+        return ResponseStream(lambda: self._stream(target, method, args, kwargs), self._loop)
+
+    async def _call(
+        self, target: str, method: str, args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> Any:
+        args, kwargs = await _resolve(args, kwargs)
+        ident = next(self._ids)
+        future: asyncio.Future[Any] = self._loop.create_future()
+        self._calls[ident] = future
+        try:
+            self._channel.send("submit", ident, (target, method, args, kwargs))
+            return await future
+        except asyncio.CancelledError:
+            # Our own await cancelled the future: only an answer would have made it done.
+            if future.cancelled():
+                self._channel.send("sub_cancel", ident)
+            raise
+        finally:
+            self._calls.pop(ident, None)
+
+    async def _stream(
+        self, target: str, method: str, args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> AsyncIterator[Any]:
+        args, kwargs = await _resolve(args, kwargs)
+        ident = next(self._ids)
+        queue: asyncio.Queue[tuple[str, Any]] = asyncio.Queue()
+        self._streams[ident] = queue
+        finished = False
+        try:
+            self._channel.send("submit_stream", ident, (target, method, args, kwargs))
+            while True:
+                kind, value = await queue.get()
+                if kind == "item":
+                    yield value
+                elif kind == "end":
+                    finished = True
+                    return
+                else:
+                    finished = True
+                    raise value
+        finally:
+            self._streams.pop(ident, None)
+            if not finished:
+                self._channel.send("sub_cancel", ident)
+
+    def answer(self, kind: str, ident: int, frames: list[Frame]) -> None:
+        """Deliver the parent's answer to a call or stream started here."""
+        try:
+            value = decode(frames)
+            if kind == "sub_err":
+                value = load_error(value)
+        except Exception as exc:
+            kind, value = "sub_err", exc
+        future = self._calls.get(ident)
+        if future is not None:
+            if future.done():
+                return
+            if kind == "sub_ok":
+                future.set_result(value)
+            else:
+                future.set_exception(value)
+            return
+        queue = self._streams.get(ident)
+        if queue is not None:
+            queue.put_nowait(({"sub_item": "item", "sub_end": "end"}.get(kind, "err"), value))
+
+    def fail_all(self, exc: BaseException) -> None:
+        """End every call and stream in flight with ``exc`` (the parent went away)."""
+        for future in self._calls.values():
+            if not future.done():
+                future.set_exception(exc)
+        for queue in self._streams.values():
+            queue.put_nowait(("err", exc))
+
+
+async def _resolve(
+    args: tuple[Any, ...], kwargs: dict[str, Any]
+) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    # Responses passed as arguments cannot cross the process boundary; send their results.
+    if not any(isinstance(v, Response) for v in (*args, *kwargs.values())):
+        return args, kwargs
+
+    async def value(v: Any) -> Any:
+        return await v if isinstance(v, Response) else v
+
+    values = await asyncio.gather(*(value(v) for v in (*args, *kwargs.values())))
+    return tuple(values[: len(args)]), dict(zip(kwargs, values[len(args) :], strict=True))
+
+
+# Eager first steps need create_task(context=...), new in Python 3.11.
+_EAGER = sys.version_info >= (3, 11)
+
+
+class _Resumed:
+    # Awaitable that carries on a coroutine whose first step already ran, so that a task can
+    # take it over: whatever the task sends or throws (results, cancellation) goes to it.
+
+    __slots__ = ("_coro", "_first")
+
+    def __init__(self, coro: Coroutine[Any, Any, Any], first: Any) -> None:
+        self._coro = coro
+        self._first = first
+
+    def __await__(self) -> Generator[Any, Any, Any]:
+        coro, value = self._coro, self._first
+        while True:
+            try:
+                sent = yield value
+            except BaseException as exc:
+                try:
+                    value = coro.throw(exc)
+                except StopIteration as stop:
+                    return stop.value
+            else:
+                try:
+                    value = coro.send(sent)
+                except StopIteration as stop:
+                    return stop.value
+
+
+async def _resume(coro: Coroutine[Any, Any, Any], first: Any) -> Any:
+    return await _Resumed(coro, first)
+
+
+class _Credit:
+    # How many more items a stream may send before its consumer asks for more.
+
+    __slots__ = ("granted", "left")
+
+    def __init__(self) -> None:
+        self.left = STREAM_WINDOW
+        self.granted = asyncio.Event()
+
+
+class _Worker:
+    def __init__(self, sock: socket.socket, parent_pid: int) -> None:
+        self._sock = sock
+        self._parent_pid = parent_pid
+        self._host: ReplicaHost | None = None
+        self._tasks: dict[int, asyncio.Task[Any]] = {}
+        self._credits: dict[int, _Credit] = {}
+        self._runtime: ParentRuntime | None = None
+
+    async def serve(self) -> None:
+        loop = asyncio.get_running_loop()
+        self._done: asyncio.Future[None] = loop.create_future()
+        self._channel = Channel(loop, self._sock, self._on_message, self._on_closed)
+        self._runtime = ParentRuntime(loop, self._channel)
+        check = loop.call_later(_PARENT_CHECK_S, self._check_parent)
+        try:
+            await self._done
+        finally:
+            check.cancel()
+            for task in self._tasks.values():
+                task.cancel()
+            if self._host is not None:
+                self._host.close()
+            self._channel.close()
+
+    def _finish(self) -> None:
+        if not self._done.done():
+            self._done.set_result(None)
+
+    def _check_parent(self) -> None:
+        if os.getppid() != self._parent_pid:
+            self._finish()
+        else:
+            asyncio.get_running_loop().call_later(_PARENT_CHECK_S, self._check_parent)
+
+    def _on_closed(self, reason: str) -> None:
+        if self._runtime is not None:
+            self._runtime.fail_all(EmbserveError(f"the parent runtime went away: {reason}"))
+        self._finish()
+
+    def _on_message(self, kind: str, ident: int, frames: list[Frame]) -> None:
+        if kind in ("call", "stream", "health", "reconfigure"):
+            self._spawn(ident, self._serve_request(kind, ident, frames))
+        elif kind == "more":
+            credit = self._credits.get(ident)
+            if credit is not None:
+                credit.left += decode(frames)
+                credit.granted.set()
+        elif kind == "cancel":
+            task = self._tasks.get(ident)
+            if task is not None:
+                task.cancel()
+        elif kind.startswith("sub_"):
+            assert self._runtime is not None
+            self._runtime.answer(kind, ident, frames)
+        elif kind == "start":
+            self._spawn(0, self._start(frames))
+        elif kind == "stop":
+            self._finish()
+
+    def _spawn(self, ident: int, coro: Coroutine[Any, Any, None]) -> None:
+        if _EAGER:
+            # Run the request's first step now: a call that does not wait for anything (the
+            # usual async method) is answered before this callback returns, with no task and
+            # no further turn of the loop.
+            context = contextvars.copy_context()
+            try:
+                first = context.run(coro.send, None)
+            except StopIteration:
+                return
+            task = asyncio.get_running_loop().create_task(
+                _resume(coro, first),
+                context=context,  # type: ignore[call-arg,unused-ignore]
+            )
+        else:
+            task = asyncio.ensure_future(coro)
+        self._tasks[ident] = task
+        task.add_done_callback(lambda _: self._tasks.pop(ident, None))
+
+    async def _start(self, frames: list[Frame]) -> None:
+        try:
+            spec, context = decode(frames)
+            assert isinstance(spec, ReplicaSpec) and isinstance(context, ReplicaContext)
+            pid = os.getpid()
+            context = dataclasses.replace(
+                context, worker=str(pid), extra={**context.extra, "pid": pid}
+            )
+            if spec.runtime_id and self._runtime is not None:
+                register_submitter(spec.runtime_id, self._runtime)
+            host = ReplicaHost(spec, context)
+            await host.start()
+        except Exception as exc:
+            self._channel.send("start_failed", 0, error_payload(exc))
+            return
+        self._host = host
+        self._channel.send("started", 0, os.getpid())
+
+    async def _serve_request(self, kind: str, ident: int, frames: list[Frame]) -> None:
+        host = self._host
+        try:
+            if host is None:
+                raise RuntimeError("the replica has not started")
+            payload = decode(frames)
+            if kind == "call":
+                method, args, kwargs = payload
+                result = await host.call(method, args, kwargs)
+            elif kind == "stream":
+                method, args, kwargs = payload
+                credit = self._credits[ident] = _Credit()
+                try:
+                    async for item in host.stream(method, args, kwargs):
+                        while credit.left <= 0:
+                            credit.granted.clear()
+                            await credit.granted.wait()
+                        credit.left -= 1
+                        self._channel.send("item", ident, item)
+                finally:
+                    del self._credits[ident]
+                self._channel.send("end", ident)
+                return
+            elif kind == "health":
+                await host.check_health()
+                result = None
+            else:
+                await host.reconfigure(payload)
+                result = None
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            self._channel.send("err", ident, error_payload(exc))
+            return
+        try:
+            self._channel.send("ok", ident, result)
+        except Exception as exc:  # the result cannot be pickled: say so, as the caller's error
+            attach_traceback(exc)
+            self._channel.send("err", ident, error_payload(exc))
+
+
+def run_worker(sock: socket.socket, gpu_ids: str | None, parent_pid: int) -> None:
+    """The worker process's target: serve one replica over ``sock`` until told to stop."""
+    # Before any user module is unpickled: CUDA reads this once, when it initialises.
+    if gpu_ids is not None:
+        os.environ["CUDA_VISIBLE_DEVICES"] = gpu_ids
+    # Ctrl-C in a terminal reaches the whole process group; the parent decides when we stop.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    code = 0
+    # Not asyncio.run: its clean-up waits for executor threads, and a thread stuck in user code
+    # must not keep a stopped replica's process alive.
+    loop = asyncio.new_event_loop()
+    try:
+        loop.run_until_complete(_Worker(sock, parent_pid).serve())
+    except BaseException:
+        code = 1
+        import traceback
+
+        traceback.print_exc()
+    finally:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)

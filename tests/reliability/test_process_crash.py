@@ -1,0 +1,191 @@
+"""Worker processes killed under load, replaced, and never left behind."""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any, TypeVar
+
+import pytest
+
+import embserve
+from embserve_process import ProcessBackend
+
+T = TypeVar("T")
+
+pytestmark = pytest.mark.timeout(90)
+
+# How soon a killed worker must be noticed (the issue's bound).
+DETECTION_BOUND_S = 1.0
+
+
+def wait_for(probe: Callable[[], T], timeout_s: float = 20.0, step_s: float = 0.005) -> T:
+    """Poll ``probe`` until it returns something true, or fail after ``timeout_s``."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        value = probe()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"nothing within {timeout_s} s (last: {value!r})")
+        time.sleep(step_s)
+
+
+def gone(pid: int) -> bool:
+    """Whether ``pid`` no longer runs (exited and reaped, or a zombie nobody reaped yet)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            return stat.read().rsplit(")", 1)[1].split()[0] == "Z"
+    except FileNotFoundError:
+        return True
+
+
+@embserve.deployment(num_replicas=2, max_ongoing_requests=4, health_check_period_s=60)
+class Sleeper:
+    """Sleeps, then says which process served the call."""
+
+    async def __call__(self, delay: float) -> int:
+        await asyncio.sleep(delay)
+        return os.getpid()
+
+
+@pytest.fixture(scope="module")
+def rt() -> Iterator[embserve.Runtime]:
+    """One process runtime for the module."""
+    with embserve.Runtime(backend=ProcessBackend()) as runtime:
+        yield runtime
+
+
+def replicas(rt: embserve.Runtime, name: str) -> dict[int, Any]:
+    """The RUNNING replicas of ``name`` by worker pid."""
+    status = rt.status().deployments[name]
+    return {r.info["pid"]: r for r in status.replicas if r.state is embserve.ReplicaState.RUNNING}
+
+
+def kill_one_under_load(
+    rt: embserve.Runtime, handle: embserve.Handle, name: str, requests: int
+) -> tuple[int, list[Any], float]:
+    """Kill a busy worker with SIGKILL while ``requests`` calls are queued or in flight.
+
+    Returns the victim's pid, each request's outcome (a pid or the exception), and how long the
+    runtime took to take the victim out of its replicas.
+    """
+    responses = [handle.remote(0.05) for _ in range(requests)]
+    busy = wait_for(
+        lambda: [pid for pid, r in replicas(rt, name).items() if r.ongoing_requests > 0]
+    )
+    victim = busy[0]
+    killed = time.monotonic()
+    os.kill(victim, signal.SIGKILL)
+    wait_for(lambda: victim not in replicas(rt, name), timeout_s=5, step_s=0.002)
+    noticed = time.monotonic() - killed
+    outcomes: list[Any] = []
+    for response in responses:
+        try:
+            outcomes.append(response.result(timeout_s=20))
+        except Exception as exc:
+            outcomes.append(exc)
+    return victim, outcomes, noticed
+
+
+def test_sigkill_under_load_fails_only_what_was_in_flight_and_replaces_the_worker(
+    rt: embserve.Runtime,
+) -> None:
+    handle = rt.run(Sleeper.bind(), name="sleeper")
+    for _ in range(2):  # a bounded number of kills, each one replaced before the next
+        victim, outcomes, noticed = kill_one_under_load(rt, handle, "sleeper", 40)
+        assert noticed < DETECTION_BOUND_S
+        failures = [o for o in outcomes if isinstance(o, Exception)]
+        # Only what the victim was running may fail; everything queued went elsewhere.
+        assert len(failures) <= Sleeper.config.ongoing_limit
+        assert all(isinstance(f, embserve.ReplicaDiedError) and f.started for f in failures)
+        assert all("SIGKILL" in str(f) for f in failures)
+        assert victim not in [o for o in outcomes if isinstance(o, int)][-10:]
+        assert len(outcomes) == 40
+        pids = wait_for(
+            lambda: set(replicas(rt, "sleeper")) if len(replicas(rt, "sleeper")) == 2 else set()
+        )
+        assert victim not in pids
+        assert wait_for(functools.partial(gone, victim))
+        assert handle.remote(0).result(timeout_s=10) in pids
+    rt.delete("sleeper")
+
+
+def test_with_max_retries_requests_in_flight_on_a_killed_worker_succeed(
+    rt: embserve.Runtime,
+) -> None:
+    handle = rt.run(Sleeper.options(max_retries=3).bind(), name="retrying")
+    victim, outcomes, noticed = kill_one_under_load(rt, handle, "retrying", 24)
+    assert noticed < DETECTION_BOUND_S
+    assert all(isinstance(o, int) for o in outcomes), outcomes
+    assert victim not in outcomes[-8:]
+    rt.delete("retrying")
+
+
+def test_leaving_the_runtime_leaves_no_worker() -> None:
+    with embserve.Runtime(backend="process") as runtime:
+        runtime.run(Sleeper.bind(), name="brief")
+        pids = list(replicas(runtime, "brief"))
+        assert len(pids) == 2
+    # Stopped and reaped before shutdown returned: not even a zombie is left.
+    for pid in pids:
+        with pytest.raises(ProcessLookupError):
+            os.kill(pid, 0)
+
+
+_PARENT = textwrap.dedent(
+    """
+    import os, sys, embserve
+
+    @embserve.deployment(num_replicas=2)
+    def pid():
+        return os.getpid()
+
+    if __name__ == "__main__":
+        rt = embserve.Runtime(backend="process")
+        rt.run(pid.bind())
+        infos = rt.status().deployments["pid"].replicas
+        print(" ".join(str(r.info["pid"]) for r in infos), flush=True)
+        sys.stdin.readline()  # until killed, or told to exit
+        # then leave without shutting down: the runtime's exit handler must stop the workers
+    """
+)
+
+
+@pytest.mark.parametrize("how", ["killed", "exits"])
+def test_workers_do_not_outlive_their_parent(tmp_path: Path, how: str) -> None:
+    script = tmp_path / "parent.py"
+    script.write_text(_PARENT)
+    parent = subprocess.Popen(
+        [sys.executable, str(script)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert parent.stdout is not None
+        pids = [int(p) for p in parent.stdout.readline().split()]
+        assert len(pids) == 2 and all(not gone(pid) for pid in pids)
+        if how == "killed":
+            parent.kill()
+        else:
+            assert parent.stdin is not None
+            parent.stdin.write("exit\n")
+            parent.stdin.flush()
+        assert parent.wait(timeout=30) in (0, -signal.SIGKILL)
+        wait_for(lambda: all(gone(pid) for pid in pids), timeout_s=10)
+    finally:
+        parent.kill()
+        parent.wait()
