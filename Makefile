@@ -18,7 +18,7 @@ $(STAMP): $(BIN)/python $(PYPROJECTS)
 install: $(STAMP)
 
 demo: install
-	$(BIN)/python examples/quickstart.py
+	$(BIN)/python -m embserve run examples/quickstart.py:app --host 127.0.0.1 --port 8000
 
 lint: install
 	$(BIN)/ruff check .

@@ -46,6 +46,16 @@ def _kind_of(fn: Callable[..., Any]) -> _Kind:
     return _Kind.SYNC
 
 
+def _materialize(args: tuple[Any, ...]) -> tuple[Any, ...]:
+    # An adapter may send a plain, picklable stand-in as the first argument (the ASGI adapter's
+    # request snapshot) that becomes the real object only here, beside the user code: the core
+    # stays free of web frameworks. One attribute look-up is all an ordinary call pays.
+    materialize = getattr(args[0], "__embserve_materialize__", None)
+    if materialize is None:
+        return args
+    return (materialize(), *args[1:])
+
+
 class ReplicaHost:
     """Builds the user object of one replica and runs calls on it."""
 
@@ -113,6 +123,8 @@ class ReplicaHost:
     async def call(self, method: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         """Run one call; user exceptions propagate with the replica's traceback attached."""
         fn, kind = self._methods.get(method) or self._resolve(method)
+        if args:
+            args = _materialize(args)
         token = set_replica_context(self.context)
         try:
             if kind is _Kind.ASYNC:
@@ -134,6 +146,8 @@ class ReplicaHost:
     ) -> AsyncIterator[Any]:
         """Run a generator method, yielding its items; sync generators step in the thread pool."""
         fn, kind = self._methods.get(method) or self._resolve(method)
+        if args:
+            args = _materialize(args)
         if kind is _Kind.ASYNC_GEN:
             agen = fn(*args, **kwargs)
             try:

@@ -358,6 +358,24 @@ class Runtime:
             },
         )
 
+    def routes(self) -> dict[str, tuple[str, Deployment | None]]:
+        """The HTTP routes: route prefix → (endpoint name, the deployment with most of its traffic).
+
+        Safe from any thread; what the ASGI adapter routes by.
+        """
+        table: dict[str, tuple[str, Deployment | None]] = {}
+        for name, endpoint in list(self._endpoints.items()):
+            if endpoint.route_prefix is None:
+                continue
+            traffic = endpoint.traffic
+            main = max(traffic, key=traffic.__getitem__) if traffic else name
+            controller = self._controllers.get(main)
+            table[endpoint.route_prefix] = (
+                name,
+                controller.deployment if controller is not None else None,
+            )
+        return table
+
     def asgi_app(self, **options: Any) -> Any:
         """An ASGI app serving this runtime's endpoints (needs ``embserve-asgi``)."""
         try:
@@ -396,6 +414,20 @@ class Runtime:
             self.start()
         assert self._loop is not None
         return ResponseStream(lambda: self._stream(target, method, args, kwargs), self._loop)
+
+    async def call_async(
+        self, target: str, method: str, args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> Any:
+        """Run a call to ``target`` inside the calling task, which must run on the runtime's loop.
+
+        What an adapter serving requests on the runtime's loop uses: no task of its own, and
+        cancelling the caller cancels the call.
+        """
+        if self._closed or asyncio._get_running_loop() is not self._loop:
+            if self._closed:
+                raise EmbserveError("this runtime was shut down; create a new one")
+            raise RuntimeError("call_async() runs on the runtime's loop only; use submit()")
+        return await self._request(target, method, args, kwargs)
 
     def controller(self, target: str) -> tuple[DeploymentController, list[str]]:
         """The deployment serving the next request to ``target``, and its shadows."""

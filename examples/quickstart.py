@@ -1,13 +1,21 @@
-"""The quickstart: two deployments, one composed into the other, called through handles.
+"""The quickstart: two deployments, one composed into the other, called through handles and HTTP.
 
-Run it with ``make demo`` (or ``python examples/quickstart.py``).
+``python examples/quickstart.py`` calls them through handles (the console demo, :func:`main`).
+``make demo`` (``embserve run examples/quickstart.py:app``) serves them over HTTP::
+
+    curl -s -X POST http://127.0.0.1:8000/sentiment -d 'I love fast serving'
+    curl -s -X POST http://127.0.0.1:8000/sentiment/words -d 'streamed word by word'
 """
 
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
+from typing import TYPE_CHECKING, Any
 
 import embserve
+
+if TYPE_CHECKING:
+    from starlette.requests import Request
 
 
 @embserve.deployment
@@ -36,13 +44,34 @@ class Sentiment:
             yield word
 
 
-app = Sentiment.bind(Tokenizer.bind())
+@embserve.deployment
+class SentimentAPI:
+    """The HTTP face of the model: POST text to ``/sentiment``, or to ``/sentiment/words``."""
+
+    http_methods = ("POST",)
+
+    def __init__(self, sentiment: embserve.Handle) -> None:
+        self.sentiment = sentiment
+
+    async def __call__(self, request: Request) -> Any:
+        text = (await request.body()).decode("utf-8")
+        if request.url.path.endswith("/words"):
+            return [
+                word async for word in self.sentiment.options(stream=True).stream_words.remote(text)
+            ]
+        return await self.sentiment.remote(text)
+
+
+sentiment_app = Sentiment.bind(Tokenizer.bind())
+
+# What `embserve run examples/quickstart.py:app` serves: an ASGI app that owns its runtime.
+app = embserve.App({"/sentiment": SentimentAPI.bind(sentiment_app)})
 
 
 def main() -> None:
     """Run the app on a local runtime and call it the ways a user would."""
     with embserve.Runtime() as runtime:
-        handle = runtime.run(app, name="sentiment", route_prefix="/sentiment")
+        handle = runtime.run(sentiment_app, name="sentiment", route_prefix="/sentiment")
         print(handle.remote("I love fast serving").result(timeout_s=5))
         print(list(handle.options(stream=True).stream_words.remote("streamed word by word")))
         for name, status in runtime.status().deployments.items():

@@ -1,0 +1,149 @@
+"""The admin routes under ``/-/`` and the request metrics the App keeps per endpoint.
+
+``/-/healthz`` (200 when every route has a running replica, else 503 saying which has none),
+``/-/routes``, ``/-/status`` (``Runtime.status()`` as JSON) and ``/-/metrics`` (Prometheus text).
+Metrics are plain counters on the request path; they become Prometheus families only when
+scraped, so serving a request costs a few integer additions.
+"""
+
+from __future__ import annotations
+
+import bisect
+from collections.abc import Iterator, Mapping
+from typing import Any
+
+from starlette.responses import Response
+
+from embserve.deployment import Deployment
+from embserve.runtime import Runtime
+from embserve_asgi.responses import JSON, json_bytes
+
+__all__ = ["EndpointMetrics", "admin_response"]
+
+# Seconds; the Prometheus client's default latency buckets, kept for familiar dashboards.
+BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0)
+
+
+class EndpointMetrics:
+    """Requests, their latency and those in flight, for one endpoint (event-loop confined)."""
+
+    __slots__ = ("bucket_counts", "in_flight", "latency_count", "latency_sum", "statuses")
+
+    def __init__(self) -> None:
+        self.in_flight = 0
+        self.statuses: dict[int, int] = {}
+        self.bucket_counts = [0] * (len(BUCKETS) + 1)
+        self.latency_sum = 0.0
+        self.latency_count = 0
+
+    def finished(self, status: int, seconds: float) -> None:
+        """Record one answered request."""
+        self.statuses[status] = self.statuses.get(status, 0) + 1
+        self.bucket_counts[bisect.bisect_left(BUCKETS, seconds)] += 1
+        self.latency_sum += seconds
+        self.latency_count += 1
+
+
+def prometheus_text(metrics: Mapping[str, EndpointMetrics]) -> bytes:
+    """The metrics in the Prometheus text exposition format."""
+    from prometheus_client import CollectorRegistry, generate_latest
+    from prometheus_client.core import (
+        CounterMetricFamily,
+        GaugeMetricFamily,
+        HistogramMetricFamily,
+    )
+    from prometheus_client.registry import Collector
+
+    class _Collector(Collector):
+        def collect(self) -> Iterator[Any]:
+            requests = CounterMetricFamily(
+                "embserve_http_requests",
+                "HTTP requests answered, by endpoint and status code.",
+                labels=["endpoint", "status"],
+            )
+            latency = HistogramMetricFamily(
+                "embserve_http_request_duration_seconds",
+                "Time from request to the start of the response, by endpoint.",
+                labels=["endpoint"],
+            )
+            in_flight = GaugeMetricFamily(
+                "embserve_http_requests_in_flight",
+                "HTTP requests being served, by endpoint.",
+                labels=["endpoint"],
+            )
+            for name, m in sorted(metrics.items()):
+                for status, count in sorted(m.statuses.items()):
+                    requests.add_metric([name, str(status)], count)
+                cumulative, total = [], 0
+                for bound, count in zip((*BUCKETS, float("inf")), m.bucket_counts, strict=True):
+                    total += count
+                    cumulative.append((_bound(bound), total))
+                latency.add_metric([name], cumulative, m.latency_sum)
+                in_flight.add_metric([name], m.in_flight)
+            yield requests
+            yield latency
+            yield in_flight
+
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(_Collector())
+    text: bytes = generate_latest(registry)
+    return text
+
+
+def _bound(value: float) -> str:
+    return "+Inf" if value == float("inf") else repr(value)
+
+
+def _json(value: Any, status: int = 200) -> Response:
+    return Response(json_bytes(value), status_code=status, media_type=JSON)
+
+
+def admin_response(
+    path: str,
+    runtime: Runtime,
+    routes: Mapping[str, tuple[str, Deployment | None]],
+    metrics: Mapping[str, EndpointMetrics],
+    *,
+    started: bool,
+) -> Response | None:
+    """The answer to admin ``path`` (the part after ``/-/``), or None when there is no such page."""
+    if path == "healthz":
+        return _healthz(runtime, routes, started=started)
+    if path == "routes":
+        return _json(
+            {
+                prefix: {
+                    "endpoint": name,
+                    "deployment": deployment.name if deployment is not None else None,
+                }
+                for prefix, (name, deployment) in sorted(routes.items())
+            }
+        )
+    if path == "status":
+        return _json(runtime.status().to_dict())
+    if path == "metrics":
+        return Response(
+            prometheus_text(metrics), media_type="text/plain; version=0.0.4; charset=utf-8"
+        )
+    return None
+
+
+def _healthz(
+    runtime: Runtime, routes: Mapping[str, tuple[str, Deployment | None]], *, started: bool
+) -> Response:
+    if not started:
+        return _json({"status": "unavailable", "why": ["the runtime has not started"]}, 503)
+    status = runtime.status()
+    why: list[str] = []
+    for prefix, (name, _) in sorted(routes.items()):
+        endpoint = status.endpoints.get(name)
+        targets = list(endpoint.traffic) if endpoint is not None else [name]
+        for target in targets:
+            deployment = status.deployments.get(target)
+            if deployment is None or deployment.running_replicas == 0:
+                state = deployment.state if deployment is not None else "missing"
+                detail = f": {deployment.message}" if deployment and deployment.message else ""
+                why.append(f"{prefix} ({target}) has no running replica [{state}]{detail}")
+    if why:
+        return _json({"status": "unavailable", "why": why}, 503)
+    return _json({"status": "ok", "routes": len(routes)})

@@ -1,0 +1,176 @@
+"""HTTP requests on their way to a replica: read with a size limit, sent as a snapshot.
+
+The App reads the body, packs what a handler may look at into a :class:`RequestSnapshot` (plain
+values, cheap to pickle when the replica lives in another process), and the replica's host turns
+it back into a Starlette :class:`~starlette.requests.Request` just before user code runs.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from starlette.requests import Request
+from starlette.types import Message, Receive, Scope
+
+from embserve.errors import HTTPError
+
+__all__ = ["BodyTooLarge", "ClientGone", "HTTPRequest", "RequestSnapshot", "read_body"]
+
+
+class BodyTooLarge(Exception):
+    """The request body is larger than the App's ``max_body_size`` (HTTP 413)."""
+
+    def __init__(self, limit: int) -> None:
+        super().__init__(f"the request body is larger than {limit} bytes")
+        self.limit = limit
+
+
+class ClientGone(Exception):
+    """The client disconnected before its request was answered."""
+
+
+async def read_body(receive: Receive, limit: int) -> bytes:
+    """The whole request body, or :class:`BodyTooLarge` as soon as it passes ``limit`` bytes.
+
+    The body is refused at the chunk that crosses the limit, so no more than ``limit`` bytes
+    plus one chunk are ever held, and the rest is never read. (A ``Content-Length`` over the
+    limit is refused by the App before this is called.)
+    """
+    chunks: list[bytes] = []
+    size = 0
+    while True:
+        message = await receive()
+        if message["type"] != "http.request":  # http.disconnect before the body ended
+            raise ClientGone()
+        chunk = message.get("body", b"")
+        if chunk:
+            size += len(chunk)
+            if size > limit:
+                raise BodyTooLarge(limit)
+            chunks.append(chunk)
+        if not message.get("more_body", False):
+            break
+    if len(chunks) == 1:
+        return chunks[0]
+    return b"".join(chunks)
+
+
+class HTTPRequest(Request):
+    """The Starlette request a deployment receives.
+
+    It is a :class:`starlette.requests.Request` whose :meth:`json` answers a body that is not
+    JSON with HTTP 400 rather than a server error.
+    """
+
+    async def json(self) -> Any:
+        """The body decoded as JSON; raises ``embserve.HTTPError(400)`` when it is not JSON."""
+        try:
+            return await super().json()
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise HTTPError(400, f"the request body is not valid JSON: {exc}") from None
+
+
+class RequestSnapshot:
+    """Everything a handler may read of one HTTP request, as plain picklable values.
+
+    Replica hosts call :meth:`__embserve_materialize__` on it to get the
+    :class:`HTTPRequest` that user code receives.
+    """
+
+    __slots__ = (
+        "body",
+        "client",
+        "headers",
+        "http_version",
+        "method",
+        "path",
+        "query_string",
+        "request_id",
+        "root_path",
+        "scheme",
+        "server",
+    )
+
+    def __init__(
+        self,
+        *,
+        method: str,
+        path: str,
+        query_string: bytes,
+        headers: list[tuple[bytes, bytes]],
+        body: bytes,
+        client: tuple[str, int] | None = None,
+        server: tuple[str, int | None] | None = None,
+        scheme: str = "http",
+        root_path: str = "",
+        http_version: str = "1.1",
+        request_id: str = "",
+    ) -> None:
+        self.method = method
+        self.path = path
+        self.query_string = query_string
+        self.headers = headers
+        self.body = body
+        self.client = client
+        self.server = server
+        self.scheme = scheme
+        self.root_path = root_path
+        self.http_version = http_version
+        self.request_id = request_id
+
+    @classmethod
+    def from_scope(cls, scope: Scope, body: bytes, request_id: str) -> RequestSnapshot:
+        """The snapshot of the request described by an ASGI ``scope`` and its ``body``."""
+        # The server made these for this request alone: kept, not copied.
+        return cls(
+            method=scope["method"],
+            path=scope["path"],
+            query_string=scope.get("query_string", b""),
+            headers=scope["headers"],
+            body=body,
+            client=scope.get("client"),
+            server=scope.get("server"),
+            scheme=scope.get("scheme", "http"),
+            root_path=scope.get("root_path", ""),
+            http_version=scope.get("http_version", "1.1"),
+            request_id=request_id,
+        )
+
+    def __getstate__(self) -> tuple[Any, ...]:
+        return tuple(getattr(self, name) for name in self.__slots__)
+
+    def __setstate__(self, state: tuple[Any, ...]) -> None:
+        for name, value in zip(self.__slots__, state, strict=True):
+            setattr(self, name, value)
+
+    def __embserve_materialize__(self) -> HTTPRequest:
+        """The Starlette request this snapshot stands for (called in the replica)."""
+        body = self.body
+        sent = False
+
+        async def receive() -> Message:
+            nonlocal sent
+            if sent:
+                return {"type": "http.disconnect"}
+            sent = True
+            return {"type": "http.request", "body": body, "more_body": False}
+
+        scope: dict[str, Any] = {
+            "type": "http",
+            "asgi": {"version": "3.0"},
+            "http_version": self.http_version,
+            "method": self.method,
+            "scheme": self.scheme,
+            "path": self.path,
+            "root_path": self.root_path,
+            "query_string": self.query_string,
+            "headers": self.headers,
+            "client": self.client,
+            "server": self.server,
+            "state": {"request_id": self.request_id},
+        }
+        return HTTPRequest(scope, receive)
+
+    def __repr__(self) -> str:
+        return f"<RequestSnapshot {self.method} {self.path} id={self.request_id}>"
