@@ -10,11 +10,13 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Callable
-from importlib import metadata
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from embserve.errors import BackendNotFoundError
 from embserve.replica import Replica, ReplicaSpec
+
+if TYPE_CHECKING:
+    from importlib import metadata
 
 __all__ = ["Backend", "ReplicaDied", "load_backend", "resolve_backend"]
 
@@ -77,6 +79,8 @@ def _ignore_death(replica: Replica, reason: str) -> None:
 
 
 def _entry_points() -> dict[str, metadata.EntryPoint]:
+    from importlib import metadata  # costs tens of ms: only when a backend is looked up
+
     return {ep.name: ep for ep in metadata.entry_points(group=ENTRY_POINT_GROUP)}
 
 
