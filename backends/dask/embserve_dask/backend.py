@@ -1,0 +1,413 @@
+"""DaskBackend: replicas placed on a Dask cluster by Dask, one long-running task each.
+
+Placement: the backend picks a worker whose free resources fit the deployment (spreading the
+replicas of a deployment over workers, then packing fractional shares tightly) and submits the
+replica's task restricted to it, with the resources it asks for; Dask then holds those resources
+for the task's life. Watching: the scheduler's own events (``add-worker``, ``remove-worker``)
+say when workers come and go; a removal that was expected (a retirement) drains, one that was not
+fails the requests in flight at once. Requests never touch the scheduler: see
+:mod:`embserve_dask._worker`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import uuid
+from collections.abc import Mapping
+from typing import Any, ClassVar
+
+from distributed.comm import core as comm_core
+
+from embserve.backends import Backend
+from embserve.errors import DeploymentFailedError, EmbserveError, ReplicaDiedError
+from embserve.replica import Replica, ReplicaSpec
+from embserve_dask._protocol import Peer, pack
+from embserve_dask._worker import serve_replica
+from embserve_dask.replica import DaskReplica
+
+__all__ = ["DaskBackend"]
+
+# distributed's functions are untyped; they are used through this name.
+connect: Any = comm_core.connect
+
+logger = logging.getLogger("embserve.dask")
+
+_EPSILON = 1e-9
+
+
+class _WorkerGone(Exception):
+    """The worker chosen for a starting replica left before the replica ran."""
+
+
+class DaskBackend(Backend):
+    """Runs replicas on the workers of a Dask cluster.
+
+    Args:
+        client_or_address: a ``distributed.Client``, a cluster object (``LocalCluster``, any
+            ``SpecCluster``), or a scheduler address (``tcp://host:8786``, ``tls://host:8786``).
+            A client running on another event loop is not used directly: the backend opens a
+            client of its own to the same scheduler with the same security.
+        security: a ``distributed.Security`` for addresses given as strings (TLS clusters);
+            clients and clusters bring their own.
+        connect_timeout_s: how long to wait for the scheduler, and for a replica's listener.
+        **client_options: passed on to ``distributed.Client`` when the backend opens one.
+
+    Replicas need ``embserve-dask`` (and the deployments' code) importable on the workers.
+    """
+
+    name: ClassVar[str] = "dask"
+
+    def __init__(
+        self,
+        client_or_address: Any,
+        *,
+        security: Any = None,
+        connect_timeout_s: float = 30.0,
+        **client_options: Any,
+    ) -> None:
+        super().__init__()
+        self._target = client_or_address
+        self._security = security
+        self._connect_timeout_s = connect_timeout_s
+        self._client_options = client_options
+        self.client: Any = None
+        self._owns_client = False
+        self._topic = f"embserve-{uuid.uuid4().hex}"
+        self._workers: dict[str, dict[str, float]] = {}  # address -> resources it declares
+        self._held: dict[str, dict[str, tuple[str, Mapping[str, float]]]] = {}
+        self._replicas: dict[str, DaskReplica] = {}
+        self._hellos: dict[str, asyncio.Future[dict[str, Any]]] = {}
+        self._starting_on: dict[str, str] = {}
+        self._changed: asyncio.Event | None = None
+        self._closing: set[str] = set()  # workers that told their replicas to drain
+        self._removed: set[str] = set()  # so that a refresh begun before a removal forgets it
+        self._tasks: set[asyncio.Future[Any]] = set()
+
+    @classmethod
+    def from_address(cls, address: str) -> DaskBackend:
+        """``dask://host:port`` (plain TCP), ``tcp://host:port`` or ``tls://host:port``.
+
+        TLS takes its certificates from Dask's configuration (``distributed.comm.tls``).
+        """
+        scheme, sep, rest = address.partition("://")
+        if not sep or scheme not in ("dask", "tcp", "tls"):
+            raise ValueError(f"a Dask address looks like dask://host:8786, got {address!r}")
+        return cls(f"tcp://{rest}" if scheme == "dask" else address)
+
+    # -- lifecycle ------------------------------------------------------------------------
+
+    async def start(self, on_replica_died: Any) -> None:
+        """Connect to the scheduler and listen to its events."""
+        await super().start(on_replica_died)
+        self._changed = asyncio.Event()
+        self.client = await self._connect()
+        self.client.subscribe_topic(self._topic, self._on_hello)
+        self.client.subscribe_topic("all", self._on_cluster_event)
+        await self._refresh_workers()
+
+    async def _connect(self) -> Any:
+        import distributed
+
+        Client: Any = distributed.Client
+        target, security = self._target, self._security
+        if isinstance(target, Client):
+            client: Any = target
+            loop = getattr(client.loop, "asyncio_loop", None)
+            if client.asynchronous and loop is asyncio.get_running_loop():
+                return client
+            target, security = client.scheduler.address, client.security
+        elif hasattr(target, "scheduler_address"):
+            target, security = target.scheduler_address, getattr(target, "security", security)
+        if not isinstance(target, str):
+            raise TypeError(
+                "DaskBackend needs a distributed.Client, a cluster or a scheduler address, "
+                f"got {target!r}"
+            )
+        self._owns_client = True
+        opened = Client(
+            target,
+            security=security,
+            asynchronous=True,
+            set_as_default=False,
+            timeout=self._connect_timeout_s,
+            **self._client_options,
+        )
+        return await opened
+
+    async def close(self) -> None:
+        """Stop listening to the cluster; close the client if the backend opened it."""
+        client = self.client
+        if client is None:
+            return
+        for topic in (self._topic, "all"):
+            with contextlib.suppress(Exception):  # the client may already be closed
+                client.unsubscribe_topic(topic)
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self._owns_client:
+            await client.close()
+
+    def describe(self) -> str:
+        """``dask <scheduler address>``, and what is wrong when the scheduler is unreachable."""
+        client = self.client
+        if client is None:
+            return "dask (not connected)"
+        address = client.scheduler.address
+        status = getattr(client, "status", "running")
+        if status != "running":
+            return (
+                f"dask {address} (scheduler unreachable, client {status}: replicas already "
+                "connected keep serving; no replica can be placed until it is back)"
+            )
+        return f"dask {address} ({len(self._workers)} workers)"
+
+    # -- cluster events -------------------------------------------------------------------
+
+    async def _refresh_workers(self) -> None:
+        identity = await self.client.scheduler.identity(n_workers=-1)
+        workers: dict[str, dict[str, float]] = {}
+        for address, worker in identity.get("workers", {}).items():
+            if address in self._removed:
+                continue
+            resources = dict(worker.get("resources") or {})
+            # Dask workers rarely declare CPU; their thread count is the CPU they offer.
+            resources.setdefault("CPU", float(worker.get("nthreads", 1)))
+            workers[address] = resources
+        self._workers = workers
+        self._notify()
+
+    def _notify(self) -> None:
+        if self._changed is not None:
+            self._changed.set()
+            self._changed = asyncio.Event()
+
+    def _spawn(self, coro: Any) -> None:
+        task = asyncio.ensure_future(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._task_done)
+
+    def _task_done(self, task: asyncio.Future[Any]) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            logger.warning("dask backend task failed", exc_info=task.exception())
+
+    def _on_cluster_event(self, event: tuple[float, Any]) -> None:
+        msg = event[1]
+        if not isinstance(msg, dict):
+            return
+        action = msg.get("action")
+        if action == "add-worker":
+            self._removed.discard(msg.get("worker", ""))
+            self._spawn(self._refresh_workers())
+        elif action == "remove-worker" and "worker" in msg:
+            self._worker_gone(msg["worker"], expected=bool(msg.get("expected")))
+
+    def _worker_gone(self, address: str, *, expected: bool) -> None:
+        self._removed.add(address)
+        self._workers.pop(address, None)
+        self._closing.discard(address)
+        for replica_id, where in list(self._starting_on.items()):
+            hello = self._hellos.get(replica_id)
+            if where == address and hello is not None and not hello.done():
+                hello.set_exception(_WorkerGone(address))
+        how = "was retired" if expected else "died"
+        for replica in [r for r in self._replicas.values() if r.worker == address]:
+            replica.lost(f"its Dask worker {address} {how}", drain=expected)
+        self._held.pop(address, None)
+        self._notify()
+
+    def _on_hello(self, event: tuple[float, Any]) -> None:
+        msg = event[1]
+        hello = self._hellos.get(msg["replica"])
+        if hello is not None and not hello.done():
+            hello.set_result(msg)
+        else:
+            # Dask re-ran the task of a replica the runtime has already replaced (its worker
+            # died while it ran): tell it to end instead of holding resources twice.
+            self._spawn(self._dismiss(msg["address"]))
+
+    async def _dismiss(self, address: str) -> None:
+        comm = await connect(address, timeout=self._connect_timeout_s, **self._connection_args())
+        try:
+            await comm.write({"op": "exit", "id": -1, **pack(None)})
+        finally:
+            await comm.close()
+
+    def _connection_args(self) -> dict[str, Any]:
+        args: dict[str, Any] = self.client.security.get_connection_args("client")
+        return args
+
+    # -- placement ------------------------------------------------------------------------
+
+    def _place(self, spec: ReplicaSpec) -> tuple[str | None, str]:
+        need = {k: float(v) for k, v in spec.config.resources.items() if v > 0}
+        best: tuple[Any, ...] | None = None
+        choice: str | None = None
+        most_free: dict[str, float] = {k: 0.0 for k in need}
+        for address, total in self._workers.items():
+            if address in self._closing:
+                continue
+            held = self._held.get(address, {})
+            free = dict(total)
+            for _, resources in held.values():
+                for k, v in resources.items():
+                    free[k] = free.get(k, 0.0) - v
+            for k in need:
+                most_free[k] = max(most_free[k], free.get(k, 0.0))
+            if any(free.get(k, 0.0) + _EPSILON < v for k, v in need.items()):
+                continue
+            same = sum(1 for name, _ in held.values() if name == spec.deployment)
+            # Spread a deployment first, then pack shares tightly (least left over).
+            leftover = sum(free.get(k, 0.0) - v for k, v in need.items()) if need else len(held)
+            key = (same, leftover, address)
+            if best is None or key < best:
+                best, choice = key, address
+        if choice is not None:
+            return choice, ""
+        if not self._workers:
+            return None, "waiting for a Dask worker to join the cluster"
+        short = [
+            f"{k}={v:g} (the most free on any worker is {most_free[k]:g})"
+            for k, v in need.items()
+            if most_free[k] + _EPSILON < v
+        ]
+        if not short:
+            short = [f"{k}={v:g}" for k, v in need.items()]
+        return None, (
+            f"waiting for a Dask worker with {', '.join(short)} free; "
+            f"{len(self._workers)} worker(s) connected"
+        )
+
+    async def start_replica(self, spec: ReplicaSpec) -> Replica:
+        """Place the replica on a worker that fits it and return it RUNNING.
+
+        Waits, with the reason in ``pending``, while no worker has the free resources; tries
+        another worker when the chosen one leaves before the replica runs.
+        """
+        while True:
+            client_status = getattr(self.client, "status", "running")
+            if client_status != "running":
+                address, reason = (
+                    None,
+                    f"the Dask scheduler is unreachable (client {client_status})",
+                )
+            else:
+                address, reason = self._place(spec)
+            if address is None:
+                self.pending[spec.deployment] = reason
+                assert self._changed is not None
+                changed = self._changed
+                try:
+                    await asyncio.wait_for(changed.wait(), 5.0)
+                except asyncio.TimeoutError:
+                    # Worker resources can also change without an event we hear of.
+                    await self._refresh_workers()
+                continue
+            self.pending.pop(spec.deployment, None)
+            try:
+                replica: DaskReplica = await self._launch(spec, address)
+            except _WorkerGone:
+                continue
+            return replica
+
+    def _hold(self, address: str, spec: ReplicaSpec) -> None:
+        resources = {k: float(v) for k, v in spec.config.resources.items() if v > 0}
+        self._held.setdefault(address, {})[spec.replica_id] = (spec.deployment, resources)
+
+    def _release(self, address: str, replica_id: str) -> None:
+        held = self._held.get(address)
+        if held is not None and held.pop(replica_id, None) is not None:
+            self._notify()
+
+    async def _launch(self, spec: ReplicaSpec, address: str) -> DaskReplica:
+        declared = self._workers.get(address, {})
+        resources = {
+            k: float(v)
+            for k, v in spec.config.resources.items()
+            if v > 0 and (k != "CPU" or "CPU" in declared)
+        }
+        self._hold(address, spec)
+        hello: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
+        self._hellos[spec.replica_id] = hello
+        self._starting_on[spec.replica_id] = address
+        future = self.client.submit(
+            serve_replica,
+            spec,
+            self._topic,
+            key=f"embserve-{spec.replica_id}-{uuid.uuid4().hex[:8]}",
+            workers=[address],
+            allow_other_workers=False,
+            resources=resources or None,
+            pure=False,
+        )
+        ended = asyncio.ensure_future(_outcome(future))
+        try:
+            await asyncio.wait([hello, ended], return_when=asyncio.FIRST_COMPLETED)  # type: ignore[type-var]
+            if not hello.done():
+                raise DeploymentFailedError(
+                    f"the Dask task of replica {spec.replica_id} ended before it served: "
+                    f"{ended.result()}"
+                )
+            msg = hello.result()  # raises _WorkerGone
+            try:
+                comm = await connect(
+                    msg["address"], timeout=self._connect_timeout_s, **self._connection_args()
+                )
+            except OSError as exc:
+                raise _WorkerGone(f"cannot reach replica {spec.replica_id}: {exc}") from None
+            peer = Peer(comm, _refuse, _refuse_stream, name=f"replica {spec.replica_id}")
+            reader = asyncio.ensure_future(peer.run())
+            try:
+                info = await peer.request("start")
+            except ReplicaDiedError:
+                raise _WorkerGone(f"replica {spec.replica_id} died while starting") from None
+            except BaseException:
+                peer.abort("the replica failed to start")
+                raise
+        except BaseException:
+            self._release(address, spec.replica_id)
+            self._spawn(self._cancel(future))
+            raise
+        finally:
+            ended.cancel()
+            self._hellos.pop(spec.replica_id, None)
+            self._starting_on.pop(spec.replica_id, None)
+        replica = DaskReplica(spec, peer, info, future, self._replica_gone, reader)
+        self._replicas[spec.replica_id] = replica
+        return replica
+
+    async def _cancel(self, future: Any) -> None:
+        # The client may be gone; the task ends without its runtime anyway.
+        with contextlib.suppress(Exception):
+            await self.client.cancel([future])
+
+    def _replica_gone(self, replica: DaskReplica, reason: str, died: bool) -> None:
+        if self._replicas.pop(replica.replica_id, None) is None:
+            return
+        if replica.draining and replica.worker in self._workers:
+            self._closing.add(replica.worker)
+        self._release(replica.worker, replica.replica_id)
+        if died:
+            self._spawn(self._cancel(replica.future))
+            self.on_replica_died(replica, reason)
+        else:
+            replica.future.release()
+
+
+async def _outcome(future: Any) -> str:
+    try:
+        await future
+    except Exception as exc:
+        return f"{type(exc).__name__}: {exc}"
+    return "the task returned"
+
+
+async def _refuse(op: str, value: Any) -> Any:
+    raise EmbserveError(f"a replica that has not started sent {op!r}")
+
+
+def _refuse_stream(op: str, value: Any) -> Any:
+    raise EmbserveError(f"a replica that has not started sent {op!r}")

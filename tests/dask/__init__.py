@@ -1,0 +1,1 @@
+"""Tests of the Dask backend (embserve_dask)."""

@@ -1,0 +1,144 @@
+"""Worker processes that die or retire under load, and handles used inside replicas."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import distributed
+import pytest
+
+import embserve
+from embserve.errors import ReplicaDiedError
+from embserve_dask import DaskBackend
+
+# distributed's constructors are untyped; tests use them through these names.
+LocalCluster: Any = distributed.LocalCluster
+Client: Any = distributed.Client
+
+
+@pytest.fixture(scope="module")
+def cluster() -> Iterator[Any]:
+    """Three worker processes (with nannies, which restart a killed worker) on 127.0.0.1."""
+    with LocalCluster(
+        n_workers=3,
+        threads_per_worker=1,
+        processes=True,
+        protocol="tcp",
+        host="127.0.0.1",
+        dashboard_address=":0",
+    ) as local_cluster:
+        yield local_cluster
+
+
+@embserve.deployment(num_replicas=2, max_ongoing_requests=4)
+class Slow:
+    """Answers after ``delay`` seconds, saying where it ran."""
+
+    async def __call__(self, delay: float) -> tuple[str, int]:
+        await asyncio.sleep(delay)
+        return embserve.get_replica_context().worker, os.getpid()
+
+
+@embserve.deployment
+class Front:
+    """Calls another deployment through a handle it was given (composition)."""
+
+    def __init__(self, back: embserve.Handle) -> None:
+        self.back = back
+
+    async def __call__(self, x: int) -> Any:
+        return await self.back.remote(x), os.getpid()
+
+    def sync_call(self, x: int) -> Any:
+        return self.back.remote(x).result(timeout_s=10)
+
+    def stream_back(self, n: int) -> list[int]:
+        return list(self.back.options(stream=True).count.remote(n))
+
+
+@embserve.deployment
+class Back:
+    """The deployment called from inside another replica."""
+
+    def __call__(self, x: int) -> int:
+        return x + 1
+
+    def count(self, n: int) -> Iterator[int]:
+        yield from range(n)
+
+
+def _replica_workers(rt: embserve.Runtime, name: str) -> dict[str, Any]:
+    return {
+        r.replica_id: r.info
+        for r in rt.status().deployments[name].replicas
+        if r.state.value == "RUNNING"
+    }
+
+
+def _wait_for(predicate: Any, timeout_s: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not predicate():
+        assert time.monotonic() < deadline, "condition not met in time"
+        time.sleep(0.02)
+
+
+def test_handles_inside_replicas_call_back_to_the_runtime(cluster: Any) -> None:
+    with embserve.Runtime(backend=DaskBackend(cluster)) as rt:
+        handle = rt.run(Front.bind(Back.bind()), name="front")
+        result, pid = handle.remote(1).result(timeout_s=10)
+        assert result == 2 and pid != os.getpid()
+        assert handle.sync_call.remote(5).result(timeout_s=10) == 6
+        assert handle.stream_back.remote(3).result(timeout_s=10) == [0, 1, 2]
+
+
+def test_a_worker_killed_under_load_is_replaced_and_no_request_hangs(
+    cluster: Any,
+) -> None:
+    with embserve.Runtime(backend=DaskBackend(cluster)) as rt:
+        handle = rt.run(Slow.bind(), name="slow")
+        before = _replica_workers(rt, "slow")
+        assert len({info["worker"] for info in before.values()}) == 2
+        victim_id, victim = next(iter(before.items()))
+        responses = [handle.remote(0.3) for _ in range(16)]
+        time.sleep(0.1)  # let requests reach the replicas before the kill
+        killed_at = time.monotonic()
+        os.kill(victim["pid"], signal.SIGKILL)
+        outcomes: list[Any] = []
+        for response in responses:
+            try:
+                outcomes.append(response.result(timeout_s=20))
+            except ReplicaDiedError as exc:
+                assert exc.started
+                outcomes.append(exc)
+        assert any(isinstance(o, tuple) for o in outcomes)
+        # The requests running on the killed replica fail as started; none was lost silently.
+        assert any(isinstance(o, ReplicaDiedError) for o in outcomes)
+        # The runtime hears of the death from Dask and starts a replacement elsewhere.
+        _wait_for(lambda: victim_id not in _replica_workers(rt, "slow"))
+        assert time.monotonic() - killed_at < 10
+        _wait_for(lambda: len(_replica_workers(rt, "slow")) == 2)
+        after = _replica_workers(rt, "slow")
+        assert victim["worker"] not in {info["worker"] for info in after.values()}
+        results = [handle.remote(0).result(timeout_s=10) for _ in range(10)]
+        assert victim["pid"] not in {pid for _, pid in results}
+
+
+def test_retire_workers_drains_replicas_before_the_worker_goes(cluster: Any) -> None:
+    with Client(cluster) as client, embserve.Runtime(backend=DaskBackend(client)) as rt:
+        _wait_for(lambda: len(client.scheduler_info()["workers"]) == 3)
+        handle = rt.run(Slow.bind(), name="slow")
+        victim_id, victim = next(iter(_replica_workers(rt, "slow").items()))
+        responses = [handle.remote(0.5) for _ in range(8)]
+        time.sleep(0.1)
+        client.retire_workers([victim["worker"]])
+        # Every request, including those on the retiring worker, finishes with a result.
+        results = [response.result(timeout_s=20) for response in responses]
+        assert victim["worker"] in {worker for worker, _ in results}
+        _wait_for(lambda: len(_replica_workers(rt, "slow")) == 2)
+        assert victim_id not in _replica_workers(rt, "slow")
+        assert victim["worker"] not in client.scheduler_info()["workers"]
