@@ -13,7 +13,17 @@ import threading
 from collections.abc import AsyncIterator, Callable, Coroutine, Generator, Iterator
 from typing import Any, Protocol
 
-__all__ = ["Handle", "Response", "ResponseStream"]
+__all__ = [
+    "Handle",
+    "Response",
+    "ResponseStream",
+    "Submitter",
+    "find_submitter",
+    "has_responses",
+    "register_submitter",
+    "resolve_responses",
+    "unregister_submitter",
+]
 
 
 class Submitter(Protocol):
@@ -47,6 +57,11 @@ def unregister_submitter(runtime_id: str) -> None:
     """Forget the submitter of ``runtime_id`` (its runtime shut down)."""
     with _lock:
         _submitters.pop(runtime_id, None)
+
+
+def find_submitter(runtime_id: str) -> Submitter | None:
+    """The submitter registered for ``runtime_id`` in this process, if any."""
+    return _submitters.get(runtime_id)
 
 
 def _find_submitter(runtime_id: str) -> Submitter:
@@ -267,3 +282,29 @@ class ResponseStream:
             self._loop.create_task(aclose())
         else:
             self._on_loop(aclose).result()
+
+
+def has_responses(args: tuple[Any, ...], kwargs: dict[str, Any]) -> bool:
+    """Whether any argument is a :class:`Response` (checked before paying for a resolve)."""
+    for value in args:
+        if isinstance(value, Response):
+            return True
+    return any(isinstance(value, Response) for value in kwargs.values()) if kwargs else False
+
+
+async def resolve_responses(
+    args: tuple[Any, ...], kwargs: dict[str, Any]
+) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    """The arguments with every :class:`Response` among them replaced by its result.
+
+    Responses are awaited together. Used wherever a call leaves for a replica: responses are
+    handles to this process's futures, so only their results may travel.
+    """
+    if not has_responses(args, kwargs):
+        return args, kwargs
+
+    async def value(v: Any) -> Any:
+        return await v if isinstance(v, Response) else v
+
+    resolved = await asyncio.gather(*(value(v) for v in args), *(value(v) for v in kwargs.values()))
+    return tuple(resolved[: len(args)]), dict(zip(kwargs, resolved[len(args) :], strict=True))

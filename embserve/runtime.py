@@ -25,7 +25,9 @@ from embserve.handle import (
     Handle,
     Response,
     ResponseStream,
+    has_responses,
     register_submitter,
+    resolve_responses,
     unregister_submitter,
 )
 from embserve.replica import Call, Replica
@@ -450,8 +452,8 @@ class Runtime:
         self, target: str, method: str, args: tuple[Any, ...], kwargs: dict[str, Any]
     ) -> Any:
         controller, shadows = self.controller(target)
-        if _has_response(args, kwargs):
-            args, kwargs = await _resolve_responses(args, kwargs)
+        if has_responses(args, kwargs):
+            args, kwargs = await resolve_responses(args, kwargs)
         call = Call(method, args, kwargs)
         if shadows:
             self._shadow(shadows, call)
@@ -461,8 +463,8 @@ class Runtime:
         self, target: str, method: str, args: tuple[Any, ...], kwargs: dict[str, Any]
     ) -> AsyncIterator[Any]:
         controller, _ = self.controller(target)
-        if _has_response(args, kwargs):
-            args, kwargs = await _resolve_responses(args, kwargs)
+        if has_responses(args, kwargs):
+            args, kwargs = await resolve_responses(args, kwargs)
         async for item in controller.stream(Call(method, args, kwargs)):
             yield item
 
@@ -511,23 +513,6 @@ def _bound(value: Any, handles: dict[int, Handle]) -> Any:
     if isinstance(value, Application):
         return handles[id(value)]
     return value
-
-
-def _has_response(args: tuple[Any, ...], kwargs: dict[str, Any]) -> bool:
-    for value in args:
-        if isinstance(value, Response):
-            return True
-    return any(isinstance(value, Response) for value in kwargs.values()) if kwargs else False
-
-
-async def _resolve_responses(
-    args: tuple[Any, ...], kwargs: dict[str, Any]
-) -> tuple[tuple[Any, ...], dict[str, Any]]:
-    async def value(v: Any) -> Any:
-        return await v if isinstance(v, Response) else v
-
-    resolved = await asyncio.gather(*(value(v) for v in args), *(value(v) for v in kwargs.values()))
-    return tuple(resolved[: len(args)]), dict(zip(kwargs, resolved[len(args) :], strict=True))
 
 
 def _log_failure(task: asyncio.Future[Any]) -> None:

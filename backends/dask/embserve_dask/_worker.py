@@ -26,7 +26,7 @@ from distributed.diagnostics.plugin import WorkerPlugin
 from embserve import handle as handle_module
 from embserve._host import ReplicaHost
 from embserve.context import ReplicaContext
-from embserve.handle import Response, ResponseStream
+from embserve.handle import Response, ResponseStream, resolve_responses
 from embserve.replica import ReplicaSpec
 from embserve_dask._protocol import Peer
 
@@ -230,7 +230,7 @@ class _ReplicaServer:
         assert self.peer is not None and self.loop is not None
         proxy = _RuntimeProxy(self.peer, self.loop)
         with _lock:
-            current = handle_module._submitters.get(runtime_id)
+            current = handle_module.find_submitter(runtime_id)
             proxies = _proxies.setdefault(runtime_id, [])
             # The runtime itself lives in this process (a LocalCluster with processes=False):
             # its handles already reach it, and a proxy must not take its place.
@@ -253,7 +253,7 @@ class _ReplicaServer:
             proxies = _proxies.get(runtime_id, [])
             if proxy in proxies:
                 proxies.remove(proxy)
-            if handle_module._submitters.get(runtime_id) is proxy:
+            if handle_module.find_submitter(runtime_id) is proxy:
                 if proxies:
                     handle_module.register_submitter(runtime_id, proxies[-1])
                 else:
@@ -279,30 +279,16 @@ class _RuntimeProxy:
     async def _submit(
         self, target: str, method: str, args: tuple[Any, ...], kwargs: dict[str, Any]
     ) -> Any:
-        args, kwargs = await _resolve(args, kwargs)
+        args, kwargs = await resolve_responses(args, kwargs)
         return await self.peer.request("submit", (target, method, args, kwargs))
 
     def submit_stream(
         self, target: str, method: str, args: tuple[Any, ...], kwargs: dict[str, Any]
     ) -> ResponseStream:
         async def items() -> AsyncIterator[Any]:
-            resolved_args, resolved_kwargs = await _resolve(args, kwargs)
+            resolved_args, resolved_kwargs = await resolve_responses(args, kwargs)
             request = (target, method, resolved_args, resolved_kwargs)
             async for item in self.peer.stream("submit_stream", request):
                 yield item
 
         return ResponseStream(items, self.loop)
-
-
-async def _resolve(
-    args: tuple[Any, ...], kwargs: dict[str, Any]
-) -> tuple[tuple[Any, ...], dict[str, Any]]:
-    # Responses of this process cannot travel; their results can.
-    if not any(isinstance(v, Response) for v in (*args, *kwargs.values())):
-        return args, kwargs
-
-    async def value(v: Any) -> Any:
-        return await v if isinstance(v, Response) else v
-
-    values = await asyncio.gather(*(value(v) for v in args), *(value(v) for v in kwargs.values()))
-    return tuple(values[: len(args)]), dict(zip(kwargs, values[len(args) :], strict=True))

@@ -119,7 +119,7 @@ class DaskReplica(Replica):
             else:
                 self.lost(f"its Dask worker {self.worker} is closing", drain=True)
             return None
-        submitter = handle_module._submitters.get(self.spec.runtime_id)
+        submitter = handle_module.find_submitter(self.spec.runtime_id)
         if submitter is None:
             raise ReplicaDiedError(f"runtime {self.spec.runtime_id} is not running", started=False)
         target, method, args, kwargs = value
@@ -129,7 +129,7 @@ class DaskReplica(Replica):
 
     def answer_stream(self, op: str, value: Any) -> AsyncIterator[Any]:
         """Serve a streaming handle call the replica's user code made."""
-        submitter = handle_module._submitters.get(self.spec.runtime_id)
+        submitter = handle_module.find_submitter(self.spec.runtime_id)
         if submitter is None:
             raise ReplicaDiedError(f"runtime {self.spec.runtime_id} is not running", started=False)
         target, method, args, kwargs = value

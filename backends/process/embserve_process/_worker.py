@@ -29,7 +29,7 @@ from embserve.errors import (
     format_traceback,
     remote_traceback,
 )
-from embserve.handle import Response, ResponseStream, register_submitter
+from embserve.handle import Response, ResponseStream, register_submitter, resolve_responses
 from embserve.replica import ReplicaSpec
 from embserve.wire import RemoteError
 from embserve_process._channel import STREAM_WINDOW, Channel, Frame, decode
@@ -97,7 +97,7 @@ class ParentRuntime:
     async def _call(
         self, target: str, method: str, args: tuple[Any, ...], kwargs: dict[str, Any]
     ) -> Any:
-        args, kwargs = await _resolve(args, kwargs)
+        args, kwargs = await resolve_responses(args, kwargs)
         ident = next(self._ids)
         future: asyncio.Future[Any] = self._loop.create_future()
         self._calls[ident] = future
@@ -115,7 +115,7 @@ class ParentRuntime:
     async def _stream(
         self, target: str, method: str, args: tuple[Any, ...], kwargs: dict[str, Any]
     ) -> AsyncIterator[Any]:
-        args, kwargs = await _resolve(args, kwargs)
+        args, kwargs = await resolve_responses(args, kwargs)
         ident = next(self._ids)
         queue: asyncio.Queue[tuple[str, Any]] = asyncio.Queue()
         self._streams[ident] = queue
@@ -167,21 +167,6 @@ class ParentRuntime:
             queue.put_nowait(("err", exc))
 
 
-async def _resolve(
-    args: tuple[Any, ...], kwargs: dict[str, Any]
-) -> tuple[tuple[Any, ...], dict[str, Any]]:
-    # Responses passed as arguments cannot cross the process boundary; send their results.
-    if not any(isinstance(v, Response) for v in (*args, *kwargs.values())):
-        return args, kwargs
-
-    async def value(v: Any) -> Any:
-        return await v if isinstance(v, Response) else v
-
-    values = await asyncio.gather(*(value(v) for v in (*args, *kwargs.values())))
-    return tuple(values[: len(args)]), dict(zip(kwargs, values[len(args) :], strict=True))
-
-
-# Eager first steps need create_task(context=...), new in Python 3.11.
 _EAGER = sys.version_info >= (3, 11)
 
 
