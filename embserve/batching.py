@@ -85,6 +85,7 @@ class BatchSettings:
     limits: dict[str, _Limits] = dataclasses.field(default_factory=dict)
 
     def limits_for(self, key: str) -> _Limits:
+        """The current limits of one replica (setters change them per replica)."""
         found = self.limits.get(key)
         if found is None:
             found = self.limits[key] = _Limits(self.max_batch_size, self.batch_wait_timeout_s)

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import inspect
 import os
 import sys
 import time
@@ -19,13 +18,20 @@ from collections.abc import AsyncIterator, Callable, Coroutine, Mapping
 from typing import Any, TypeVar
 
 from starlette.responses import Response
-from starlette.types import Message, Receive, Scope, Send
+from starlette.types import Receive, Scope, Send
 
 from embserve.backends import Backend
 from embserve.deployment import Application, Deployment
 from embserve.errors import EmbserveError, HTTPError
 from embserve.runtime import Runtime
 from embserve_asgi.admin import EndpointMetrics, admin_response
+from embserve_asgi.connection import (
+    DisconnectWatch,
+    DisconnectWatchers,
+    abandon,
+    discard_body,
+    iterate,
+)
 from embserve_asgi.requests import BodyTooLarge, ClientGone, RequestSnapshot, read_body
 from embserve_asgi.responses import (
     chunk_bytes,
@@ -36,46 +42,14 @@ from embserve_asgi.responses import (
     stream_media_type,
     to_response,
 )
+from embserve_asgi.routing import Route, check_routes, route_path
 
 __all__ = ["App"]
 
 T = TypeVar("T")
 
 DEFAULT_MAX_BODY_SIZE = 16 * 1024 * 1024
-# A request answered within one or two of these never pays for a task that listens for the
-# client leaving; slower ones are cancelled at most about twice this long after it left.
-DISCONNECT_WATCH_DELAY_S = 0.01
 ROUTE_REFRESH_S = 1.0
-# Past the size limit, at most this much more of a refused body is read and dropped.
-DISCARD_LIMIT = 8 * 1024 * 1024
-
-
-class _Route:
-    __slots__ = ("endpoint", "methods", "prefix", "slashed", "streaming")
-
-    def __init__(self, prefix: str, endpoint: str, deployment: Deployment | None) -> None:
-        self.prefix = prefix
-        self.slashed = prefix.rstrip("/") + "/"
-        self.endpoint = endpoint
-        target = deployment.target if deployment is not None else None
-        self.streaming = _is_generator(target)
-        methods = getattr(target, "http_methods", None)
-        self.methods: frozenset[str] | None = None
-        if methods:
-            allowed = {str(m).upper() for m in methods}
-            if "GET" in allowed:
-                allowed.add("HEAD")
-            self.methods = frozenset(allowed)
-
-    def matches(self, path: str) -> bool:
-        return path == self.prefix or path.startswith(self.slashed)
-
-
-def _is_generator(target: Any) -> bool:
-    if target is None:
-        return False
-    fn = target.__call__ if inspect.isclass(target) else target
-    return inspect.isasyncgenfunction(fn) or inspect.isgeneratorfunction(fn)
 
 
 class App:
@@ -107,7 +81,7 @@ class App:
             raise TypeError(f"max_body_size must be an int, got {max_body_size!r}")
         if max_body_size < 0:
             raise ValueError(f"max_body_size must be >= 0, got {max_body_size}")
-        self._deploy = _check_routes(routes or {}, admin=admin)
+        self._deploy = check_routes(routes or {}, admin=admin)
         self._owns = runtime is None
         self._backend = backend
         self.runtime: Runtime = runtime if runtime is not None else Runtime(backend)
@@ -116,11 +90,11 @@ class App:
         self._ready = not self._deploy and not self._owns
         self._closed = False
         self._lock: asyncio.Lock | None = None
-        self._routes: list[_Route] = []
+        self._routes: list[Route] = []
         self._route_table: dict[str, tuple[str, Deployment | None]] = {}
         self._routes_at = -ROUTE_REFRESH_S
         self._metrics: dict[str, EndpointMetrics] = {}
-        self._watchers = _Watchers()
+        self._watchers = DisconnectWatchers()
 
     # -- lifecycle ------------------------------------------------------------------------
 
@@ -225,18 +199,18 @@ class App:
         if table == self._route_table:
             return
         self._route_table = table
-        routes = [_Route(prefix, name, dep) for prefix, (name, dep) in table.items()]
+        routes = [Route(prefix, name, dep) for prefix, (name, dep) in table.items()]
         routes.sort(key=lambda r: len(r.prefix), reverse=True)
         self._routes = routes
         for route in routes:
             self._metrics.setdefault(route.endpoint, EndpointMetrics())
 
-    def _still_routed(self, route: _Route) -> bool:
+    def _still_routed(self, route: Route) -> bool:
         # The endpoint may have been deleted since the route table was last read.
         self._refresh_routes()
         return route.prefix in self._route_table
 
-    def _match(self, path: str) -> _Route | None:
+    def _match(self, path: str) -> Route | None:
         if time.monotonic() - self._routes_at > ROUTE_REFRESH_S:
             self._refresh_routes()
         for route in self._routes:
@@ -279,7 +253,7 @@ class App:
                 logger.exception("embserve App failed to start")
                 await error_response(exc, request_id)(scope, receive, send)
                 return
-        path = _route_path(scope)
+        path = route_path(scope)
         if self.admin and path.startswith("/-/"):
             await self._admin(path[3:], request_id, scope, receive, send)
             return
@@ -307,7 +281,7 @@ class App:
 
     async def _serve(
         self,
-        route: _Route,
+        route: Route,
         request_id: str,
         declared: int | None,
         scope: Scope,
@@ -315,7 +289,7 @@ class App:
         send: Send,
     ) -> int:
         """Serve one request to ``route``; returns the status code sent (499: client gone)."""
-        watch: _DisconnectWatch | None = None
+        watch: DisconnectWatch | None = None
         try:
             if declared == -1:
                 raise HTTPError(400, "Content-Length is not a number")
@@ -335,7 +309,7 @@ class App:
             else:
                 result = await runtime.submit(route.endpoint, "__call__", (snapshot,), {})
             if is_stream(result):
-                return await self._stream(_iterate(result), request_id, watch, send)
+                return await self._stream(iterate(result), request_id, watch, send)
             watch.close()
             if not isinstance(result, Response):
                 return await send_plain(send, result, request_id)
@@ -355,15 +329,13 @@ class App:
             response = error_response(exc, request_id, route.endpoint)
             if isinstance(exc, BodyTooLarge):
                 await response(scope, receive, send)
-                await _discard_body(receive)
+                await discard_body(receive)
                 return 413
         await response(scope, receive, send)
         status: int = response.status_code
         return status
 
-    async def _stream(
-        self, items: Any, request_id: str, watch: _DisconnectWatch, send: Send
-    ) -> int:
+    async def _stream(self, items: Any, request_id: str, watch: DisconnectWatch, send: Send) -> int:
         iterator = items.__aiter__()
         finished = False
         try:
@@ -401,7 +373,7 @@ class App:
         finally:
             watch.close()
             if not finished:
-                await _abandon(items)
+                await abandon(items)
 
     async def _admin(
         self, page: str, request_id: str, scope: Scope, receive: Receive, send: Send
@@ -419,160 +391,11 @@ class App:
         return f"<embserve App runtime={self.runtime.id} routes={sorted(self._route_table)}>"
 
 
-class _DisconnectWatch:
-    """Cancels the task serving one request when its client disconnects."""
-
-    __slots__ = ("_owner", "_reader", "_receive", "_task", "closed", "gone", "seen")
-
-    def __init__(self, owner: _Watchers, receive: Receive) -> None:
-        self._owner = owner
-        self._receive = receive
-        self._task = asyncio.current_task()
-        self._reader: asyncio.Future[Message] | None = None
-        self.closed = False
-        self.gone = False
-        self.seen = False
-
-    def listen(self) -> None:
-        if self._reader is None and not self.closed:
-            self._reader = asyncio.ensure_future(self._receive())
-            self._reader.add_done_callback(self._heard)
-
-    def _heard(self, reader: asyncio.Future[Message]) -> None:
-        if self.closed or reader.cancelled() or reader.exception() is not None:
-            return
-        if reader.result()["type"] == "http.disconnect" and self._task is not None:
-            self.gone = True
-            self.close()
-            self._task.cancel()
-
-    def close(self) -> None:
-        if self.closed:
-            return
-        self.closed = True
-        self._owner.active.discard(self)
-        if self._reader is not None and not self._reader.done():
-            self._reader.cancel()
-
-
-class _Watchers:
-    """Starts listening for disconnects only on requests that have run a little while.
-
-    Listening costs a task per request, and most requests are answered before it could matter.
-    One timer for all requests in flight (not one each) finds those seen by two of its ticks.
-    """
-
-    __slots__ = ("active", "timer")
-
-    def __init__(self) -> None:
-        self.active: set[_DisconnectWatch] = set()
-        self.timer: asyncio.TimerHandle | None = None
-
-    def watch(self, receive: Receive) -> _DisconnectWatch:
-        watch = _DisconnectWatch(self, receive)
-        self.active.add(watch)
-        if self.timer is None:
-            # An App is served by one event loop; its requests share this timer.
-            self.timer = asyncio.get_running_loop().call_later(DISCONNECT_WATCH_DELAY_S, self._tick)
-        return watch
-
-    def _tick(self) -> None:
-        self.timer = None
-        for watch in list(self.active):
-            if watch.seen:
-                watch.listen()
-            else:
-                watch.seen = True
-        if self.active:
-            self.timer = asyncio.get_running_loop().call_later(DISCONNECT_WATCH_DELAY_S, self._tick)
-
-
-async def _abandon(items: Any) -> None:
-    # A stream left mid-way (the client went, or sending failed) stops its generator now,
-    # rather than whenever the garbage collector finds it.
-    aclose = getattr(items, "aclose", None)
-    if aclose is not None:
-        await aclose()
-        return
-    cancel = getattr(items, "cancel", None)
-    if cancel is not None:  # a ResponseStream: its cancel() may block when called off its loop
-        await asyncio.to_thread(cancel)
-
-
-async def _discard_body(receive: Receive) -> None:
-    # Servers hold back a body's later chunks until the app takes them, and may keep the
-    # connection open until then; take (and drop) a bounded amount so it can close.
-    budget = DISCARD_LIMIT
-    while budget > 0:
-        message = await receive()
-        if message["type"] != "http.request" or not message.get("more_body", False):
-            return
-        budget -= len(message.get("body", b"")) or 1
-
-
 def _uncancel() -> None:
     if sys.version_info >= (3, 11):
         task = asyncio.current_task()
         if task is not None:
             task.uncancel()
-
-
-def _route_path(scope: Scope) -> str:
-    # Starlette's mounts keep the full path and set root_path; the part under it is ours.
-    path: str = scope["path"]
-    root = scope.get("root_path", "")
-    if root and path.startswith(root):
-        rest = path[len(root) :]
-        if not rest:
-            return "/"
-        if rest[0] == "/":
-            return rest
-    return path
-
-
-async def _iterate(values: Any) -> AsyncIterator[Any]:
-    """Items of a returned sync or async generator; sync steps run in a worker thread."""
-    if inspect.isasyncgen(values):
-        async for item in values:
-            yield item
-        return
-    done = object()
-    try:
-        while True:
-            item = await asyncio.to_thread(next, values, done)
-            if item is done:
-                return
-            yield item
-    finally:
-        values.close()
-
-
-def _check_routes(routes: Mapping[str, Application], *, admin: bool) -> list[tuple[str, Any]]:
-    if not isinstance(routes, Mapping):
-        raise TypeError(f"routes must map route prefixes to applications, got {routes!r}")
-    checked: list[tuple[str, Application]] = []
-    names: dict[str, str] = {}
-    for prefix, application in routes.items():
-        if not isinstance(prefix, str) or not prefix.startswith("/"):
-            raise ValueError(f"a route prefix must start with '/', got {prefix!r}")
-        if admin and (prefix == "/-" or prefix.startswith("/-/")):
-            raise ValueError(f"route prefix {prefix!r} is taken by the admin routes (admin=True)")
-        if isinstance(application, Deployment):
-            application = application.bind()
-        if not isinstance(application, Application):
-            raise TypeError(
-                f"routes[{prefix!r}] must be an Application (Deployment.bind(...)), "
-                f"got {application!r}"
-            )
-        other = names.get(application.name)
-        if other is not None:
-            raise ValueError(
-                f"routes {other!r} and {prefix!r} both deploy {application.name!r}; give one "
-                "another name with .options(name=...)"
-            )
-        names[application.name] = prefix
-        checked.append((prefix, application))
-    return checked
 
 
 async def _on_loop_of(runtime: Runtime, make: Callable[[], Coroutine[Any, Any, T]]) -> T:
