@@ -76,6 +76,15 @@ class Echo:
     def fail(self) -> None:
         raise Boom("bad input")
 
+    async def in_a_task(self) -> bool:
+        # User code may rely on running inside a task: asyncio.timeout, anyio cancel scopes
+        # (and so httpx) need one, also before the method's first await.
+        import anyio
+
+        with anyio.fail_after(5):
+            await asyncio.sleep(0)
+        return asyncio.current_task() is not None
+
     def fail_oddly(self) -> None:
         raise Unrebuildable("odd", 7)
 
@@ -210,6 +219,10 @@ def test_async_and_sync_user_code_run_in_another_process(echo: embserve.Handle) 
     assert where["deployment"] == "echo" and where["replica_id"].startswith("echo#")
     # The capacity has GPUs and this replica asked for none: it sees none.
     assert where["gpu_ids"] == () and where["cuda"] == ""
+
+
+def test_user_code_runs_inside_a_task(echo: embserve.Handle) -> None:
+    assert echo.in_a_task.remote().result(timeout_s=10) is True
 
 
 def test_user_exceptions_keep_their_type_and_the_worker_traceback(echo: embserve.Handle) -> None:

@@ -10,7 +10,6 @@ its parent process is no longer its parent.
 from __future__ import annotations
 
 import asyncio
-import contextvars
 import dataclasses
 import itertools
 import os
@@ -18,7 +17,7 @@ import pickle
 import signal
 import socket
 import sys
-from collections.abc import AsyncIterator, Coroutine, Generator
+from collections.abc import AsyncIterator, Coroutine
 from typing import Any
 
 from embserve._host import ReplicaHost
@@ -167,38 +166,11 @@ class ParentRuntime:
             queue.put_nowait(("err", exc))
 
 
-_EAGER = sys.version_info >= (3, 11)
-
-
-class _Resumed:
-    # Awaitable that carries on a coroutine whose first step already ran, so that a task can
-    # take it over: whatever the task sends or throws (results, cancellation) goes to it.
-
-    __slots__ = ("_coro", "_first")
-
-    def __init__(self, coro: Coroutine[Any, Any, Any], first: Any) -> None:
-        self._coro = coro
-        self._first = first
-
-    def __await__(self) -> Generator[Any, Any, Any]:
-        coro, value = self._coro, self._first
-        while True:
-            try:
-                sent = yield value
-            except BaseException as exc:
-                try:
-                    value = coro.throw(exc)
-                except StopIteration as stop:
-                    return stop.value
-            else:
-                try:
-                    value = coro.send(sent)
-                except StopIteration as stop:
-                    return stop.value
-
-
-async def _resume(coro: Coroutine[Any, Any, Any], first: Any) -> Any:
-    return await _Resumed(coro, first)
+# Python 3.12 can run a task's first step at once, inside the task: a call that waits for
+# nothing (the usual async method) is then answered before the message callback returns. Older
+# Pythons get an ordinary task: running the step outside any task would save a loop turn but
+# break user code that needs one (asyncio.timeout, anyio cancel scopes, httpx).
+_EAGER = sys.version_info >= (3, 12)
 
 
 class _Credit:
@@ -273,18 +245,10 @@ class _Worker:
 
     def _spawn(self, ident: int, coro: Coroutine[Any, Any, None]) -> None:
         if _EAGER:
-            # Run the request's first step now: a call that does not wait for anything (the
-            # usual async method) is answered before this callback returns, with no task and
-            # no further turn of the loop.
-            context = contextvars.copy_context()
-            try:
-                first = context.run(coro.send, None)
-            except StopIteration:
+            loop = asyncio.get_running_loop()
+            task = asyncio.Task(coro, loop=loop, eager_start=True)  # type: ignore[call-arg,unused-ignore]
+            if task.done():
                 return
-            task = asyncio.get_running_loop().create_task(
-                _resume(coro, first),
-                context=context,  # type: ignore[call-arg,unused-ignore]
-            )
         else:
             task = asyncio.ensure_future(coro)
         self._tasks[ident] = task
