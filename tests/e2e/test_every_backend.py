@@ -1,0 +1,89 @@
+"""The same application, unchanged, on every backend: in this process, in worker processes, and
+on a Dask cluster (an in-process LocalCluster over loopback TCP)."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Iterator
+from typing import Any
+
+import distributed
+import pytest
+
+import embserve
+
+LocalCluster: Any = distributed.LocalCluster
+
+
+@embserve.deployment
+class Tokenizer:
+    def __call__(self, text: str) -> list[str]:
+        return text.split()
+
+
+@embserve.deployment(num_replicas=2, max_ongoing_requests=8)
+class Model:
+    def __init__(self, tokenizer: embserve.Handle, weight: int) -> None:
+        self.tokenizer = tokenizer
+        self.weight = weight
+
+    async def __call__(self, text: str) -> int:
+        return len(await self.tokenizer.remote(text)) * self.weight
+
+    @embserve.batch(max_batch_size=4, batch_wait_timeout_s=0.01)
+    async def batched(self, xs: list[int]) -> list[int]:
+        return [x * self.weight for x in xs]
+
+    async def words(self, text: str) -> AsyncIterator[str]:
+        for word in await self.tokenizer.remote(text):
+            yield word
+
+    def who(self) -> str:
+        return embserve.get_replica_context().deployment
+
+    def fail(self, message: str) -> None:
+        raise KeyError(message)
+
+
+@pytest.fixture(scope="module", params=["local", "process", "dask"])
+def runtime(request: pytest.FixtureRequest) -> Iterator[embserve.Runtime]:
+    if request.param != "dask":
+        with embserve.Runtime(backend=request.param) as rt:
+            yield rt
+        return
+    cluster = LocalCluster(
+        n_workers=1, processes=False, protocol="tcp", host="127.0.0.1", dashboard_address=":0"
+    )
+    address = "dask://" + cluster.scheduler_address.removeprefix("tcp://")
+    with cluster, embserve.Runtime(backend=address) as rt:
+        yield rt
+
+
+@pytest.fixture(scope="module")
+def model(runtime: embserve.Runtime) -> embserve.Handle:
+    return runtime.run(Model.bind(Tokenizer.bind(), 10), name="model")
+
+
+def test_calls_and_composition(model: embserve.Handle) -> None:
+    assert model.remote("a b c").result(timeout_s=30) == 30
+    assert model.who.remote().result(timeout_s=30) == "model"
+
+
+def test_batched_calls(model: embserve.Handle) -> None:
+    responses = [model.batched.remote(i) for i in range(10)]
+    assert [r.result(timeout_s=30) for r in responses] == [10 * i for i in range(10)]
+
+
+def test_streams(model: embserve.Handle) -> None:
+    assert list(model.options(stream=True).words.remote("x y z")) == ["x", "y", "z"]
+
+
+def test_user_exceptions_keep_their_type(model: embserve.Handle) -> None:
+    with pytest.raises(KeyError, match="missing") as info:
+        model.fail.remote("missing").result(timeout_s=30)
+    assert "in fail" in (embserve.remote_traceback(info.value) or "")
+
+
+def test_status_counts_the_replicas(runtime: embserve.Runtime, model: embserve.Handle) -> None:
+    status = runtime.status().deployments
+    assert status["model"].running_replicas == 2
+    assert status["Tokenizer"].running_replicas == 1
