@@ -132,7 +132,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="short runs (smoke test)")
     options = parser.parse_args()
-    seconds = 0.15 if options.quick else 1.5
+    seconds = 0.15 if options.quick else 1.0
+    # Cells are measured in interleaved rounds and each figure is the median of its rounds, so
+    # that a burst of load from elsewhere on the machine hits one round, not one variant.
+    rounds = 1 if options.quick else 3
     loads = (4, 16, 64)
     fixed = [(8, 0.001), (32, 0.001), (32, 0.01), (64, 0.001), (64, 0.01)]
     variants: dict[str, Any] = {"unbatched": Unbatched}
@@ -144,7 +147,9 @@ def main() -> None:
     gc.freeze()
 
     floors: list[float] = [floor(32, seconds)]
-    results: dict[str, dict[str, Any]] = {str(n): {} for n in loads}
+    samples: dict[str, dict[str, list[dict[str, float]]]] = {
+        str(n): {name: [] for name in variants} for n in loads
+    }
     with embserve.Runtime() as runtime:
         loop = runtime.loop
         assert loop is not None
@@ -152,13 +157,14 @@ def main() -> None:
             name: runtime.run(dep.options(name=name).bind(), name=name)
             for name, dep in variants.items()
         }
-        for callers in loads:
-            for name, handle in handles.items():
-                measured = asyncio.run_coroutine_threadsafe(
-                    load(handle, callers, seconds), loop
-                ).result()
-                results[str(callers)][name] = measured
-                floors.append(floor(32, seconds / 3))
+        for _ in range(rounds):
+            for callers in loads:
+                for name, handle in handles.items():
+                    measured = asyncio.run_coroutine_threadsafe(
+                        load(handle, callers, seconds), loop
+                    ).result()
+                    samples[str(callers)][name].append(measured)
+                    floors.append(floor(32, seconds / 3))
         lone = asyncio.run_coroutine_threadsafe(
             lone_request_ms(handles["fixed_32_10ms"], 5 if options.quick else 20), loop
         ).result()
@@ -166,6 +172,13 @@ def main() -> None:
             lone_request_ms(handles["adaptive"], 5 if options.quick else 20), loop
         ).result()
 
+    results: dict[str, dict[str, Any]] = {
+        callers: {
+            name: {key: statistics.median(r[key] for r in runs) for key in runs[0]}
+            for name, runs in per_load.items()
+        }
+        for callers, per_load in samples.items()
+    }
     floor_rate = statistics.median(floors)
     for per_load in results.values():
         for measured in per_load.values():
@@ -187,6 +200,7 @@ def main() -> None:
         "numpy": np.__version__,
         "blas_threads": os.environ["OPENBLAS_NUM_THREADS"],
         "seconds_per_cell": seconds,
+        "rounds": rounds,
         "floor_items_per_s": round(floor_rate),
         "floor_spread": [round(min(floors)), round(max(floors))],
         "loads": results,
