@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import os
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Iterator
 from typing import Any, TypeVar
 
 import numpy as np
@@ -17,22 +17,11 @@ import embserve.wire
 from embserve.backends import load_backend, resolve_backend
 from embserve_process import ProcessBackend
 from embserve_process._channel import STREAM_WINDOW, decode, encode
+from tests.waiting import wait_for
 
 T = TypeVar("T")
 
 pytestmark = pytest.mark.timeout(60)
-
-
-def wait_for(probe: Callable[[], T], timeout_s: float = 20.0) -> T:
-    """Poll ``probe`` until it returns something true, or fail after ``timeout_s``."""
-    deadline = time.monotonic() + timeout_s
-    while True:
-        value = probe()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"nothing within {timeout_s} s (last: {value!r})")
-        time.sleep(0.01)
 
 
 class Boom(ValueError):

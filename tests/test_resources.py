@@ -5,8 +5,7 @@ from __future__ import annotations
 import asyncio
 import os
 import stat
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import TypeVar
 
@@ -17,6 +16,7 @@ from hypothesis import strategies as st
 import embserve
 from embserve.local import LocalBackend
 from embserve.resources import Allocation, ResourcePool, acquire, default_capacity, detect_gpus
+from tests.waiting import wait_for
 
 T = TypeVar("T")
 
@@ -254,18 +254,6 @@ def test_gpus_come_from_nvidia_smi_when_nothing_is_set(
 # -- the local backend ----------------------------------------------------------------------
 
 
-def wait_for(probe: Callable[[], T], timeout_s: float = 10.0) -> T:
-    """Poll ``probe`` until it returns something true, or fail after ``timeout_s``."""
-    deadline = time.monotonic() + timeout_s
-    while True:
-        value = probe()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"nothing within {timeout_s} s (last: {value!r})")
-        time.sleep(0.005)
-
-
 @embserve.deployment(num_replicas=4, resources={"GPU": 0.5})
 def where() -> tuple[str, tuple[str, ...]]:
     """The replica's id and the GPUs its context says it holds."""
@@ -284,7 +272,7 @@ def test_local_backend_places_fractional_gpus_and_a_pending_deployment_starts_la
             deadline -= 1
         assert sorted(seen.values()) == [("0",), ("0",), ("1",), ("1",)]
         late = rt.run(where.options(num_replicas=1).bind(), name="late", wait=False)
-        message = wait_for(lambda: rt.status().deployments["late"].message)
+        message = wait_for(lambda: rt.status().deployments["late"].message, timeout_s=10)
         assert message.startswith("waiting for resources: GPU")
         assert rt.status().deployments["late"].running_replicas == 0
         rt.delete("where")

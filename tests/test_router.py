@@ -5,41 +5,19 @@ from __future__ import annotations
 import asyncio
 import random
 from collections import Counter
-from collections.abc import AsyncIterator
-from typing import Any
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from embserve.errors import BackPressureError
-from embserve.replica import Call, Replica
+from embserve.replica import Replica
 from embserve.router import PowerOfTwoChoicesRouter, RoundRobinRouter, Router, make_router
-
-
-class Slot(Replica):
-    """A replica that only exists to be counted."""
-
-    async def call(self, call: Call) -> Any:
-        raise NotImplementedError
-
-    async def stream(self, call: Call) -> AsyncIterator[Any]:
-        if call.method:
-            raise NotImplementedError
-        yield
-
-    async def check_health(self) -> None:
-        pass
-
-    async def reconfigure(self, user_config: Any) -> None:
-        pass
-
-    async def stop(self) -> None:
-        pass
+from tests.replicas import StubReplica
 
 
 def slots(count: int) -> list[Replica]:
-    return [Slot(f"r{i}", "d") for i in range(count)]
+    return [StubReplica(f"r{i}", "d") for i in range(count)]
 
 
 def p2c(limit: int = 2, queued: int = -1, seed: int = 0) -> Router:

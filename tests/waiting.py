@@ -4,12 +4,23 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from typing import TypeVar
+
+T = TypeVar("T")
+
+
+def wait_for(probe: Callable[[], T], timeout_s: float = 20.0, step_s: float = 0.005) -> T:
+    """Poll ``probe`` until it returns something true and return that; fail after ``timeout_s``."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        value = probe()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"nothing within {timeout_s} s (last: {value!r})")
+        time.sleep(step_s)
 
 
 def wait_until(predicate: Callable[[], object], timeout_s: float = 10.0) -> None:
     """Return once ``predicate()`` is true; fail the test if the deadline passes first."""
-    deadline = time.monotonic() + timeout_s
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"condition not reached within {timeout_s} s")
-        time.sleep(0.005)
+    wait_for(predicate, timeout_s)

@@ -9,7 +9,6 @@ from __future__ import annotations
 import asyncio
 import random
 from collections import Counter
-from collections.abc import AsyncIterator
 from typing import Any, ClassVar
 
 from hypothesis import given, settings
@@ -18,9 +17,10 @@ from hypothesis import strategies as st
 import embserve
 from embserve.backends import Backend
 from embserve.replica import Call, Replica, ReplicaSpec, ReplicaState
+from tests.replicas import StubReplica
 
 
-class FlakyReplica(Replica):
+class FlakyReplica(StubReplica):
     """Dies with probability ``death_rate`` per call, before or during the call."""
 
     def __init__(self, spec: ReplicaSpec, backend: FlakyBackend) -> None:
@@ -54,17 +54,6 @@ class FlakyReplica(Replica):
         if self.state is not ReplicaState.STOPPED:
             self.state = ReplicaState.STOPPED
             self.backend.on_replica_died(self, "killed by the test")
-
-    async def stream(self, call: Call) -> AsyncIterator[Any]:
-        if call.method:
-            raise NotImplementedError
-        yield
-
-    async def check_health(self) -> None:
-        pass
-
-    async def reconfigure(self, user_config: Any) -> None:
-        pass
 
     async def stop(self) -> None:
         self.state = ReplicaState.STOPPED

@@ -10,7 +10,7 @@ import subprocess
 import sys
 import textwrap
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -18,6 +18,7 @@ import pytest
 
 import embserve
 from embserve_process import ProcessBackend
+from tests.waiting import wait_for
 
 T = TypeVar("T")
 
@@ -25,18 +26,6 @@ pytestmark = pytest.mark.timeout(90)
 
 # How soon a killed worker must be noticed (the issue's bound).
 DETECTION_BOUND_S = 1.0
-
-
-def wait_for(probe: Callable[[], T], timeout_s: float = 20.0, step_s: float = 0.005) -> T:
-    """Poll ``probe`` until it returns something true, or fail after ``timeout_s``."""
-    deadline = time.monotonic() + timeout_s
-    while True:
-        value = probe()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"nothing within {timeout_s} s (last: {value!r})")
-        time.sleep(step_s)
 
 
 def gone(pid: int) -> bool:
