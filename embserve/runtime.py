@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import atexit
+import functools
 import importlib
 import logging
 import random
@@ -11,7 +12,7 @@ import sys
 import threading
 import uuid
 import weakref
-from collections.abc import AsyncIterator, Coroutine, Mapping
+from collections.abc import AsyncIterator, Awaitable, Coroutine, Mapping
 from types import TracebackType
 from typing import Any, TypeVar
 
@@ -72,7 +73,8 @@ class Runtime:
         self._closed = False
         self._controllers: dict[str, DeploymentController] = {}
         self._endpoints: dict[str, Endpoint] = {}
-        self._shadow_tasks: set[asyncio.Task[Any]] = set()
+        # Work nobody awaits (shadow requests, deploys with wait=False), kept alive and ended here.
+        self._background: set[asyncio.Task[Any]] = set()
 
     # -- lifecycle ------------------------------------------------------------------------
 
@@ -173,9 +175,9 @@ class Runtime:
         self._endpoints.clear()
         controllers, self._controllers = list(self._controllers.values()), {}
         await asyncio.gather(*(c.stop("the runtime is shutting down") for c in controllers))
-        for task in list(self._shadow_tasks):
+        for task in list(self._background):
             task.cancel()
-        await asyncio.gather(*self._shadow_tasks, return_exceptions=True)
+        await asyncio.gather(*self._background, return_exceptions=True)
         if self._backend is not None:
             await self._backend.close()
 
@@ -288,7 +290,7 @@ class Runtime:
         else:
             work = controller.update(deployment, args, kwargs)
         if not wait:
-            asyncio.ensure_future(work).add_done_callback(_log_failure)
+            self._in_background(work, f"deploying {deployment.name!r}", logging.ERROR)
             return
         try:
             await work
@@ -473,14 +475,17 @@ class Runtime:
             controller = self._controllers.get(name)
             if controller is None:
                 continue
-            task = asyncio.ensure_future(controller.handle(call))
-            self._shadow_tasks.add(task)
-            task.add_done_callback(self._shadow_done)
+            self._in_background(controller.handle(call), f"a shadow request to {name!r}")
 
-    def _shadow_done(self, task: asyncio.Task[Any]) -> None:
-        self._shadow_tasks.discard(task)
+    def _in_background(self, work: Awaitable[Any], what: str, level: int = logging.DEBUG) -> None:
+        task = asyncio.ensure_future(work)
+        self._background.add(task)
+        task.add_done_callback(functools.partial(self._background_done, what, level))
+
+    def _background_done(self, what: str, level: int, task: asyncio.Task[Any]) -> None:
+        self._background.discard(task)
         if not task.cancelled() and task.exception() is not None:
-            logger.debug("shadow request failed", exc_info=task.exception())
+            logger.log(level, "%s failed", what, exc_info=task.exception())
 
     def _replica_died(self, replica: Replica, reason: str) -> None:
         controller = self._controllers.get(replica.deployment)
@@ -513,11 +518,6 @@ def _bound(value: Any, handles: dict[int, Handle]) -> Any:
     if isinstance(value, Application):
         return handles[id(value)]
     return value
-
-
-def _log_failure(task: asyncio.Future[Any]) -> None:
-    if not task.cancelled() and task.exception() is not None:
-        logger.error("deployment failed to start", exc_info=task.exception())
 
 
 # Runtimes with a thread of their own, stopped at exit so no replica outlives the interpreter.

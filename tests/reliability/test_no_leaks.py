@@ -38,7 +38,7 @@ def per_request_state(runtime: embserve.Runtime) -> dict[str, int]:
     state = {
         "queued": controller.router.queued,
         "in_flight": sum(r.ongoing for r in controller.running),
-        "shadow_tasks": len(runtime._shadow_tasks),
+        "background_tasks": len(runtime._background),
         "controller_tasks": len(controller._tasks),
     }
     for replica in controller.running:
