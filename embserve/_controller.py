@@ -303,7 +303,7 @@ class DeploymentController:
             if task is not None:
                 task.cancel()
         self.state = "DELETING"
-        self.router.fail_waiters(EmbserveError(reason))
+        self.router.fail_waiters(lambda: EmbserveError(reason))
         await asyncio.gather(*(self._retire(r) for r in list(self.running)))
         for task in list(self._tasks):
             task.cancel()

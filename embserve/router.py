@@ -14,7 +14,7 @@ import contextlib
 import random
 from abc import ABC, abstractmethod
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from embserve.errors import BackPressureError
 from embserve.replica import Replica
@@ -104,12 +104,16 @@ class Router(ABC):
         if replica.ongoing == 0:
             replica.mark_released()
 
-    def fail_waiters(self, error: BaseException) -> None:
-        """End every queued request with ``error`` (the deployment is going away)."""
+    def fail_waiters(self, make_error: Callable[[], BaseException]) -> None:
+        """End every queued request with an error of its own (the deployment is going away).
+
+        One instance each: an exception raised in several tasks would collect all their
+        tracebacks.
+        """
         while self._waiters:
             waiter = self._waiters.popleft()
             if not waiter.done():
-                waiter.set_exception(error)
+                waiter.set_exception(make_error())
 
     def _serve_waiters(self) -> None:
         waiters = self._waiters

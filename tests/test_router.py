@@ -107,9 +107,10 @@ async def test_fail_waiters_ends_every_queued_request() -> None:
     router = p2c()
     waiters = [asyncio.ensure_future(router.assign()) for _ in range(3)]
     await asyncio.sleep(0)
-    router.fail_waiters(RuntimeError("gone"))
+    router.fail_waiters(lambda: RuntimeError("gone"))
     results = await asyncio.gather(*waiters, return_exceptions=True)
     assert all(isinstance(r, RuntimeError) for r in results)
+    assert len({id(r) for r in results}) == 3
 
 
 def test_power_of_two_prefers_the_less_loaded() -> None:
