@@ -3,9 +3,11 @@ on a Dask cluster (an in-process LocalCluster over loopback TCP)."""
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
+import anyio
 import distributed
 import pytest
 
@@ -43,6 +45,12 @@ class Model:
     def fail(self, message: str) -> None:
         raise KeyError(message)
 
+    async def in_a_task(self) -> bool:
+        # asyncio.timeout, anyio cancel scopes (and so httpx) need a task, from the first step.
+        with anyio.fail_after(5):
+            await asyncio.sleep(0)
+        return asyncio.current_task() is not None
+
 
 @pytest.fixture(scope="module", params=["local", "process", "dask"])
 def runtime(request: pytest.FixtureRequest) -> Iterator[embserve.Runtime]:
@@ -75,6 +83,10 @@ def test_batched_calls(model: embserve.Handle) -> None:
 
 def test_streams(model: embserve.Handle) -> None:
     assert list(model.options(stream=True).words.remote("x y z")) == ["x", "y", "z"]
+
+
+def test_async_user_code_runs_inside_a_task(model: embserve.Handle) -> None:
+    assert model.in_a_task.remote().result(timeout_s=30) is True
 
 
 def test_user_exceptions_keep_their_type(model: embserve.Handle) -> None:
