@@ -17,7 +17,7 @@ from embserve.backends import Backend
 from embserve.context import ReplicaContext
 from embserve.errors import ReplicaDiedError
 from embserve.replica import Call, Replica, ReplicaSpec, ReplicaState
-from embserve.resources import ResourcePool, acquire
+from embserve.resources import ResourcePool, acquire, build_pool
 
 __all__ = ["LocalBackend", "LocalReplica"]
 
@@ -132,10 +132,8 @@ class LocalBackend(Backend):
             replica.state = ReplicaState.RUNNING
             return replica
         # Built on first demand: most local runtimes ask for nothing and never probe for GPUs.
-        if self.pool is None:  # off the loop: finding the GPUs may run nvidia-smi
-            built = await asyncio.get_running_loop().run_in_executor(
-                None, functools.partial(ResourcePool, self._capacity, gpu_ids=self._gpu_ids)
-            )
+        if self.pool is None:
+            built = await build_pool(self._capacity, self._gpu_ids)
             if self.pool is None:  # replicas starting together: the first pool built is kept
                 self.pool = built
         pool = self.pool

@@ -22,7 +22,14 @@ from collections.abc import Callable, Mapping, Sequence
 
 from embserve.errors import DeploymentFailedError
 
-__all__ = ["Allocation", "ResourcePool", "acquire", "default_capacity", "detect_gpus"]
+__all__ = [
+    "Allocation",
+    "ResourcePool",
+    "acquire",
+    "build_pool",
+    "default_capacity",
+    "detect_gpus",
+]
 
 GPU = "GPU"
 _UNIT = 10_000
@@ -297,6 +304,15 @@ class ResourcePool:
                 continue
             self._waiters.remove(waiter)
             waiter.grant(allocation)
+
+
+async def build_pool(
+    capacity: Mapping[str, float] | None, gpu_ids: Sequence[str] | None = None
+) -> ResourcePool:
+    """A :class:`ResourcePool` built off the event loop: finding the GPUs may run nvidia-smi."""
+    return await asyncio.get_running_loop().run_in_executor(
+        None, functools.partial(ResourcePool, capacity, gpu_ids=gpu_ids)
+    )
 
 
 async def acquire(

@@ -9,14 +9,13 @@ and custom resources is :class:`~embserve.resources.ResourcePool`'s.
 from __future__ import annotations
 
 import asyncio
-import functools
 from collections.abc import Mapping
 from typing import ClassVar
 
 from embserve.backends import Backend, ReplicaDied
 from embserve.errors import EmbserveError
 from embserve.replica import Replica, ReplicaSpec
-from embserve.resources import ResourcePool, acquire
+from embserve.resources import ResourcePool, acquire, build_pool
 from embserve_process._replica import ProcessReplica
 
 __all__ = ["ProcessBackend"]
@@ -52,10 +51,7 @@ class ProcessBackend(Backend):
 
     async def start(self, on_replica_died: ReplicaDied) -> None:
         await super().start(on_replica_died)
-        # Off the loop: finding the GPUs may run nvidia-smi.
-        self.pool = await asyncio.get_running_loop().run_in_executor(
-            None, functools.partial(ResourcePool, self._capacity, gpu_ids=self._gpu_ids)
-        )
+        self.pool = await build_pool(self._capacity, self._gpu_ids)
 
     async def start_replica(self, spec: ReplicaSpec) -> Replica:
         if self.pool is None:
