@@ -323,7 +323,7 @@ class DeploymentController:
         router = self.router
         retries = unstarted = 0
         while True:
-            replica = await router.assign()
+            replica = await router.assign(call.key)
             try:
                 return await replica.call(call)
             except ReplicaDiedError as exc:
@@ -344,7 +344,7 @@ class DeploymentController:
         router = self.router
         unstarted = 0
         while True:
-            replica = await router.assign()
+            replica = await router.assign(call.key)
             first = True
             try:
                 async for item in replica.stream(call):

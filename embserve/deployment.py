@@ -13,7 +13,7 @@ from embserve.batching import batch_capacity
 
 __all__ = ["Application", "Deployment", "DeploymentConfig", "deployment"]
 
-ROUTERS = ("power_of_two", "round_robin")
+ROUTERS = ("power_of_two", "round_robin", "consistent_hash")
 AUTOSCALING_KEYS = frozenset(f.name for f in dataclasses.fields(AutoscalingPolicy))
 DEFAULT_MAX_ONGOING_REQUESTS = 5
 
@@ -251,7 +251,8 @@ def deployment(
     - ``max_retries``: times a request that started on a replica that died is retried
       (for idempotent work; requests that had not started are always retried).
     - ``version``: replicas of the same version are reconfigured in place, not replaced.
-    - ``router``: ``"power_of_two"`` (default) or ``"round_robin"``.
+    - ``router``: ``"power_of_two"`` (default), ``"round_robin"``, or ``"consistent_hash"``
+      (calls with the same ``handle.options(routing_key=...)`` stay on one replica).
     """
     _check_option_names(options)
     config = DeploymentConfig(**options)

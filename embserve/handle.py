@@ -30,13 +30,23 @@ class Submitter(Protocol):
     """What a handle needs from the runtime that serves it (a runtime, or a proxy to one)."""
 
     def submit(
-        self, target: str, method: str, args: tuple[Any, ...], kwargs: dict[str, Any]
+        self,
+        target: str,
+        method: str,
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+        key: str | None = None,
     ) -> Response:
-        """Start a call and return its response."""
+        """Start a call and return its response; ``key`` is the request's routing key."""
         ...
 
     def submit_stream(
-        self, target: str, method: str, args: tuple[Any, ...], kwargs: dict[str, Any]
+        self,
+        target: str,
+        method: str,
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+        key: str | None = None,
     ) -> ResponseStream:
         """Start a streaming call."""
         ...
@@ -81,18 +91,27 @@ class Handle:
 
     ``h.remote(*args, **kwargs)`` calls ``__call__``; ``h.method.remote(...)`` calls another
     method; ``h.options(stream=True).remote(...)`` returns a :class:`ResponseStream` for generator
-    methods. Handles are safe to share between threads and event loops.
+    methods; ``h.options(routing_key="user-42")`` sends calls with that key, which a deployment
+    with ``router="consistent_hash"`` keeps on one replica. Handles are safe to share between
+    threads and event loops.
     """
 
-    __slots__ = ("_method", "_runtime_id", "_stream", "_submitter", "name")
+    __slots__ = ("_key", "_method", "_runtime_id", "_stream", "_submitter", "name")
 
     def __init__(
-        self, runtime_id: str, name: str, *, method: str = "__call__", stream: bool = False
+        self,
+        runtime_id: str,
+        name: str,
+        *,
+        method: str = "__call__",
+        stream: bool = False,
+        routing_key: str | None = None,
     ) -> None:
         self._runtime_id = runtime_id
         self.name = name
         self._method = method
         self._stream = stream
+        self._key = routing_key
         self._submitter: Submitter | None = None
 
     @property
@@ -100,13 +119,22 @@ class Handle:
         """The method this handle calls."""
         return self._method
 
-    def options(self, *, method_name: str | None = None, stream: bool | None = None) -> Handle:
-        """A copy of this handle calling ``method_name`` and/or streaming results."""
+    def options(
+        self,
+        *,
+        method_name: str | None = None,
+        stream: bool | None = None,
+        routing_key: str | None = None,
+    ) -> Handle:
+        """A copy of this handle calling ``method_name``, streaming results, or routing by key."""
+        if routing_key is not None and not isinstance(routing_key, str):
+            raise TypeError(f"routing_key must be a str, got {routing_key!r}")
         return Handle(
             self._runtime_id,
             self.name,
             method=self._method if method_name is None else method_name,
             stream=self._stream if stream is None else stream,
+            routing_key=self._key if routing_key is None else routing_key,
         )
 
     def __getattr__(self, method: str) -> Handle:
@@ -123,12 +151,19 @@ class Handle:
         submitter = self._submitter
         if submitter is None:
             submitter = self._submitter = _find_submitter(self._runtime_id)
+        if self._key is not None:
+            if self._stream:
+                return submitter.submit_stream(self.name, self._method, args, kwargs, self._key)
+            return submitter.submit(self.name, self._method, args, kwargs, self._key)
         if self._stream:
             return submitter.submit_stream(self.name, self._method, args, kwargs)
         return submitter.submit(self.name, self._method, args, kwargs)
 
     def __reduce__(self) -> tuple[Any, ...]:
-        return (_rebuild_handle, (self._runtime_id, self.name, self._method, self._stream))
+        return (
+            _rebuild_handle,
+            (self._runtime_id, self.name, self._method, self._stream, self._key),
+        )
 
     def __repr__(self) -> str:
         method = "" if self._method == "__call__" else f".{self._method}"
@@ -138,11 +173,13 @@ class Handle:
         return isinstance(other, Handle) and self.__reduce__() == other.__reduce__()
 
     def __hash__(self) -> int:
-        return hash((self._runtime_id, self.name, self._method, self._stream))
+        return hash(self.__reduce__()[1])
 
 
-def _rebuild_handle(runtime_id: str, name: str, method: str, stream: bool) -> Handle:
-    return Handle(runtime_id, name, method=method, stream=stream)
+def _rebuild_handle(
+    runtime_id: str, name: str, method: str, stream: bool, routing_key: str | None = None
+) -> Handle:
+    return Handle(runtime_id, name, method=method, stream=stream, routing_key=routing_key)
 
 
 class Response:

@@ -53,6 +53,8 @@ class Call:
     args: tuple[Any, ...]
     kwargs: dict[str, Any]
     request_id: str = ""
+    #: The routing key (``handle.options(routing_key=...)``) for key-aware routers.
+    key: str | None = None
 
 
 class Replica(ABC):

@@ -10,7 +10,9 @@ replicas; counting and queueing are shared.
 from __future__ import annotations
 
 import asyncio
+import bisect
 import contextlib
+import hashlib
 import random
 from abc import ABC, abstractmethod
 from collections import deque
@@ -19,7 +21,13 @@ from collections.abc import Callable, Sequence
 from embserve.errors import BackPressureError
 from embserve.replica import Replica
 
-__all__ = ["PowerOfTwoChoicesRouter", "RoundRobinRouter", "Router", "make_router"]
+__all__ = [
+    "ConsistentHashRouter",
+    "PowerOfTwoChoicesRouter",
+    "RoundRobinRouter",
+    "Router",
+    "make_router",
+]
 
 
 class Router(ABC):
@@ -42,7 +50,8 @@ class Router(ABC):
         self.max_queued_requests = max_queued_requests
         self.rng = rng if rng is not None else random.Random()
         self.replicas: list[Replica] = []
-        self._waiters: deque[asyncio.Future[Replica]] = deque()
+        # Requests waiting for a free replica, in arrival order, with their routing keys.
+        self._waiters: deque[tuple[asyncio.Future[Replica], str | None]] = deque()
 
     @abstractmethod
     def choose(self, replicas: Sequence[Replica], key: str | None) -> Replica | None:
@@ -84,7 +93,8 @@ class Router(ABC):
                 f"(max_queued_requests={self.max_queued_requests}); retry later or add replicas"
             )
         waiter: asyncio.Future[Replica] = asyncio.get_running_loop().create_future()
-        self._waiters.append(waiter)
+        entry = (waiter, key)
+        self._waiters.append(entry)
         try:
             return await waiter
         except asyncio.CancelledError:
@@ -93,7 +103,7 @@ class Router(ABC):
                 self.release(waiter.result())
             else:
                 with contextlib.suppress(ValueError):
-                    self._waiters.remove(waiter)
+                    self._waiters.remove(entry)
             raise
 
     def release(self, replica: Replica) -> None:
@@ -111,43 +121,30 @@ class Router(ABC):
         tracebacks.
         """
         while self._waiters:
-            waiter = self._waiters.popleft()
+            waiter, _ = self._waiters.popleft()
             if not waiter.done():
                 waiter.set_exception(make_error())
 
     def _serve_waiters(self) -> None:
         waiters = self._waiters
         while waiters and self.replicas:
-            if waiters[0].done():  # cancelled while waiting
+            waiter, key = waiters[0]
+            if waiter.done():  # cancelled while waiting
                 waiters.popleft()
                 continue
-            replica = self.choose(self.replicas, None)
+            replica = self.choose(self.replicas, key)
             if replica is None:
                 return
             replica.ongoing += 1
-            waiters.popleft().set_result(replica)
+            waiters.popleft()
+            waiter.set_result(replica)
 
 
 class PowerOfTwoChoicesRouter(Router):
     """Sample two replicas, take the one with fewer requests in flight (the default)."""
 
     def choose(self, replicas: Sequence[Replica], key: str | None) -> Replica | None:
-        limit = self.max_ongoing_requests
-        count = len(replicas)
-        if count == 1:
-            only = replicas[0]
-            return only if only.ongoing < limit else None
-        randrange = self.rng.randrange
-        first = randrange(count)
-        second = randrange(count - 1)
-        if second >= first:
-            second += 1
-        a, b = replicas[first], replicas[second]
-        best = a if a.ongoing <= b.ongoing else b
-        if best.ongoing < limit:
-            return best
-        best = min(replicas, key=_ongoing)
-        return best if best.ongoing < limit else None
+        return _power_of_two(replicas, self.max_ongoing_requests, self.rng)
 
 
 class RoundRobinRouter(Router):
@@ -165,6 +162,75 @@ class RoundRobinRouter(Router):
         return None
 
 
+class ConsistentHashRouter(Router):
+    """Requests with the same routing key go to the same replica (sticky sessions, per-user or
+    per-model caches), while it has room.
+
+    Replicas sit on a hash ring at ``VIRTUAL_NODES`` points each; a key goes to the first replica
+    clockwise from its hash. Adding or removing a replica moves only the keys of its own arcs.
+    A key whose replica is full spills to the next replica on the ring with room (consistent
+    hashing with bounded loads), so ``max_ongoing_requests`` holds as for every router. Requests
+    without a key go to the less loaded of two sampled replicas. Hashes are stable across
+    processes and runs (BLAKE2b, not Python's salted ``hash``).
+    """
+
+    VIRTUAL_NODES = 64
+    _ring_of: tuple[str, ...] = ()
+    _points: list[int]
+    _owners: list[Replica]
+
+    def choose(self, replicas: Sequence[Replica], key: str | None) -> Replica | None:
+        if key is None:
+            return _power_of_two(replicas, self.max_ongoing_requests, self.rng)
+        ids = tuple(r.replica_id for r in replicas)
+        if ids != self._ring_of:
+            self._build(replicas, ids)
+        points, owners = self._points, self._owners
+        start = bisect.bisect(points, _hash(key))
+        limit = self.max_ongoing_requests
+        seen: set[int] = set()
+        for step in range(len(owners)):
+            replica = owners[(start + step) % len(owners)]
+            if replica.ongoing < limit:
+                return replica
+            seen.add(id(replica))
+            if len(seen) == len(replicas):
+                break
+        return None
+
+    def _build(self, replicas: Sequence[Replica], ids: tuple[str, ...]) -> None:
+        ring = sorted(
+            (_hash(f"{replica.replica_id}#{n}"), index)
+            for index, replica in enumerate(replicas)
+            for n in range(self.VIRTUAL_NODES)
+        )
+        self._points = [point for point, _ in ring]
+        self._owners = [replicas[index] for _, index in ring]
+        self._ring_of = ids
+
+
+def _power_of_two(replicas: Sequence[Replica], limit: int, rng: random.Random) -> Replica | None:
+    count = len(replicas)
+    if count == 1:
+        only = replicas[0]
+        return only if only.ongoing < limit else None
+    randrange = rng.randrange
+    first = randrange(count)
+    second = randrange(count - 1)
+    if second >= first:
+        second += 1
+    a, b = replicas[first], replicas[second]
+    best = a if a.ongoing <= b.ongoing else b
+    if best.ongoing < limit:
+        return best
+    best = min(replicas, key=_ongoing)
+    return best if best.ongoing < limit else None
+
+
+def _hash(text: str) -> int:
+    return int.from_bytes(hashlib.blake2b(text.encode(), digest_size=8).digest(), "big")
+
+
 def _ongoing(replica: Replica) -> int:
     return replica.ongoing
 
@@ -172,6 +238,7 @@ def _ongoing(replica: Replica) -> int:
 _ROUTERS: dict[str, type[Router]] = {
     "power_of_two": PowerOfTwoChoicesRouter,
     "round_robin": RoundRobinRouter,
+    "consistent_hash": ConsistentHashRouter,
 }
 
 

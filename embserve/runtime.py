@@ -393,7 +393,12 @@ class Runtime:
     # -- the request path -----------------------------------------------------------------
 
     def submit(
-        self, target: str, method: str, args: tuple[Any, ...], kwargs: dict[str, Any]
+        self,
+        target: str,
+        method: str,
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+        key: str | None = None,
     ) -> Response:
         """Start a call to ``target`` (what ``Handle.remote`` does)."""
         loop = self._loop
@@ -403,13 +408,18 @@ class Runtime:
             self.start()
             loop = self._loop
             assert loop is not None
-        coro = self._request(target, method, args, kwargs)
+        coro = self._request(target, method, args, kwargs, key)
         if asyncio._get_running_loop() is loop:
             return Response(_start_task(loop, coro), loop)
         return Response(asyncio.run_coroutine_threadsafe(coro, loop), loop)
 
     def submit_stream(
-        self, target: str, method: str, args: tuple[Any, ...], kwargs: dict[str, Any]
+        self,
+        target: str,
+        method: str,
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+        key: str | None = None,
     ) -> ResponseStream:
         """Start a streaming call to ``target``."""
         if self._closed:
@@ -417,7 +427,7 @@ class Runtime:
         if self._loop is None:
             self.start()
         assert self._loop is not None
-        return ResponseStream(lambda: self._stream(target, method, args, kwargs), self._loop)
+        return ResponseStream(lambda: self._stream(target, method, args, kwargs, key), self._loop)
 
     async def call_async(
         self, target: str, method: str, args: tuple[Any, ...], kwargs: dict[str, Any]
@@ -451,23 +461,33 @@ class Runtime:
         return controller, shadows
 
     async def _request(
-        self, target: str, method: str, args: tuple[Any, ...], kwargs: dict[str, Any]
+        self,
+        target: str,
+        method: str,
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+        key: str | None = None,
     ) -> Any:
         controller, shadows = self.controller(target)
         if has_responses(args, kwargs):
             args, kwargs = await resolve_responses(args, kwargs)
-        call = Call(method, args, kwargs)
+        call = Call(method, args, kwargs, key=key)
         if shadows:
             self._shadow(shadows, call)
         return await controller.handle(call)
 
     async def _stream(
-        self, target: str, method: str, args: tuple[Any, ...], kwargs: dict[str, Any]
+        self,
+        target: str,
+        method: str,
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+        key: str | None = None,
     ) -> AsyncIterator[Any]:
         controller, _ = self.controller(target)
         if has_responses(args, kwargs):
             args, kwargs = await resolve_responses(args, kwargs)
-        async for item in controller.stream(Call(method, args, kwargs)):
+        async for item in controller.stream(Call(method, args, kwargs, key=key)):
             yield item
 
     def _shadow(self, names: list[str], call: Call) -> None:

@@ -215,3 +215,62 @@ def test_power_of_two_spreads_load() -> None:
         chosen.ongoing += 1
     counts = [r.ongoing for r in pool]
     assert max(counts) - min(counts) <= 3, counts
+
+
+def hash_router(limit: int = 1000) -> Router:
+    return make_router("consistent_hash", max_ongoing_requests=limit, max_queued_requests=-1)
+
+
+def test_consistent_hash_keeps_a_key_on_one_replica_and_spreads_keys() -> None:
+    router = hash_router()
+    pool = slots(4)
+    first = {f"user-{i}": router.choose(pool, f"user-{i}") for i in range(1000)}
+    assert all(router.choose(pool, key) is replica for key, replica in first.items())
+    shares = Counter(r.replica_id for r in first.values() if r is not None)
+    assert len(shares) == 4
+    assert all(150 <= count <= 350 for count in shares.values()), shares
+
+
+@given(
+    keys=st.lists(st.text(min_size=1, max_size=8), min_size=1, max_size=60), gone=st.integers(0, 4)
+)
+@settings(max_examples=50, deadline=None)
+def test_consistent_hash_moves_only_the_keys_of_a_removed_replica(
+    keys: list[str], gone: int
+) -> None:
+    pool = slots(5)
+    before = {key: hash_router().choose(pool, key) for key in keys}
+    after_pool = [r for i, r in enumerate(pool) if i != gone]
+    router = hash_router()
+    for key in keys:
+        if before[key] is not pool[gone]:
+            assert router.choose(after_pool, key) is before[key]
+
+
+def test_consistent_hash_spills_from_a_full_replica_and_never_overfills() -> None:
+    router = hash_router(limit=1)
+    pool = slots(3)
+    home = router.choose(pool, "k")
+    assert home is not None
+    home.ongoing = 1
+    spilled = router.choose(pool, "k")
+    assert spilled is not None and spilled is not home
+    for replica in pool:
+        replica.ongoing = 1
+    assert router.choose(pool, "k") is None
+    assert router.choose(pool, None) is None
+
+
+@pytest.mark.anyio
+async def test_a_queued_request_keeps_its_key() -> None:
+    router = hash_router(limit=1)
+    pool = slots(2)
+    router.set_replicas(pool)
+    home = await router.assign("sticky")
+    other = next(r for r in pool if r is not home)
+    other.ongoing = 1  # both full: the next request for "sticky" must queue
+    waiting = asyncio.ensure_future(router.assign("sticky"))
+    await asyncio.sleep(0)
+    assert not waiting.done()
+    router.release(home)
+    assert await waiting is home

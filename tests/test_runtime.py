@@ -476,3 +476,17 @@ def test_cancelling_a_stream_closes_the_generator(rt: Runtime) -> None:
     stream.cancel()
     assert closed.wait(5)
     assert rt.status().deployments["Endless"].replicas[0].ongoing_requests == 0
+
+
+def test_routing_keys_stick_to_replicas_with_consistent_hashing(rt: Runtime) -> None:
+    handle = rt.run(Echo.options(router="consistent_hash", num_replicas=3).bind(), name="sticky")
+    homes = {}
+    for user in range(30):
+        keyed = handle.options(routing_key=f"user-{user}").where
+        homes[user] = {keyed.remote().result(timeout_s=5)["replica"] for _ in range(5)}
+    assert all(len(replicas) == 1 for replicas in homes.values())
+    assert len(set().union(*homes.values())) == 3
+    keyed = handle.options(routing_key="user-1")
+    assert pickle.loads(pickle.dumps(keyed)) == keyed != handle
+    with pytest.raises(TypeError, match="routing_key"):
+        handle.options(routing_key=1)  # type: ignore[arg-type]

@@ -16,10 +16,13 @@ import embserve
 LocalCluster: Any = distributed.LocalCluster
 
 
-@embserve.deployment
+@embserve.deployment(router="consistent_hash")
 class Tokenizer:
     def __call__(self, text: str) -> list[str]:
         return text.split()
+
+    def split_stream(self, text: str) -> Iterator[str]:
+        yield from text.split()
 
 
 @embserve.deployment(num_replicas=2, max_ongoing_requests=8)
@@ -34,6 +37,12 @@ class Model:
     @embserve.batch(max_batch_size=4, batch_wait_timeout_s=0.01)
     async def batched(self, xs: list[int]) -> list[int]:
         return [x * self.weight for x in xs]
+
+    async def keyed(self, text: str) -> list[str]:
+        # A routing key travels with calls made from inside a replica, too.
+        tokens: list[str] = await self.tokenizer.options(routing_key=text).remote(text)
+        stream = self.tokenizer.options(routing_key=text, stream=True).split_stream.remote(text)
+        return tokens + [word async for word in stream]
 
     async def words(self, text: str) -> AsyncIterator[str]:
         for word in await self.tokenizer.remote(text):
@@ -74,6 +83,10 @@ def model(runtime: embserve.Runtime) -> embserve.Handle:
 def test_calls_and_composition(model: embserve.Handle) -> None:
     assert model.remote("a b c").result(timeout_s=30) == 30
     assert model.who.remote().result(timeout_s=30) == "model"
+
+
+def test_routing_keys_from_inside_a_replica(model: embserve.Handle) -> None:
+    assert model.keyed.remote("p q").result(timeout_s=30) == ["p", "q", "p", "q"]
 
 
 def test_batched_calls(model: embserve.Handle) -> None:

@@ -268,26 +268,41 @@ class _RuntimeProxy:
         self.loop = loop
 
     def submit(
-        self, target: str, method: str, args: tuple[Any, ...], kwargs: dict[str, Any]
+        self,
+        target: str,
+        method: str,
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+        key: str | None = None,
     ) -> Response:
-        coro = self._submit(target, method, args, kwargs)
+        coro = self._submit(target, method, args, kwargs, key)
         loop = self.loop
         if asyncio._get_running_loop() is loop:
             return Response(loop.create_task(coro), loop)
         return Response(asyncio.run_coroutine_threadsafe(coro, loop), loop)
 
     async def _submit(
-        self, target: str, method: str, args: tuple[Any, ...], kwargs: dict[str, Any]
+        self,
+        target: str,
+        method: str,
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+        key: str | None,
     ) -> Any:
         args, kwargs = await resolve_responses(args, kwargs)
-        return await self.peer.request("submit", (target, method, args, kwargs))
+        return await self.peer.request("submit", (target, method, args, kwargs, key))
 
     def submit_stream(
-        self, target: str, method: str, args: tuple[Any, ...], kwargs: dict[str, Any]
+        self,
+        target: str,
+        method: str,
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+        key: str | None = None,
     ) -> ResponseStream:
         async def items() -> AsyncIterator[Any]:
             resolved_args, resolved_kwargs = await resolve_responses(args, kwargs)
-            request = (target, method, resolved_args, resolved_kwargs)
+            request = (target, method, resolved_args, resolved_kwargs, key)
             async for item in self.peer.stream("submit_stream", request):
                 yield item
 

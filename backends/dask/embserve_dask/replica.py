@@ -122,9 +122,9 @@ class DaskReplica(Replica):
         submitter = handle_module.find_submitter(self.spec.runtime_id)
         if submitter is None:
             raise ReplicaDiedError(f"runtime {self.spec.runtime_id} is not running", started=False)
-        target, method, args, kwargs = value
+        target, method, args, kwargs, key = value
         if op == "submit":
-            return await submitter.submit(target, method, args, kwargs)
+            return await submitter.submit(target, method, args, kwargs, key)
         raise ValueError(f"unknown request {op!r}")
 
     def answer_stream(self, op: str, value: Any) -> AsyncIterator[Any]:
@@ -132,5 +132,5 @@ class DaskReplica(Replica):
         submitter = handle_module.find_submitter(self.spec.runtime_id)
         if submitter is None:
             raise ReplicaDiedError(f"runtime {self.spec.runtime_id} is not running", started=False)
-        target, method, args, kwargs = value
-        return submitter.submit_stream(target, method, args, kwargs).__aiter__()
+        target, method, args, kwargs, key = value
+        return submitter.submit_stream(target, method, args, kwargs, key).__aiter__()

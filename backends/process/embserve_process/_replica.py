@@ -271,8 +271,8 @@ class ProcessReplica(Replica):
         channel = self._channel
         assert channel is not None
         try:
-            target, method, args, kwargs = decode(frames)
-            handle = Handle(self._spec.runtime_id, target, method=method)
+            target, method, args, kwargs, key = decode(frames)
+            handle = Handle(self._spec.runtime_id, target, method=method, routing_key=key)
             if kind == "submit":
                 result = await handle.remote(*args, **kwargs)
                 channel.send("sub_ok", ident, result)

@@ -78,30 +78,45 @@ class ParentRuntime:
         self._streams: dict[int, asyncio.Queue[tuple[str, Any]]] = {}
 
     def submit(
-        self, target: str, method: str, args: tuple[Any, ...], kwargs: dict[str, Any]
+        self,
+        target: str,
+        method: str,
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+        key: str | None = None,
     ) -> Response:
         """Start a call to ``target`` in the parent's runtime."""
         loop = self._loop
-        coro = self._call(target, method, args, kwargs)
+        coro = self._call(target, method, args, kwargs, key)
         if asyncio._get_running_loop() is loop:
             return Response(loop.create_task(coro), loop)
         return Response(asyncio.run_coroutine_threadsafe(coro, loop), loop)
 
     def submit_stream(
-        self, target: str, method: str, args: tuple[Any, ...], kwargs: dict[str, Any]
+        self,
+        target: str,
+        method: str,
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+        key: str | None = None,
     ) -> ResponseStream:
         """Start a streaming call to ``target`` in the parent's runtime."""
-        return ResponseStream(lambda: self._stream(target, method, args, kwargs), self._loop)
+        return ResponseStream(lambda: self._stream(target, method, args, kwargs, key), self._loop)
 
     async def _call(
-        self, target: str, method: str, args: tuple[Any, ...], kwargs: dict[str, Any]
+        self,
+        target: str,
+        method: str,
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+        key: str | None,
     ) -> Any:
         args, kwargs = await resolve_responses(args, kwargs)
         ident = next(self._ids)
         future: asyncio.Future[Any] = self._loop.create_future()
         self._calls[ident] = future
         try:
-            self._channel.send("submit", ident, (target, method, args, kwargs))
+            self._channel.send("submit", ident, (target, method, args, kwargs, key))
             return await future
         except asyncio.CancelledError:
             # Our own await cancelled the future: only an answer would have made it done.
@@ -112,7 +127,12 @@ class ParentRuntime:
             self._calls.pop(ident, None)
 
     async def _stream(
-        self, target: str, method: str, args: tuple[Any, ...], kwargs: dict[str, Any]
+        self,
+        target: str,
+        method: str,
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+        key: str | None,
     ) -> AsyncIterator[Any]:
         args, kwargs = await resolve_responses(args, kwargs)
         ident = next(self._ids)
@@ -120,7 +140,7 @@ class ParentRuntime:
         self._streams[ident] = queue
         finished = False
         try:
-            self._channel.send("submit_stream", ident, (target, method, args, kwargs))
+            self._channel.send("submit_stream", ident, (target, method, args, kwargs, key))
             while True:
                 kind, value = await queue.get()
                 if kind == "item":
