@@ -323,7 +323,8 @@ class DeploymentController:
         router = self.router
         retries = unstarted = 0
         while True:
-            replica = await router.assign(call.key)
+            # A free replica is found without a coroutine of its own on the usual path.
+            replica = router.try_assign(call.key) or await router.assign(call.key)
             try:
                 return await replica.call(call)
             except ReplicaDiedError as exc:
