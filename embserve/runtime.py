@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import atexit
-import functools
 import importlib
 import logging
 import random
@@ -12,11 +11,12 @@ import sys
 import threading
 import uuid
 import weakref
-from collections.abc import AsyncIterator, Awaitable, Coroutine, Mapping
+from collections.abc import Coroutine, Mapping
 from types import TracebackType
 from typing import Any, TypeVar
 
 from embserve._controller import DeploymentController
+from embserve._dispatch import Dispatcher
 from embserve._endpoint import Endpoint
 from embserve._loop import LoopThread
 from embserve.backends import Backend, resolve_backend
@@ -26,12 +26,10 @@ from embserve.handle import (
     Handle,
     Response,
     ResponseStream,
-    has_responses,
     register_submitter,
-    resolve_responses,
     unregister_submitter,
 )
-from embserve.replica import Call, Replica
+from embserve.replica import Replica
 from embserve.status import EndpointStatus, RuntimeStatus
 
 __all__ = ["Runtime", "get_handle", "run", "shutdown"]
@@ -73,8 +71,7 @@ class Runtime:
         self._closed = False
         self._controllers: dict[str, DeploymentController] = {}
         self._endpoints: dict[str, Endpoint] = {}
-        # Work nobody awaits (shadow requests, deploys with wait=False), kept alive and ended here.
-        self._background: set[asyncio.Task[Any]] = set()
+        self._dispatch = Dispatcher(self._endpoints, self._controllers)
 
     # -- lifecycle ------------------------------------------------------------------------
 
@@ -172,12 +169,12 @@ class Runtime:
             return
         self._closed = True
         unregister_submitter(self.id)
+        self._dispatch.closed = True
         self._endpoints.clear()
-        controllers, self._controllers = list(self._controllers.values()), {}
+        controllers = list(self._controllers.values())
+        self._controllers.clear()
         await asyncio.gather(*(c.stop("the runtime is shutting down") for c in controllers))
-        for task in list(self._background):
-            task.cancel()
-        await asyncio.gather(*self._background, return_exceptions=True)
+        await self._dispatch.end_background()
         if self._backend is not None:
             await self._backend.close()
 
@@ -290,7 +287,7 @@ class Runtime:
         else:
             work = controller.update(deployment, args, kwargs)
         if not wait:
-            self._in_background(work, f"deploying {deployment.name!r}", logging.ERROR)
+            self._dispatch.in_background(work, f"deploying {deployment.name!r}", logging.ERROR)
             return
         try:
             await work
@@ -408,7 +405,7 @@ class Runtime:
             self.start()
             loop = self._loop
             assert loop is not None
-        coro = self._request(target, method, args, kwargs, key)
+        coro = self._dispatch.request(target, method, args, kwargs, key)
         if asyncio._get_running_loop() is loop:
             return Response(_start_task(loop, coro), loop)
         return Response(asyncio.run_coroutine_threadsafe(coro, loop), loop)
@@ -427,7 +424,10 @@ class Runtime:
         if self._loop is None:
             self.start()
         assert self._loop is not None
-        return ResponseStream(lambda: self._stream(target, method, args, kwargs, key), self._loop)
+        dispatch = self._dispatch
+        return ResponseStream(
+            lambda: dispatch.stream(target, method, args, kwargs, key), self._loop
+        )
 
     async def call_async(
         self, target: str, method: str, args: tuple[Any, ...], kwargs: dict[str, Any]
@@ -441,71 +441,7 @@ class Runtime:
             if self._closed:
                 raise EmbserveError("this runtime was shut down; create a new one")
             raise RuntimeError("call_async() runs on the runtime's loop only; use submit()")
-        return await self._request(target, method, args, kwargs)
-
-    def controller(self, target: str) -> tuple[DeploymentController, list[str]]:
-        """The deployment serving the next request to ``target``, and its shadows."""
-        endpoint = self._endpoints.get(target)
-        shadows: list[str] = []
-        if endpoint is not None:
-            name = endpoint.pick()
-            if endpoint.shadow:
-                shadows = endpoint.shadow_targets()
-        else:
-            name = target
-        controller = self._controllers.get(name)
-        if controller is None:
-            if self._closed:
-                raise EmbserveError("this runtime was shut down")
-            raise EmbserveError(f"no endpoint or deployment named {target!r} is running")
-        return controller, shadows
-
-    async def _request(
-        self,
-        target: str,
-        method: str,
-        args: tuple[Any, ...],
-        kwargs: dict[str, Any],
-        key: str | None = None,
-    ) -> Any:
-        controller, shadows = self.controller(target)
-        if has_responses(args, kwargs):
-            args, kwargs = await resolve_responses(args, kwargs)
-        call = Call(method, args, kwargs, key=key)
-        if shadows:
-            self._shadow(shadows, call)
-        return await controller.handle(call)
-
-    async def _stream(
-        self,
-        target: str,
-        method: str,
-        args: tuple[Any, ...],
-        kwargs: dict[str, Any],
-        key: str | None = None,
-    ) -> AsyncIterator[Any]:
-        controller, _ = self.controller(target)
-        if has_responses(args, kwargs):
-            args, kwargs = await resolve_responses(args, kwargs)
-        async for item in controller.stream(Call(method, args, kwargs, key=key)):
-            yield item
-
-    def _shadow(self, names: list[str], call: Call) -> None:
-        for name in names:
-            controller = self._controllers.get(name)
-            if controller is None:
-                continue
-            self._in_background(controller.handle(call), f"a shadow request to {name!r}")
-
-    def _in_background(self, work: Awaitable[Any], what: str, level: int = logging.DEBUG) -> None:
-        task = asyncio.ensure_future(work)
-        self._background.add(task)
-        task.add_done_callback(functools.partial(self._background_done, what, level))
-
-    def _background_done(self, what: str, level: int, task: asyncio.Task[Any]) -> None:
-        self._background.discard(task)
-        if not task.cancelled() and task.exception() is not None:
-            logger.log(level, "%s failed", what, exc_info=task.exception())
+        return await self._dispatch.request(target, method, args, kwargs)
 
     def _replica_died(self, replica: Replica, reason: str) -> None:
         controller = self._controllers.get(replica.deployment)

@@ -38,7 +38,7 @@ def per_request_state(runtime: embserve.Runtime) -> dict[str, int]:
     state = {
         "queued": controller.router.queued,
         "in_flight": sum(r.ongoing for r in controller.running),
-        "background_tasks": len(runtime._background),
+        "background_tasks": len(runtime._dispatch.background),
         "controller_tasks": len(controller._tasks),
     }
     for replica in controller.running:
