@@ -7,7 +7,6 @@ import atexit
 import importlib
 import logging
 import random
-import sys
 import threading
 import uuid
 import weakref
@@ -27,6 +26,7 @@ from embserve.handle import (
     Response,
     ResponseStream,
     register_submitter,
+    start_call,
     unregister_submitter,
 )
 from embserve.replica import Replica
@@ -405,10 +405,7 @@ class Runtime:
             self.start()
             loop = self._loop
             assert loop is not None
-        coro = self._dispatch.request(target, method, args, kwargs, key)
-        if asyncio._get_running_loop() is loop:
-            return Response(_start_task(loop, coro), loop)
-        return Response(asyncio.run_coroutine_threadsafe(coro, loop), loop)
+        return start_call(loop, self._dispatch.request(target, method, args, kwargs, key))
 
     def submit_stream(
         self,
@@ -450,19 +447,6 @@ class Runtime:
 
     def __repr__(self) -> str:
         return f"Runtime(id={self.id!r}, backend={self._backend_spec!r})"
-
-
-if sys.version_info >= (3, 12):
-
-    def _start_task(loop: asyncio.AbstractEventLoop, coro: Coroutine[Any, Any, T]) -> Any:
-        # Run the call at once up to its first real wait: a call that never waits (a cached
-        # answer, a fast async method) then costs no trip through the event loop at all.
-        return asyncio.Task(coro, loop=loop, eager_start=True)
-
-else:
-
-    def _start_task(loop: asyncio.AbstractEventLoop, coro: Coroutine[Any, Any, T]) -> Any:
-        return loop.create_task(coro)
 
 
 def _check_route_prefix(prefix: str) -> None:

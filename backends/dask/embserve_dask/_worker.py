@@ -26,7 +26,7 @@ from distributed.diagnostics.plugin import WorkerPlugin
 from embserve import handle as handle_module
 from embserve._host import ReplicaHost
 from embserve.context import ReplicaContext
-from embserve.handle import Response, ResponseStream, resolve_responses
+from embserve.handle import Response, ResponseStream, resolve_responses, start_call
 from embserve.replica import ReplicaSpec
 from embserve_dask._protocol import Peer
 
@@ -275,11 +275,7 @@ class _RuntimeProxy:
         kwargs: dict[str, Any],
         key: str | None = None,
     ) -> Response:
-        coro = self._submit(target, method, args, kwargs, key)
-        loop = self.loop
-        if asyncio._get_running_loop() is loop:
-            return Response(loop.create_task(coro), loop)
-        return Response(asyncio.run_coroutine_threadsafe(coro, loop), loop)
+        return start_call(self.loop, self._submit(target, method, args, kwargs, key))
 
     async def _submit(
         self,

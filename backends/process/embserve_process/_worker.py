@@ -28,7 +28,13 @@ from embserve.errors import (
     format_traceback,
     remote_traceback,
 )
-from embserve.handle import Response, ResponseStream, register_submitter, resolve_responses
+from embserve.handle import (
+    Response,
+    ResponseStream,
+    register_submitter,
+    resolve_responses,
+    start_call,
+)
 from embserve.replica import ReplicaSpec
 from embserve.wire import RemoteError
 from embserve_process._channel import STREAM_WINDOW, Channel, Frame, decode
@@ -86,11 +92,7 @@ class ParentRuntime:
         key: str | None = None,
     ) -> Response:
         """Start a call to ``target`` in the parent's runtime."""
-        loop = self._loop
-        coro = self._call(target, method, args, kwargs, key)
-        if asyncio._get_running_loop() is loop:
-            return Response(loop.create_task(coro), loop)
-        return Response(asyncio.run_coroutine_threadsafe(coro, loop), loop)
+        return start_call(self._loop, self._call(target, method, args, kwargs, key))
 
     def submit_stream(
         self,
