@@ -12,6 +12,7 @@ import sys
 from collections.abc import AsyncIterator, Awaitable
 from typing import Any
 
+from embserve._loop import start_task
 from embserve.autoscaling import Autoscaler, AutoscalingPolicy
 from embserve.backends import Backend
 from embserve.deployment import Deployment, DeploymentConfig
@@ -319,12 +320,36 @@ class DeploymentController:
             return await self._attempts(call)
         return await _with_timeout(self._attempts(call), timeout, self.name)
 
-    async def _attempts(self, call: Call) -> Any:
+    def start(self, call: Call) -> asyncio.Future[Any]:
+        """Start serving ``call`` on the running loop; the future of its outcome.
+
+        A free replica that takes calls as messages (see :meth:`Replica.send`) gets it at once,
+        and the future is settled by the replica's answer, with no coroutine in between, when
+        nothing needs watching (no retries, no timeout). Otherwise a task serves it as
+        :meth:`handle` does, its first step run at once.
+        """
+        loop = asyncio.get_running_loop()
+        config = self.config
+        if config.max_retries or config.request_timeout_s is not None:
+            return start_task(loop, self.handle(call))
+        router = self.router
+        replica = router.try_assign(call.key)
+        if replica is None:
+            return start_task(loop, self._attempts(call))
+        future: asyncio.Future[Any] = loop.create_future()
+        if replica.send(call, future):
+            future.add_done_callback(lambda _: router.release(replica))
+            return future
+        return start_task(loop, self._attempts(call, replica))
+
+    async def _attempts(self, call: Call, replica: Replica | None = None) -> Any:
+        # ``replica``: one already assigned to this call.
         router = self.router
         retries = unstarted = 0
         while True:
-            # A free replica is found without a coroutine of its own on the usual path.
-            replica = router.try_assign(call.key) or await router.assign(call.key)
+            if replica is None:
+                # A free replica is found without a coroutine of its own on the usual path.
+                replica = router.try_assign(call.key) or await router.assign(call.key)
             try:
                 return await replica.call(call)
             except ReplicaDiedError as exc:
@@ -339,6 +364,7 @@ class DeploymentController:
                     self.replica_died(replica, str(exc))
             finally:
                 router.release(replica)
+                replica = None
 
     async def stream(self, call: Call) -> AsyncIterator[Any]:
         """Serve one streaming call; retried only until its first item."""

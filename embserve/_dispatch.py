@@ -14,6 +14,7 @@ from typing import Any
 
 from embserve._controller import DeploymentController
 from embserve._endpoint import Endpoint
+from embserve._loop import start_task
 from embserve.errors import EmbserveError
 from embserve.handle import has_responses, resolve_responses
 from embserve.replica import Call
@@ -50,6 +51,32 @@ class Dispatcher:
             raise EmbserveError(f"no endpoint or deployment named {target!r} is running")
         return controller, shadows
 
+    def start(
+        self,
+        target: str,
+        method: str,
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+        key: str | None = None,
+    ) -> asyncio.Future[Any]:
+        """Start one call to ``target`` on the running loop; the future of its result.
+
+        Mostly it is sent before this returns (see :meth:`DeploymentController.start`).
+        """
+        loop = asyncio.get_running_loop()
+        if has_responses(args, kwargs):
+            return start_task(loop, self.request(target, method, args, kwargs, key))
+        try:
+            controller, shadows = self.controller(target)
+        except EmbserveError as exc:
+            failed: asyncio.Future[Any] = loop.create_future()
+            failed.set_exception(exc)
+            return failed
+        call = Call(method, args, kwargs, key=key)
+        if shadows:
+            self._shadow(call, shadows)
+        return controller.start(call)
+
     async def request(
         self,
         target: str,
@@ -64,11 +91,14 @@ class Dispatcher:
             args, kwargs = await resolve_responses(args, kwargs)
         call = Call(method, args, kwargs, key=key)
         if shadows:
-            for name in shadows:
-                shadow = self.controllers.get(name)
-                if shadow is not None:
-                    self.in_background(shadow.handle(call), f"a shadow request to {name!r}")
+            self._shadow(call, shadows)
         return await controller.handle(call)
+
+    def _shadow(self, call: Call, shadows: list[str]) -> None:
+        for name in shadows:
+            shadow = self.controllers.get(name)
+            if shadow is not None:
+                self.in_background(shadow.handle(call), f"a shadow request to {name!r}")
 
     async def stream(
         self,

@@ -1,10 +1,15 @@
-"""An event loop in a thread of its own, for runtimes used from sync code and foreign loops."""
+"""Event-loop plumbing: a loop in a thread of its own (for runtimes used from sync code and
+foreign loops), and tasks that start at once."""
 
 from __future__ import annotations
 
 import asyncio
+import contextvars
+import sys
 import threading
-from collections.abc import Coroutine
+import weakref
+from asyncio.tasks import _enter_task, _leave_task
+from collections.abc import Coroutine, Generator
 from typing import Any, TypeVar
 
 T = TypeVar("T")
@@ -49,3 +54,244 @@ class LoopThread:
             return
         self.loop.call_soon_threadsafe(self.loop.stop)
         self._thread.join()
+
+
+def start_task(loop: asyncio.AbstractEventLoop, coro: Coroutine[Any, Any, T]) -> asyncio.Future[T]:
+    """Run ``coro`` as a task on ``loop`` (the running loop), its first step at once.
+
+    A call that waits for nothing (a fast async method, a cached answer) is then over before
+    this returns, with no trip through the event loop and no task made for it; one that waits
+    has sent what it sends before its first wait. Returns a future of the outcome: cancelling
+    it cancels the coroutine, as cancelling its task would.
+
+    The first step runs inside one of the loop's runner tasks (see :class:`_Runners`), so that
+    code in it is inside a task as far as asyncio can tell (``asyncio.timeout``, anyio's cancel
+    scopes and task groups work), and a coroutine that waits goes on in that same task.
+    """
+    runners = _pools.get(loop)
+    if runners is None:
+        runners = _pools[loop] = _Runners(loop)
+    return runners.start(coro)
+
+
+if sys.version_info >= (3, 12):
+
+    def _plain_task(
+        loop: asyncio.AbstractEventLoop, coro: Coroutine[Any, Any, T]
+    ) -> asyncio.Task[T]:
+        return asyncio.Task(coro, loop=loop, eager_start=True)  # type: ignore[call-arg,unused-ignore]
+
+else:
+
+    def _plain_task(
+        loop: asyncio.AbstractEventLoop, coro: Coroutine[Any, Any, T]
+    ) -> asyncio.Task[T]:
+        return loop.create_task(coro)
+
+
+async def stop_runners(loop: asyncio.AbstractEventLoop) -> None:
+    """End the idle runner tasks :func:`start_task` keeps on ``loop`` (the running loop), so that
+    a runtime that used the caller's loop leaves no task behind; busy ones end with their call.
+    """
+    runners = _pools.pop(loop, None)
+    if runners is None:
+        return
+    runners.closed = True
+    idle, runners.idle = runners.idle, []
+    for runner in idle:
+        runner.wake.cancel()
+    await asyncio.gather(*(runner.task for runner in idle), return_exceptions=True)
+
+
+_pools: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _Runners] = weakref.WeakKeyDictionary()
+# Idle runners a loop keeps; more than this many end when their call does.
+_MAX_IDLE = 256
+
+
+class _Runners:
+    """A loop's runner tasks: each runs one call after another, so that starting a call costs no
+    new task (making one costs more than many a call).
+
+    A runner sits parked on a future of its own. :meth:`start` takes an idle one, makes it the
+    current task and runs the call's first step in a context of the call's own. A call over by
+    then leaves the runner idle; one that waits is handed to the runner, which drives it from
+    there and parks again when it ends. A runner whose call was cancelled ends instead, so that
+    no cancellation state carries over to the next call. With no runner idle, the call gets a
+    task of its own, and a new runner is made for the calls after it.
+    """
+
+    __slots__ = ("closed", "idle", "loop")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        self.idle: list[_Runner] = []
+        self.closed = False
+
+    def start(self, coro: Coroutine[Any, Any, T]) -> asyncio.Future[T]:
+        loop = self.loop
+        idle = self.idle
+        while idle:
+            runner = idle.pop()
+            if not runner.wake.done():
+                break
+        else:
+            _Runner(self)  # for the calls after this one
+            return _plain_task(loop, coro)
+        context = contextvars.copy_context()
+        task = runner.task
+        outer = asyncio.current_task(loop)
+        if outer is not None:
+            _leave_task(loop, outer)
+        _enter_task(loop, task)
+        try:
+            yielded = context.run(coro.send, None)
+        except BaseException as exc:  # the call is over: its outcome, now
+            self._park(runner)
+            done: asyncio.Future[T] = loop.create_future()
+            if isinstance(exc, StopIteration):
+                done.set_result(exc.value)
+            elif isinstance(exc, asyncio.CancelledError):
+                done.cancel()
+            else:
+                done.set_exception(exc)
+                if isinstance(exc, (KeyboardInterrupt, SystemExit)):
+                    raise
+            return done
+        finally:
+            _leave_task(loop, task)
+            if outer is not None:
+                _enter_task(loop, outer)
+        outcome = _Outcome(runner)
+        runner.job = (coro, context, yielded, outcome)
+        if not runner.wake.done():  # not when the first step cancelled its own task
+            runner.wake.set_result(None)
+        return outcome
+
+    def _park(self, runner: _Runner) -> None:
+        # Back to idle, unless the call cancelled the runner's task (it ends on its next step).
+        if not runner.wake.done():
+            self.idle.append(runner)
+
+
+class _Outcome(asyncio.Future):  # type: ignore[type-arg]
+    # The outcome of a call its runner drives; cancelling it cancels the runner's task, and the
+    # call's own end then settles it.
+
+    def __init__(self, runner: _Runner) -> None:
+        super().__init__(loop=runner.runners.loop)
+        self._runner: _Runner | None = runner
+
+    def cancel(self, msg: Any = None) -> bool:
+        if self.done():
+            return False
+        runner = self._runner
+        if runner is None:
+            return super().cancel(msg)
+        return runner.task.cancel(msg)
+
+    def settle(self, value: Any, error: BaseException | None) -> None:
+        self._runner = None
+        if error is None:
+            self.set_result(value)
+        elif isinstance(error, asyncio.CancelledError):
+            super().cancel()
+        else:
+            self.set_exception(error)
+
+
+class _Runner:
+    __slots__ = ("job", "runners", "task", "wake")
+
+    def __init__(self, runners: _Runners) -> None:
+        self.runners = runners
+        self.job: tuple[Coroutine[Any, Any, Any], contextvars.Context, Any, _Outcome] | None = None
+        self.wake: asyncio.Future[None] = runners.loop.create_future()
+        # In an empty context: the runner's own code reads none, and holds nobody's values.
+        self.task = contextvars.Context().run(
+            runners.loop.create_task, self._serve(), name="embserve-runner"
+        )
+
+    async def _serve(self) -> None:
+        runners = self.runners
+        if runners.closed:
+            return
+        runners.idle.append(self)  # only now: a task that has run can be cancelled safely
+        while True:
+            cancelled = False
+            try:
+                await self.wake
+            except asyncio.CancelledError:
+                cancelled = True
+            job, self.job = self.job, None
+            if job is None:
+                return  # cancelled while idle: the loop is closing, or a call cancelled us
+            coro, context, yielded, outcome = job
+            try:
+                value = await _Drive(coro, context, yielded, cancelled)
+            except BaseException as exc:
+                outcome.settle(None, exc)
+                if not isinstance(exc, Exception):
+                    if isinstance(exc, asyncio.CancelledError):
+                        return  # this task was cancelled: a new runner takes its place
+                    raise
+            else:
+                outcome.settle(value, None)
+            if runners.closed or _cancelling(self.task) or len(runners.idle) >= _MAX_IDLE:
+                return
+            self.wake = runners.loop.create_future()
+            runners.idle.append(self)
+
+
+if sys.version_info >= (3, 11):
+
+    def _cancelling(task: asyncio.Task[Any]) -> bool:
+        return task.cancelling() > 0
+
+else:
+
+    def _cancelling(task: asyncio.Task[Any]) -> bool:
+        return False
+
+
+class _Drive:
+    # Awaited by a runner: goes on with a call whose first step ran already and yielded
+    # ``yielded``, each step in the call's own context. (A coroutine already started cannot be
+    # awaited by a new one: this does by hand what `await` would.)
+
+    __slots__ = ("_cancelled", "_context", "_coro", "_yielded")
+
+    def __init__(
+        self,
+        coro: Coroutine[Any, Any, Any],
+        context: contextvars.Context,
+        yielded: Any,
+        cancelled: bool,
+    ) -> None:
+        self._coro = coro
+        self._context = context
+        self._yielded = yielded
+        self._cancelled = cancelled
+
+    def __await__(self) -> Generator[Any, Any, Any]:
+        coro, run = self._coro, self._context.run
+        yielded = self._yielded
+        try:
+            if self._cancelled:
+                # Cancelled before the runner took over: the call sees it at its first wait,
+                # as a task's coroutine would (the future it waits on is cancelled).
+                if getattr(yielded, "_asyncio_future_blocking", False) and yielded.cancel():
+                    yielded = run(coro.send, None)
+                else:
+                    yielded = run(coro.throw, asyncio.CancelledError())
+            while True:
+                try:
+                    sent = yield yielded
+                except GeneratorExit:
+                    coro.close()
+                    raise
+                except BaseException as exc:
+                    yielded = run(coro.throw, exc)
+                else:
+                    yielded = run(coro.send, sent)
+        except StopIteration as stop:
+            return stop.value

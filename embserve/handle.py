@@ -9,10 +9,11 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
-import sys
 import threading
 from collections.abc import AsyncIterator, Callable, Coroutine, Generator, Iterator
 from typing import Any, Protocol
+
+from embserve._loop import start_task
 
 __all__ = [
     "Handle",
@@ -184,28 +185,15 @@ def _rebuild_handle(
     return Handle(runtime_id, name, method=method, stream=stream, routing_key=routing_key)
 
 
-if sys.version_info >= (3, 12):
-
-    def _start_task(loop: asyncio.AbstractEventLoop, coro: Coroutine[Any, Any, Any]) -> Any:
-        # Run the call at once up to its first real wait: a call that never waits (a cached
-        # answer, a fast async method) then costs no trip through the event loop at all.
-        return asyncio.Task(coro, loop=loop, eager_start=True)
-
-else:
-
-    def _start_task(loop: asyncio.AbstractEventLoop, coro: Coroutine[Any, Any, Any]) -> Any:
-        return loop.create_task(coro)
-
-
 def start_call(loop: asyncio.AbstractEventLoop, coro: Coroutine[Any, Any, Any]) -> Response:
     """Run ``coro`` on ``loop`` and return its :class:`Response`, from any thread.
 
-    On ``loop`` itself the call is a task (started eagerly on Python 3.12+); from elsewhere it is
-    handed to the loop once. What every submitter (the runtime, proxies in workers) starts
-    calls with.
+    On ``loop`` itself the call is a task whose first step runs at once (see
+    :func:`embserve._loop.start_task`); from elsewhere it is handed to the loop once. What every
+    submitter (the runtime, proxies in workers) starts calls with.
     """
     if asyncio._get_running_loop() is loop:
-        return Response(_start_task(loop, coro), loop)
+        return Response(start_task(loop, coro), loop)
     return Response(asyncio.run_coroutine_threadsafe(coro, loop), loop)
 
 

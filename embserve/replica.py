@@ -87,6 +87,17 @@ class Replica(ABC):
     async def call(self, call: Call) -> Any:
         """Run ``call`` on the replica and return its result."""
 
+    def send(self, call: Call, future: asyncio.Future[Any]) -> bool:
+        """Start ``call`` now and settle ``future`` with its outcome, as :meth:`call` would.
+
+        Optional, for replicas whose calls are messages to somewhere else: the request path
+        then awaits ``future`` alone, with no coroutine between the caller and the answer.
+        Cancelling ``future`` cancels the call. Returns False, having sent nothing, when the
+        replica does not do this (the default) or cannot send now; the caller then uses
+        :meth:`call`, which reports why.
+        """
+        return False
+
     @abstractmethod
     def stream(self, call: Call) -> AsyncIterator[Any]:
         """Run a generator method and yield its items as they come."""

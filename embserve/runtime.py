@@ -17,7 +17,7 @@ from typing import Any, TypeVar
 from embserve._controller import DeploymentController
 from embserve._dispatch import Dispatcher
 from embserve._endpoint import Endpoint
-from embserve._loop import LoopThread
+from embserve._loop import LoopThread, stop_runners
 from embserve.backends import Backend, resolve_backend
 from embserve.deployment import Application, Deployment
 from embserve.errors import EmbserveError
@@ -177,6 +177,7 @@ class Runtime:
         await self._dispatch.end_background()
         if self._backend is not None:
             await self._backend.close()
+        await stop_runners(asyncio.get_running_loop())
 
     def _blocking(self, make: Coroutine[Any, Any, T]) -> T:
         if self._closed:
@@ -405,6 +406,8 @@ class Runtime:
             self.start()
             loop = self._loop
             assert loop is not None
+        if asyncio._get_running_loop() is loop:
+            return Response(self._dispatch.start(target, method, args, kwargs, key), loop)
         return start_call(loop, self._dispatch.request(target, method, args, kwargs, key))
 
     def submit_stream(

@@ -10,6 +10,7 @@ so nothing polls on the request path.
 from __future__ import annotations
 
 import asyncio
+import functools
 import itertools
 import logging
 import multiprocessing
@@ -188,6 +189,25 @@ class ProcessReplica(Replica):
 
     async def call(self, call: Call) -> Any:
         return await self._request("call", (call.method, call.args, call.kwargs))
+
+    def send(self, call: Call, future: asyncio.Future[Any]) -> bool:
+        ident = next(self._ids)
+        try:
+            channel = self._check_alive()
+            channel.send("call", ident, (call.method, call.args, call.kwargs))
+        except Exception:  # gone, or arguments that cannot be pickled: call() says which
+            return False
+        if channel.closed:  # this send found the worker gone: the request never left
+            return False
+        self._calls[ident] = future
+        future.add_done_callback(functools.partial(self._sent_done, ident))
+        return True
+
+    def _sent_done(self, ident: int, future: asyncio.Future[Any]) -> None:
+        del self._calls[ident]
+        channel = self._channel
+        if future.cancelled() and channel is not None and not channel.closed:
+            channel.send("cancel", ident)
 
     async def stream(self, call: Call) -> AsyncIterator[Any]:
         channel = self._check_alive()

@@ -21,6 +21,7 @@ from collections.abc import AsyncIterator, Coroutine
 from typing import Any
 
 from embserve._host import ReplicaHost
+from embserve._loop import start_task
 from embserve.context import ReplicaContext
 from embserve.errors import (
     EmbserveError,
@@ -188,13 +189,6 @@ class ParentRuntime:
             queue.put_nowait(("err", exc))
 
 
-# Python 3.12 can run a task's first step at once, inside the task: a call that waits for
-# nothing (the usual async method) is then answered before the message callback returns. Older
-# Pythons get an ordinary task: running the step outside any task would save a loop turn but
-# break user code that needs one (asyncio.timeout, anyio cancel scopes, httpx).
-_EAGER = sys.version_info >= (3, 12)
-
-
 class _Credit:
     # How many more items a stream may send before its consumer asks for more.
 
@@ -210,7 +204,7 @@ class _Worker:
         self._sock = sock
         self._parent_pid = parent_pid
         self._host: ReplicaHost | None = None
-        self._tasks: dict[int, asyncio.Task[Any]] = {}
+        self._tasks: dict[int, asyncio.Future[Any]] = {}
         self._credits: dict[int, _Credit] = {}
         self._runtime: ParentRuntime | None = None
 
@@ -266,13 +260,9 @@ class _Worker:
             self._finish()
 
     def _spawn(self, ident: int, coro: Coroutine[Any, Any, None]) -> None:
-        if _EAGER:
-            loop = asyncio.get_running_loop()
-            task = asyncio.Task(coro, loop=loop, eager_start=True)  # type: ignore[call-arg,unused-ignore]
-            if task.done():
-                return
-        else:
-            task = asyncio.ensure_future(coro)
+        task = start_task(asyncio.get_running_loop(), coro)
+        if task.done():
+            return
         self._tasks[ident] = task
         task.add_done_callback(lambda _: self._tasks.pop(ident, None))
 
