@@ -9,7 +9,7 @@ import asyncio
 import itertools
 import logging
 import sys
-from collections.abc import AsyncIterator, Awaitable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 from embserve._loop import start_task
@@ -336,11 +336,12 @@ class DeploymentController:
         replica = router.try_assign(call.key)
         if replica is None:
             return start_task(loop, self._attempts(call))
-        future: asyncio.Future[Any] = loop.create_future()
-        if replica.send(call, future):
-            future.add_done_callback(lambda _: router.release(replica))
-            return future
-        return start_task(loop, self._attempts(call, replica))
+        future = _Sent(loop=loop)
+        withdraw = replica.send(call, future)
+        if withdraw is None:
+            return start_task(loop, self._attempts(call, replica))
+        future.sent(router, replica, withdraw)
+        return future
 
     async def _attempts(self, call: Call, replica: Replica | None = None) -> Any:
         # ``replica``: one already assigned to this call.
@@ -411,6 +412,34 @@ class DeploymentController:
             queued_requests=self.router.queued,
             version=self.config.version,
         )
+
+
+class _Sent(asyncio.Future):  # type: ignore[type-arg]
+    # The outcome of a call sent to a replica as a message. The replica's answer settles it and
+    # gives back the router's slot at once, with no callback left for a later loop turn;
+    # cancelling it withdraws the call.
+
+    __slots__ = ("_replica", "_router", "_withdraw")
+
+    def sent(self, router: Router, replica: Replica, withdraw: Callable[[], None]) -> None:
+        self._router = router
+        self._replica = replica
+        self._withdraw = withdraw
+
+    def set_result(self, result: Any) -> None:
+        super().set_result(result)
+        self._router.release(self._replica)
+
+    def set_exception(self, exception: type | BaseException) -> None:
+        super().set_exception(exception)
+        self._router.release(self._replica)
+
+    def cancel(self, msg: Any = None) -> bool:
+        if not super().cancel(msg):
+            return False
+        self._router.release(self._replica)
+        self._withdraw()
+        return True
 
 
 async def _with_timeout(work: Awaitable[Any], timeout: float, name: str) -> Any:

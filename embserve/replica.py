@@ -87,16 +87,16 @@ class Replica(ABC):
     async def call(self, call: Call) -> Any:
         """Run ``call`` on the replica and return its result."""
 
-    def send(self, call: Call, future: asyncio.Future[Any]) -> bool:
+    def send(self, call: Call, future: asyncio.Future[Any]) -> Callable[[], None] | None:
         """Start ``call`` now and settle ``future`` with its outcome, as :meth:`call` would.
 
         Optional, for replicas whose calls are messages to somewhere else: the request path
         then awaits ``future`` alone, with no coroutine between the caller and the answer.
-        Cancelling ``future`` cancels the call. Returns False, having sent nothing, when the
-        replica does not do this (the default) or cannot send now; the caller then uses
-        :meth:`call`, which reports why.
+        Returns the function that withdraws the call when the caller cancels ``future``; None,
+        having sent nothing, when the replica does not do this (the default) or cannot send
+        now, and the caller uses :meth:`call`, which reports why.
         """
-        return False
+        return None
 
     @abstractmethod
     def stream(self, call: Call) -> AsyncIterator[Any]:

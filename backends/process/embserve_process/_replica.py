@@ -18,7 +18,7 @@ import multiprocessing.process
 import os
 import signal
 import socket
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
 from embserve.context import ReplicaContext
@@ -185,28 +185,26 @@ class ProcessReplica(Replica):
                 channel.send("cancel", ident)
             raise
         finally:
-            del self._calls[ident]
+            self._calls.pop(ident, None)
 
     async def call(self, call: Call) -> Any:
         return await self._request("call", (call.method, call.args, call.kwargs))
 
-    def send(self, call: Call, future: asyncio.Future[Any]) -> bool:
+    def send(self, call: Call, future: asyncio.Future[Any]) -> Callable[[], None] | None:
         ident = next(self._ids)
         try:
             channel = self._check_alive()
             channel.send("call", ident, (call.method, call.args, call.kwargs))
         except Exception:  # gone, or arguments that cannot be pickled: call() says which
-            return False
+            return None
         if channel.closed:  # this send found the worker gone: the request never left
-            return False
+            return None
         self._calls[ident] = future
-        future.add_done_callback(functools.partial(self._sent_done, ident))
-        return True
+        return functools.partial(self._withdraw, ident)
 
-    def _sent_done(self, ident: int, future: asyncio.Future[Any]) -> None:
-        del self._calls[ident]
+    def _withdraw(self, ident: int) -> None:
         channel = self._channel
-        if future.cancelled() and channel is not None and not channel.closed:
+        if self._calls.pop(ident, None) is not None and channel is not None and not channel.closed:
             channel.send("cancel", ident)
 
     async def stream(self, call: Call) -> AsyncIterator[Any]:
@@ -252,7 +250,7 @@ class ProcessReplica(Replica):
                     value = load_error(value)
             except Exception as exc:  # a result this process cannot unpickle
                 kind, value = "err", exc
-            future = self._calls.get(ident)
+            future = self._calls.pop(ident, None)
             if future is not None:
                 if not future.done():
                     if kind == "ok":
@@ -346,7 +344,8 @@ class ProcessReplica(Replica):
         if self._process is not None and code is None and self._process.exitcode is None:
             self._process.kill()  # the channel is gone: the worker is of no use any more
         died = ReplicaDiedError(f"replica {self.replica_id} died: {reason}", started=True)
-        for future in self._calls.values():
+        calls, self._calls = self._calls, {}
+        for future in calls.values():
             if not future.done():
                 future.set_exception(died)
         for queue in self._streams.values():
