@@ -68,10 +68,15 @@ def start_task(loop: asyncio.AbstractEventLoop, coro: Coroutine[Any, Any, T]) ->
     code in it is inside a task as far as asyncio can tell (``asyncio.timeout``, anyio's cancel
     scopes and task groups work), and a coroutine that waits goes on in that same task.
     """
+    return runners_of(loop).start(coro)
+
+
+def runners_of(loop: asyncio.AbstractEventLoop) -> _Runners:
+    """The runner tasks of ``loop``, for code that starts many calls on one loop."""
     runners = _pools.get(loop)
     if runners is None:
         runners = _pools[loop] = _Runners(loop)
-    return runners.start(coro)
+    return runners
 
 
 if sys.version_info >= (3, 12):
@@ -128,6 +133,17 @@ class _Runners:
         self.closed = False
 
     def start(self, coro: Coroutine[Any, Any, T]) -> asyncio.Future[T]:
+        """What :func:`start_task` does."""
+        future = self._start(coro, True)
+        assert future is not None
+        return future
+
+    def spawn(self, coro: Coroutine[Any, Any, None]) -> asyncio.Future[None] | None:
+        """:meth:`start` for a call that reports its own outcome: None when it ended in its first
+        step (an error that escaped it goes to the loop's exception handler)."""
+        return self._start(coro, False)
+
+    def _start(self, coro: Coroutine[Any, Any, T], keep: bool) -> asyncio.Future[T] | None:
         loop = self.loop
         idle = self.idle
         while idle:
@@ -147,6 +163,12 @@ class _Runners:
             yielded = context.run(coro.send, None)
         except BaseException as exc:  # the call is over: its outcome, now
             self._park(runner)
+            if isinstance(exc, (KeyboardInterrupt, SystemExit)):
+                raise
+            if not keep:
+                if not isinstance(exc, (StopIteration, asyncio.CancelledError)):
+                    loop.call_exception_handler({"message": f"{coro!r} failed", "exception": exc})
+                return None
             done: asyncio.Future[T] = loop.create_future()
             if isinstance(exc, StopIteration):
                 done.set_result(exc.value)
@@ -154,8 +176,6 @@ class _Runners:
                 done.cancel()
             else:
                 done.set_exception(exc)
-                if isinstance(exc, (KeyboardInterrupt, SystemExit)):
-                    raise
             return done
         finally:
             _leave_task(loop, task)

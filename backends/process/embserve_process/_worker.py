@@ -21,7 +21,7 @@ from collections.abc import AsyncIterator, Coroutine
 from typing import Any
 
 from embserve._host import ReplicaHost
-from embserve._loop import start_task
+from embserve._loop import runners_of
 from embserve.context import ReplicaContext
 from embserve.errors import (
     EmbserveError,
@@ -211,6 +211,7 @@ class _Worker:
     async def serve(self) -> None:
         loop = asyncio.get_running_loop()
         self._done: asyncio.Future[None] = loop.create_future()
+        self._runners = runners_of(loop)
         self._channel = Channel(loop, self._sock, self._on_message, self._on_closed)
         self._runtime = ParentRuntime(loop, self._channel)
         check = loop.call_later(_PARENT_CHECK_S, self._check_parent)
@@ -260,8 +261,8 @@ class _Worker:
             self._finish()
 
     def _spawn(self, ident: int, coro: Coroutine[Any, Any, None]) -> None:
-        task = start_task(asyncio.get_running_loop(), coro)
-        if task.done():
+        task = self._runners.spawn(coro)
+        if task is None:
             return
         self._tasks[ident] = task
         task.add_done_callback(lambda _: self._tasks.pop(ident, None))
