@@ -6,10 +6,12 @@ Prints one JSON object. Figures:
 
 - ``latency``: sequential handle calls to one process replica (async user code), awaited on the
   runtime's own loop, against a raw round trip over a ``multiprocessing`` Pipe to an echo
-  process (pickle 5 each way, no event loop on either side). Shown beside them, to explain the
-  gap: a bare socket echo between two asyncio loops (``asyncio_echo``: the least any design with
-  an event loop on each side pays) and the same handle calls from a plain thread (``.result()``,
-  which adds the two thread hops any sync caller pays).
+  process (pickle 5 each way, no event loop on either side). The replica's worker polls for
+  the next request for up to 100 µs before it sleeps (the default); ``no_busy_poll`` is the
+  same with ``ProcessBackend(busy_poll_s=0)``. Shown beside them, to explain the gap: a bare
+  socket echo between two asyncio loops (``asyncio_echo``: the least any design with an event
+  loop on each side pays) and the same handle calls from a plain thread (``.result()``, which
+  adds the two thread hops any sync caller pays).
 - ``throughput``: calls/s with 64 in flight, against the raw Pipe with 64 messages in flight.
 - ``numpy_8mb``: an 8 MiB float64 array sent to the replica and back, against pickle 5 with
   out-of-band buffers over the raw Pipe (frames written as they are, no copy into the pickle).
@@ -36,6 +38,7 @@ from typing import Any
 import numpy as np
 
 import embserve
+from embserve.backends import ProcessBackend
 
 
 @embserve.deployment(max_ongoing_requests=1000, max_queued_requests=-1)
@@ -217,15 +220,21 @@ async def measure(count: int, rounds: int, window: int, payload: np.ndarray) -> 
     floor = RawPipe()
     loops = LoopEcho()
     try:
-        async with embserve.Runtime(backend="process") as rt:
+        async with (
+            embserve.Runtime(backend="process") as rt,
+            embserve.Runtime(backend=ProcessBackend(busy_poll_s=0)) as sleepy,
+        ):
             handle = await rt.run_async(Echo.bind())
-            for _ in range(count // 10):  # warm up all three
+            no_poll = await sleepy.run_async(Echo.bind())
+            for _ in range(count // 10):  # warm up all four
                 floor.call(0)
                 await loops.call()
                 await handle.remote(0)
+                await no_poll.remote(0)
             per_round = max(1, count // rounds)
             raw: list[float] = []
             ours: list[float] = []
+            ours_no_poll: list[float] = []
             sync: list[float] = []
             two_loops: list[float] = []
             raw_s = ours_s = 0.0
@@ -234,6 +243,7 @@ async def measure(count: int, rounds: int, window: int, payload: np.ndarray) -> 
             for _ in range(rounds):
                 raw += timed(lambda: floor.call(1), per_round)
                 ours += await timed_async(lambda: handle.remote(1), per_round)
+                ours_no_poll += await timed_async(lambda: no_poll.remote(1), per_round)
                 two_loops += await timed_async(loops.call, per_round)
                 sync += await asyncio.to_thread(
                     timed, lambda: handle.remote(1).result(), per_round // 2
@@ -253,6 +263,7 @@ async def measure(count: int, rounds: int, window: int, payload: np.ndarray) -> 
     return {
         "raw_p50_us": p50_us(raw),
         "p50_us": p50_us(ours),
+        "no_poll_p50_us": p50_us(ours_no_poll),
         "sync_p50_us": p50_us(sync),
         "two_loops_p50_us": p50_us(two_loops),
         "raw_calls_per_s": round(calls / raw_s),
@@ -279,6 +290,8 @@ def main() -> None:
             "raw_pipe_p50_us": figures["raw_p50_us"],
             "replica_p50_us": figures["p50_us"],
             "ratio": round(figures["p50_us"] / figures["raw_p50_us"], 2),
+            "replica_no_busy_poll_p50_us": figures["no_poll_p50_us"],
+            "no_busy_poll_ratio": round(figures["no_poll_p50_us"] / figures["raw_p50_us"], 2),
             "asyncio_echo_p50_us": figures["two_loops_p50_us"],
             "replica_sync_caller_p50_us": figures["sync_p50_us"],
             "sync_ratio": round(figures["sync_p50_us"] / figures["raw_p50_us"], 2),

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import functools
 import threading
 from collections.abc import AsyncIterator, Callable, Coroutine, Generator, Iterator
 from typing import Any, Protocol
@@ -188,13 +189,69 @@ def _rebuild_handle(
 def start_call(loop: asyncio.AbstractEventLoop, coro: Coroutine[Any, Any, Any]) -> Response:
     """Run ``coro`` on ``loop`` and return its :class:`Response`, from any thread.
 
-    On ``loop`` itself the call is a task whose first step runs at once (see
-    :func:`embserve._loop.start_task`); from elsewhere it is handed to the loop once. What every
-    submitter (the runtime, proxies in workers) starts calls with.
+    On ``loop`` itself its first step runs at once (see :func:`embserve._loop.start_task`); from
+    elsewhere it is handed to the loop once. What every submitter (the runtime, proxies in
+    workers) starts calls with.
     """
     if asyncio._get_running_loop() is loop:
         return Response(start_task(loop, coro), loop)
-    return Response(asyncio.run_coroutine_threadsafe(coro, loop), loop)
+    begin = functools.partial(start_task, loop, coro)
+    return Response(start_threadsafe(loop, begin, discard=coro.close), loop)
+
+
+def start_threadsafe(
+    loop: asyncio.AbstractEventLoop,
+    start: Callable[[], asyncio.Future[Any]],
+    discard: Callable[[], object] | None = None,
+) -> concurrent.futures.Future[Any]:
+    """Run ``start`` on ``loop`` from another thread; the future of the outcome it starts.
+
+    Cancelling the returned future cancels the call; ``discard`` runs instead of ``start`` when
+    that happened before the loop got to it.
+    """
+    bridge: concurrent.futures.Future[Any] = concurrent.futures.Future()
+
+    def begin() -> None:
+        if bridge.cancelled():
+            if discard is not None:
+                discard()
+            return
+        try:
+            future = start()
+        except BaseException as exc:
+            bridge.set_exception(exc)
+            if not isinstance(exc, Exception):
+                raise
+            return
+        _link(loop, future, bridge)
+
+    loop.call_soon_threadsafe(begin)
+    return bridge
+
+
+def _link(
+    loop: asyncio.AbstractEventLoop,
+    source: asyncio.Future[Any],
+    bridge: concurrent.futures.Future[Any],
+) -> None:
+    # On ``loop``: ``source``'s outcome goes to ``bridge``; cancelling ``bridge`` cancels it.
+    def copy(done: asyncio.Future[Any]) -> None:
+        try:
+            if done.cancelled():
+                bridge.cancel()
+            elif (exc := done.exception()) is not None:
+                bridge.set_exception(exc)
+            else:
+                bridge.set_result(done.result())
+        except concurrent.futures.InvalidStateError:  # cancelled from its own thread
+            pass
+
+    def cancel_source(_: concurrent.futures.Future[Any]) -> None:
+        if bridge.cancelled() and not source.done():
+            loop.call_soon_threadsafe(source.cancel)
+
+    source.add_done_callback(copy)
+    bridge.add_done_callback(cancel_source)
 
 
 class Response:
@@ -226,21 +283,7 @@ class Response:
         if isinstance(future, concurrent.futures.Future):
             return future
         bridge: concurrent.futures.Future[Any] = concurrent.futures.Future()
-
-        def copy(done: asyncio.Future[Any]) -> None:
-            if done.cancelled():
-                bridge.cancel()
-            elif (exc := done.exception()) is not None:
-                bridge.set_exception(exc)
-            else:
-                bridge.set_result(done.result())
-
-        def cancel_source(_: concurrent.futures.Future[Any]) -> None:
-            if bridge.cancelled():
-                self._loop.call_soon_threadsafe(future.cancel)
-
-        self._loop.call_soon_threadsafe(future.add_done_callback, copy)
-        bridge.add_done_callback(cancel_source)
+        self._loop.call_soon_threadsafe(_link, self._loop, future, bridge)
         self._future = bridge
         return bridge
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import atexit
+import functools
 import importlib
 import logging
 import random
@@ -26,7 +27,7 @@ from embserve.handle import (
     Response,
     ResponseStream,
     register_submitter,
-    start_call,
+    start_threadsafe,
     unregister_submitter,
 )
 from embserve.replica import Replica
@@ -406,9 +407,11 @@ class Runtime:
             self.start()
             loop = self._loop
             assert loop is not None
+        start = self._dispatch.start
         if asyncio._get_running_loop() is loop:
-            return Response(self._dispatch.start(target, method, args, kwargs, key), loop)
-        return start_call(loop, self._dispatch.request(target, method, args, kwargs, key))
+            return Response(start(target, method, args, kwargs, key), loop)
+        begin = functools.partial(start, target, method, args, kwargs, key)
+        return Response(start_threadsafe(loop, begin), loop)
 
     def submit_stream(
         self,

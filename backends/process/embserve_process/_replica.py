@@ -129,7 +129,7 @@ class ProcessReplica(Replica):
         context = multiprocessing.get_context("spawn")
         process = context.Process(
             target=run_worker,
-            args=(child_sock, gpu_env, os.getpid()),
+            args=(child_sock, gpu_env, os.getpid(), self._backend.busy_poll_s),
             name=f"embserve-{self.replica_id}",
         )
         try:
