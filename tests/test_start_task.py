@@ -12,6 +12,7 @@ import contextvars
 import sys
 from typing import Any
 
+import anyio
 import pytest
 
 from embserve._loop import start_task
@@ -235,3 +236,29 @@ async def test_calls_started_from_the_first_step_of_another() -> None:
     await warm(2)
     mine, theirs = await start_task(loop, outer())
     assert mine is not None and theirs is not None and mine is not theirs
+
+
+async def test_anyio_scopes_and_task_groups_work_call_after_call_on_one_runner() -> None:
+    loop = asyncio.get_running_loop()
+
+    async def scoped() -> bool:
+        with anyio.move_on_after(0.01) as scope:
+            await asyncio.Event().wait()
+        return scope.cancelled_caught
+
+    async def grouped() -> list[int]:
+        results: list[int] = []
+
+        async def child(n: int) -> None:
+            await asyncio.sleep(0)
+            results.append(n)
+
+        async with anyio.create_task_group() as group:
+            for n in range(3):
+                group.start_soon(child, n)
+        return sorted(results)
+
+    await warm()
+    for _ in range(3):  # the same idle runner takes each call in turn
+        assert await start_task(loop, scoped()) is True
+        assert await start_task(loop, grouped()) == [0, 1, 2]
