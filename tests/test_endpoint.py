@@ -31,8 +31,9 @@ def test_picks_follow_the_weights(weights: dict[str, float], seed: int) -> None:
         if share == 0:
             assert counts[name] == 0
         else:
-            # five standard deviations of a binomial: never flaky, still catches a wrong split
-            tolerance = 5 * (share * (1 - share) / draws) ** 0.5 + 1e-9
+            # five standard deviations of a binomial, plus a few draws for shares so small that
+            # the normal approximation fails: never flaky, still catches a wrong split
+            tolerance = 5 * (share * (1 - share) / draws) ** 0.5 + 5 / draws
             assert abs(counts[name] / draws - share) <= tolerance, (name, counts)
 
 
