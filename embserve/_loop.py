@@ -7,7 +7,6 @@ import asyncio
 import contextvars
 import sys
 import threading
-import weakref
 from asyncio.tasks import _enter_task, _leave_task
 from collections.abc import Coroutine, Generator
 from typing import Any, TypeVar
@@ -68,14 +67,25 @@ def start_task(loop: asyncio.AbstractEventLoop, coro: Coroutine[Any, Any, T]) ->
     code in it is inside a task as far as asyncio can tell (``asyncio.timeout``, anyio's cancel
     scopes and task groups work), and a coroutine that waits goes on in that same task.
     """
-    return runners_of(loop).start(coro)
-
-
-def runners_of(loop: asyncio.AbstractEventLoop) -> _Runners:
-    """The runner tasks of ``loop``, for code that starts many calls on one loop."""
-    runners = _pools.get(loop)
+    runners = runners_of(loop)
     if runners is None:
-        runners = _pools[loop] = _Runners(loop)
+        return _plain_task(loop, coro)
+    return runners.start(coro)
+
+
+def runners_of(loop: asyncio.AbstractEventLoop) -> _Runners | None:
+    """The runner tasks of ``loop``, for code that starts many calls on one loop (None for a
+    loop that cannot keep them: one that takes no attributes of ours)."""
+    try:
+        return loop._embserve_runners  # type: ignore[attr-defined,no-any-return]
+    except AttributeError:
+        pass
+    runners = _Runners(loop)
+    try:
+        # Kept by the loop itself: they live and go with it, and hold nothing else alive.
+        loop._embserve_runners = runners  # type: ignore[attr-defined]
+    except AttributeError:
+        return None
     return runners
 
 
@@ -98,9 +108,10 @@ async def stop_runners(loop: asyncio.AbstractEventLoop) -> None:
     """End the idle runner tasks :func:`start_task` keeps on ``loop`` (the running loop), so that
     a runtime that used the caller's loop leaves no task behind; busy ones end with their call.
     """
-    runners = _pools.pop(loop, None)
+    runners = getattr(loop, "_embserve_runners", None)
     if runners is None:
         return
+    del loop._embserve_runners  # type: ignore[attr-defined]
     runners.closed = True
     idle, runners.idle = runners.idle, []
     for runner in idle:
@@ -108,7 +119,6 @@ async def stop_runners(loop: asyncio.AbstractEventLoop) -> None:
     await asyncio.gather(*(runner.task for runner in idle), return_exceptions=True)
 
 
-_pools: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _Runners] = weakref.WeakKeyDictionary()
 # Idle runners a loop keeps; more than this many end when their call does.
 _MAX_IDLE = 256
 

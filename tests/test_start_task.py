@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
+import gc
 import sys
+import weakref
 from typing import Any
 
 import anyio
@@ -262,3 +264,17 @@ async def test_anyio_scopes_and_task_groups_work_call_after_call_on_one_runner()
     for _ in range(3):  # the same idle runner takes each call in turn
         assert await start_task(loop, scoped()) is True
         assert await start_task(loop, grouped()) == [0, 1, 2]
+
+
+def test_a_closed_loop_and_its_runners_are_not_kept_alive() -> None:
+    loops: list[weakref.ref[asyncio.AbstractEventLoop]] = []
+
+    async def use_runners() -> None:
+        loop = asyncio.get_running_loop()
+        loops.append(weakref.ref(loop))
+        await warm(2)
+        assert await start_task(loop, asyncio.sleep(0, "ran")) == "ran"
+
+    asyncio.run(use_runners())
+    gc.collect()
+    assert loops[0]() is None

@@ -263,7 +263,8 @@ class _Worker:
             self._finish()
 
     def _spawn(self, ident: int, coro: Coroutine[Any, Any, None]) -> None:
-        task = self._runners.spawn(coro)
+        runners = self._runners
+        task = runners.spawn(coro) if runners is not None else asyncio.ensure_future(coro)
         if task is None:
             return
         self._tasks[ident] = task
