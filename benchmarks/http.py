@@ -204,8 +204,9 @@ def _parse_wrk(out: str) -> dict[str, float]:
         return value * {"us": 1e-3, "ms": 1.0, "s": 1e3}[unit]
 
     rate = re.search(r"Requests/sec:\s*([\d.]+)", out)
-    p50 = re.search(r"50%\s+(\S+)", out)
-    p99 = re.search(r"99%\s+(\S+)", out)
+    # Lines of the latency distribution only: a "+/- Stdev" column such as 62.50% also ends in 50%.
+    p50 = re.search(r"^\s*50%\s+(\S+)", out, re.MULTILINE)
+    p99 = re.search(r"^\s*99%\s+(\S+)", out, re.MULTILINE)
     assert rate and p50 and p99, out
     return {
         "req_per_s": float(rate.group(1)),
