@@ -7,6 +7,7 @@ import asyncio
 import os
 import selectors
 import socket
+import threading
 import time
 from collections.abc import AsyncIterator, Iterator
 from typing import Any, TypeVar
@@ -237,6 +238,19 @@ def test_results_that_cannot_be_pickled_fail_the_call(echo: embserve.Handle) -> 
     with pytest.raises(TypeError, match="generator"):
         echo.generator_object.remote().result(timeout_s=10)
     assert echo.remote(1).result(timeout_s=10) == 2  # the replica is fine afterwards
+
+
+def test_arguments_that_cannot_be_pickled_fail_the_call_and_free_its_slot(
+    rt: embserve.Runtime, echo: embserve.Handle
+) -> None:
+    with pytest.raises(TypeError, match="lock"):
+        echo.remote(threading.Lock()).result(timeout_s=10)
+    assert echo.remote(1).result(timeout_s=10) == 2  # the replica is fine afterwards
+
+    def in_flight() -> int:
+        return sum(r.ongoing_requests for r in rt.status().deployments["echo"].replicas)
+
+    wait_for(lambda: in_flight() == 0)
 
 
 def test_an_8mb_numpy_array_round_trips(echo: embserve.Handle) -> None:
