@@ -330,8 +330,8 @@ class _Worker:
 
 
 class _PollingSelector(selectors.DefaultSelector):
-    # Polls for up to `poll_s` before each sleep. Waking a sleeping process costs more here than
-    # a whole call does, and the next request of a busy caller mostly comes within that time.
+    # Polls for up to `poll_s` before each sleep. Waking a sleeping process costs about as much
+    # as a whole call does, and the next request of a busy caller mostly comes within that time.
     # An idle worker sleeps as before, after one such poll.
 
     def __init__(self, poll_s: float) -> None:
