@@ -48,6 +48,10 @@ def per_request_state(runtime: embserve.Runtime) -> dict[str, int]:
             value: Any = getattr(replica, name, None)
             if value is not None:
                 state[f"{replica.replica_id}.{name}"] = len(value)
+        pending: Any = getattr(replica, "_pending", None)  # a process replica's answers to come
+        if pending is not None:
+            state[f"{replica.replica_id}.pending_calls"] = len(pending.calls)
+            state[f"{replica.replica_id}.pending_streams"] = len(pending.streams)
     return state
 
 

@@ -27,7 +27,7 @@ from embserve.handle import Handle
 from embserve.replica import Call, Replica, ReplicaSpec, ReplicaState
 from embserve.resources import Allocation
 from embserve_process._channel import STREAM_WINDOW, Channel, Frame, decode, encode
-from embserve_process._worker import error_payload, load_error, run_worker
+from embserve_process._worker import Pending, error_payload, load_error, run_worker
 
 if TYPE_CHECKING:
     from embserve_process._backend import ProcessBackend
@@ -75,8 +75,7 @@ class ProcessReplica(Replica):
         self._allocation = allocation
         self._loop = asyncio.get_running_loop()
         self._ids = itertools.count(1)
-        self._calls: dict[int, asyncio.Future[Any]] = {}
-        self._streams: dict[int, asyncio.Queue[tuple[str, Any]]] = {}
+        self._pending = Pending()
         self._forwards: dict[int, asyncio.Task[Any]] = {}
         self._started: asyncio.Future[int] = self._loop.create_future()
         # A start abandoned (its deployment deleted meanwhile) leaves no one to read its error.
@@ -168,7 +167,7 @@ class ProcessReplica(Replica):
         channel = self._check_alive()
         ident = next(self._ids)
         future: asyncio.Future[Any] = self._loop.create_future()
-        self._calls[ident] = future
+        self._pending.calls[ident] = future
         try:
             channel.send(kind, ident, payload)
             if channel.closed:  # this send found the worker gone: the request never left
@@ -185,7 +184,7 @@ class ProcessReplica(Replica):
                 channel.send("cancel", ident)
             raise
         finally:
-            self._calls.pop(ident, None)
+            self._pending.calls.pop(ident, None)
 
     async def call(self, call: Call) -> Any:
         return await self._request("call", (call.method, call.args, call.kwargs))
@@ -199,19 +198,20 @@ class ProcessReplica(Replica):
             return None
         if channel.closed:  # this send found the worker gone: the request never left
             return None
-        self._calls[ident] = future
+        self._pending.calls[ident] = future
         return functools.partial(self._withdraw, ident)
 
     def _withdraw(self, ident: int) -> None:
         channel = self._channel
-        if self._calls.pop(ident, None) is not None and channel is not None and not channel.closed:
+        pending = self._pending.calls.pop(ident, None)
+        if pending is not None and channel is not None and not channel.closed:
             channel.send("cancel", ident)
 
     async def stream(self, call: Call) -> AsyncIterator[Any]:
         channel = self._check_alive()
         ident = next(self._ids)
         queue: asyncio.Queue[tuple[str, Any]] = asyncio.Queue()
-        self._streams[ident] = queue
+        self._pending.streams[ident] = queue
         finished = False
         taken = 0
         try:
@@ -230,7 +230,7 @@ class ProcessReplica(Replica):
                     return
                 raise value
         finally:
-            del self._streams[ident]
+            del self._pending.streams[ident]
             if not finished and not channel.closed:
                 channel.send("cancel", ident)
 
@@ -244,23 +244,7 @@ class ProcessReplica(Replica):
 
     def _on_message(self, kind: str, ident: int, frames: list[Frame]) -> None:
         if kind in ("ok", "err", "item", "end"):
-            try:
-                value = decode(frames)
-                if kind == "err":
-                    value = load_error(value)
-            except Exception as exc:  # a result this process cannot unpickle
-                kind, value = "err", exc
-            future = self._calls.pop(ident, None)
-            if future is not None:
-                if not future.done():
-                    if kind == "ok":
-                        future.set_result(value)
-                    else:
-                        future.set_exception(value)
-                return
-            queue = self._streams.get(ident)
-            if queue is not None:
-                queue.put_nowait(("item" if kind == "item" else kind, value))
+            self._pending.answer(kind, ident, frames)
         elif kind in ("submit", "submit_stream"):
             task = self._loop.create_task(self._forward(kind, ident, frames))
             self._forwards[ident] = task
@@ -344,12 +328,7 @@ class ProcessReplica(Replica):
         if self._process is not None and code is None and self._process.exitcode is None:
             self._process.kill()  # the channel is gone: the worker is of no use any more
         died = ReplicaDiedError(f"replica {self.replica_id} died: {reason}", started=True)
-        calls, self._calls = self._calls, {}
-        for future in calls.values():
-            if not future.done():
-                future.set_exception(died)
-        for queue in self._streams.values():
-            queue.put_nowait(("err", died))
+        self._pending.fail_all(died)
         for task in self._forwards.values():
             task.cancel()
         if not self._started.done():

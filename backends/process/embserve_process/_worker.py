@@ -42,7 +42,7 @@ from embserve.replica import ReplicaSpec
 from embserve.wire import RemoteError
 from embserve_process._channel import STREAM_WINDOW, Channel, Frame, decode
 
-__all__ = ["ParentRuntime", "error_payload", "load_error", "run_worker"]
+__all__ = ["ParentRuntime", "Pending", "error_payload", "load_error", "run_worker"]
 
 # How often the worker checks that its parent is alive, besides noticing its channel close.
 _PARENT_CHECK_S = 1.0
@@ -76,6 +76,46 @@ def load_error(payload: tuple[str, str, str, bytes | None]) -> BaseException:
     return exc
 
 
+class Pending:
+    """Calls and streams sent over a channel, by ident, until their answers come: what each side
+    of a channel keeps for the requests it started (the runtime for its replica, a worker for
+    the handle calls of its user code)."""
+
+    def __init__(self) -> None:
+        self.calls: dict[int, asyncio.Future[Any]] = {}
+        self.streams: dict[int, asyncio.Queue[tuple[str, Any]]] = {}
+
+    def answer(self, outcome: str, ident: int, frames: list[Frame]) -> None:
+        """Deliver an answer: ``outcome`` is "ok", "err" (frames of :func:`error_payload`),
+        "item" or "end". A call is settled and forgotten; a stream gets ``(outcome, value)``."""
+        try:
+            value = decode(frames)
+            if outcome == "err":
+                value = load_error(value)
+        except Exception as exc:  # an answer this process cannot unpickle
+            outcome, value = "err", exc
+        future = self.calls.pop(ident, None)
+        if future is not None:
+            if not future.done():
+                if outcome == "ok":
+                    future.set_result(value)
+                else:
+                    future.set_exception(value)
+            return
+        queue = self.streams.get(ident)
+        if queue is not None:
+            queue.put_nowait((outcome, value))
+
+    def fail_all(self, exc: BaseException) -> None:
+        """End every call and stream waiting with ``exc`` (the other side is gone)."""
+        calls, self.calls = self.calls, {}
+        for future in calls.values():
+            if not future.done():
+                future.set_exception(exc)
+        for queue in self.streams.values():
+            queue.put_nowait(("err", exc))
+
+
 class ParentRuntime:
     """Stands in for the parent's runtime in a worker: handle calls go to it over the channel."""
 
@@ -83,8 +123,7 @@ class ParentRuntime:
         self._loop = loop
         self._channel = channel
         self._ids = itertools.count(1)
-        self._calls: dict[int, asyncio.Future[Any]] = {}
-        self._streams: dict[int, asyncio.Queue[tuple[str, Any]]] = {}
+        self._pending = Pending()
 
     def submit(
         self,
@@ -119,7 +158,7 @@ class ParentRuntime:
         args, kwargs = await resolve_responses(args, kwargs)
         ident = next(self._ids)
         future: asyncio.Future[Any] = self._loop.create_future()
-        self._calls[ident] = future
+        self._pending.calls[ident] = future
         try:
             self._channel.send("submit", ident, (target, method, args, kwargs, key))
             return await future
@@ -129,7 +168,7 @@ class ParentRuntime:
                 self._channel.send("sub_cancel", ident)
             raise
         finally:
-            self._calls.pop(ident, None)
+            self._pending.calls.pop(ident, None)
 
     async def _stream(
         self,
@@ -142,7 +181,7 @@ class ParentRuntime:
         args, kwargs = await resolve_responses(args, kwargs)
         ident = next(self._ids)
         queue: asyncio.Queue[tuple[str, Any]] = asyncio.Queue()
-        self._streams[ident] = queue
+        self._pending.streams[ident] = queue
         finished = False
         try:
             self._channel.send("submit_stream", ident, (target, method, args, kwargs, key))
@@ -157,38 +196,17 @@ class ParentRuntime:
                     finished = True
                     raise value
         finally:
-            self._streams.pop(ident, None)
+            self._pending.streams.pop(ident, None)
             if not finished:
                 self._channel.send("sub_cancel", ident)
 
     def answer(self, kind: str, ident: int, frames: list[Frame]) -> None:
-        """Deliver the parent's answer to a call or stream started here."""
-        try:
-            value = decode(frames)
-            if kind == "sub_err":
-                value = load_error(value)
-        except Exception as exc:
-            kind, value = "sub_err", exc
-        future = self._calls.get(ident)
-        if future is not None:
-            if future.done():
-                return
-            if kind == "sub_ok":
-                future.set_result(value)
-            else:
-                future.set_exception(value)
-            return
-        queue = self._streams.get(ident)
-        if queue is not None:
-            queue.put_nowait(({"sub_item": "item", "sub_end": "end"}.get(kind, "err"), value))
+        """Deliver the parent's answer (a ``sub_*`` message) to a call or stream started here."""
+        self._pending.answer(kind.removeprefix("sub_"), ident, frames)
 
     def fail_all(self, exc: BaseException) -> None:
         """End every call and stream in flight with ``exc`` (the parent went away)."""
-        for future in self._calls.values():
-            if not future.done():
-                future.set_exception(exc)
-        for queue in self._streams.values():
-            queue.put_nowait(("err", exc))
+        self._pending.fail_all(exc)
 
 
 class _Credit:
