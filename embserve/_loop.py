@@ -67,15 +67,25 @@ def start_task(loop: asyncio.AbstractEventLoop, coro: Coroutine[Any, Any, T]) ->
     code in it is inside a task as far as asyncio can tell (``asyncio.timeout``, anyio's cancel
     scopes and task groups work), and a coroutine that waits goes on in that same task.
     """
-    runners = runners_of(loop)
+    runners = _runners_of(loop)
     if runners is None:
         return _plain_task(loop, coro)
     return runners.start(coro)
 
 
-def runners_of(loop: asyncio.AbstractEventLoop) -> _Runners | None:
-    """The runner tasks of ``loop``, for code that starts many calls on one loop (None for a
-    loop that cannot keep them: one that takes no attributes of ours)."""
+def spawn_task(
+    loop: asyncio.AbstractEventLoop, coro: Coroutine[Any, Any, None]
+) -> asyncio.Future[None] | None:
+    """:func:`start_task` for a call that reports its own outcome: None when it ended in its
+    first step (an error that escaped it goes to the loop's exception handler)."""
+    runners = _runners_of(loop)
+    if runners is None:
+        return _plain_task(loop, coro)
+    return runners.spawn(coro)
+
+
+def _runners_of(loop: asyncio.AbstractEventLoop) -> _Runners | None:
+    # The runner tasks of ``loop`` (None for a loop that takes no attributes of ours).
     try:
         return loop._embserve_runners  # type: ignore[attr-defined,no-any-return]
     except AttributeError:

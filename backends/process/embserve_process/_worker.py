@@ -23,7 +23,7 @@ from collections.abc import AsyncIterator, Coroutine
 from typing import Any
 
 from embserve._host import ReplicaHost
-from embserve._loop import runners_of
+from embserve._loop import spawn_task
 from embserve.context import ReplicaContext
 from embserve.errors import (
     EmbserveError,
@@ -231,7 +231,7 @@ class _Worker:
     async def serve(self) -> None:
         loop = asyncio.get_running_loop()
         self._done: asyncio.Future[None] = loop.create_future()
-        self._runners = runners_of(loop)
+        self._loop = loop
         self._channel = Channel(loop, self._sock, self._on_message, self._on_closed)
         self._runtime = ParentRuntime(loop, self._channel)
         check = loop.call_later(_PARENT_CHECK_S, self._check_parent)
@@ -281,8 +281,7 @@ class _Worker:
             self._finish()
 
     def _spawn(self, ident: int, coro: Coroutine[Any, Any, None]) -> None:
-        runners = self._runners
-        task = runners.spawn(coro) if runners is not None else asyncio.ensure_future(coro)
+        task = spawn_task(self._loop, coro)
         if task is None:
             return
         self._tasks[ident] = task
