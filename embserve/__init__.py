@@ -17,14 +17,17 @@ from embserve.errors import (
     BackendNotFoundError,
     BackPressureError,
     DeploymentFailedError,
+    DeploymentUnavailableError,
     EmbserveError,
     HTTPError,
+    MethodNotAllowedError,
     ReplicaDiedError,
     RequestTimeoutError,
     remote_traceback,
 )
 from embserve.handle import Handle, Response, ResponseStream
 from embserve.replica import ReplicaState
+from embserve.request import Request, RequestContext, get_request_context
 from embserve.runtime import Runtime, get_handle, run, shutdown
 from embserve.status import DeploymentStatus, EndpointStatus, ReplicaStatus, RuntimeStatus
 
@@ -40,14 +43,18 @@ __all__ = [
     "DeploymentConfig",
     "DeploymentFailedError",
     "DeploymentStatus",
+    "DeploymentUnavailableError",
     "EmbserveError",
     "EndpointStatus",
     "HTTPError",
     "Handle",
+    "MethodNotAllowedError",
     "ReplicaContext",
     "ReplicaDiedError",
     "ReplicaState",
     "ReplicaStatus",
+    "Request",
+    "RequestContext",
     "RequestTimeoutError",
     "Response",
     "ResponseStream",
@@ -57,6 +64,7 @@ __all__ = [
     "deployment",
     "get_handle",
     "get_replica_context",
+    "get_request_context",
     "remote_traceback",
     "run",
     "shutdown",

@@ -6,9 +6,11 @@ Everything here runs on the runtime's event loop.
 from __future__ import annotations
 
 import asyncio
+import inspect
 import itertools
 import logging
 import sys
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
@@ -18,12 +20,15 @@ from embserve.backends import Backend
 from embserve.deployment import Deployment, DeploymentConfig
 from embserve.errors import (
     DeploymentFailedError,
+    DeploymentUnavailableError,
     EmbserveError,
+    MethodNotAllowedError,
     ReplicaDiedError,
     RequestTimeoutError,
 )
-from embserve.replica import Call, Replica, ReplicaSpec, ReplicaState
-from embserve.router import Router, make_router
+from embserve.replica import Replica, ReplicaSpec, ReplicaState
+from embserve.request import Request
+from embserve.router import Lease, Router, make_router
 from embserve.status import DeploymentStatus, ReplicaStatus
 
 logger = logging.getLogger("embserve.runtime")
@@ -31,6 +36,9 @@ logger = logging.getLogger("embserve.runtime")
 # A request whose replica vanished before it started is sent again; this bounds how often, so a
 # deployment whose replicas keep dying fails its callers instead of looping.
 _MAX_UNSTARTED_RETRIES = 8
+# Starting a replica that failed is tried again after 0.1 s, then twice as long each time, up
+# to this.
+_MAX_RESTART_DELAY_S = 10.0
 
 
 class DeploymentController:
@@ -72,6 +80,10 @@ class DeploymentController:
         self._autoscale_task: asyncio.Task[None] | None = None
         self._update_lock = asyncio.Lock()
         self._stopping = False
+        self._streams: dict[str, bool] = {}
+        self._http_methods = http_methods_of(deployment.target)
+        #: Why requests fail at once: set while no replica runs and the last start failed.
+        self.unavailable: str | None = None
 
     # -- replicas -------------------------------------------------------------------------
 
@@ -142,10 +154,14 @@ class DeploymentController:
 
     # -- deploy, update, scale ------------------------------------------------------------
 
-    async def deploy(self) -> None:
-        """Start the first replicas; raise DeploymentFailedError if any constructor fails."""
+    async def deploy(self, *, keep_trying: bool = False) -> None:
+        """Start the first replicas; raise DeploymentFailedError if any constructor fails.
+
+        With ``keep_trying`` (a deploy nobody waits for) a failure is logged and the start
+        retried with backoff instead, requests failing at once meanwhile.
+        """
         async with self._update_lock:
-            await self._scale_to(self.target_replicas, fail_fast=True)
+            await self._scale_to(self.target_replicas, fail_fast=not keep_trying)
         self._health_task = asyncio.ensure_future(self._health_loop())
         self._configure_autoscaling()
 
@@ -190,6 +206,8 @@ class DeploymentController:
             self.deployment = deployment
             self.config = deployment.config
             self.init_args, self.init_kwargs = init_args, init_kwargs
+            self._streams = {}
+            self._http_methods = http_methods_of(deployment.target)
             auto = self.config.autoscaling_config
             if auto and old_config.autoscaling_config:
                 # Keep the size the autoscaler reached, within the new bounds.
@@ -236,7 +254,13 @@ class DeploymentController:
                 await asyncio.gather(*(r.stop() for r in started))
                 self.state, self.message = "UNHEALTHY", str(errors[0])
                 raise errors[0]
+            if started:
+                self.unavailable = None
             self._route_to([*self.running, *started])
+            if errors:
+                self._start_failed(errors[0], 1, 0.1)
+                self._start_replacing(self.message)
+                return
         elif missing < 0:
             leaving = self.running[count:]
             self._route_to(self.running[:count])  # out of routing now, drained in the background
@@ -265,17 +289,43 @@ class DeploymentController:
 
     async def _replace(self) -> None:
         delay = 0.1
+        attempt = 0
         while not self._stopping and len(self.running) < self.target_replicas:
             try:
                 replica = await self._start_one()
             except Exception as exc:
-                self.state, self.message = "UNHEALTHY", f"cannot start a replacement: {exc}"
+                attempt += 1
+                self._start_failed(exc, attempt, delay)
                 await asyncio.sleep(delay)
-                delay = min(delay * 2, 5.0)
+                delay = min(delay * 2, _MAX_RESTART_DELAY_S)
                 continue
+            attempt, delay = 0, 0.1
+            self.unavailable = None
             self._route_to([*self.running, replica])
         if not self._stopping:
             self.state, self.message = "HEALTHY", ""
+
+    def _start_failed(self, exc: BaseException, attempt: int, delay: float) -> None:
+        # Logged once per failed start, the user's traceback with it; status and callers get
+        # the first line only.
+        summary = (str(exc).splitlines() or [type(exc).__name__])[0]
+        self.state, self.message = "UNHEALTHY", f"cannot start a replica: {summary}"
+        logger.warning(
+            "deployment %s: starting a replica failed (attempt %d; next try in %.1f s): %s",
+            self.name,
+            attempt,
+            delay,
+            exc,
+        )
+        if not self.running:
+            self.unavailable = (
+                f"deployment {self.name!r} has no running replica and its last start failed "
+                f"({summary}); the runtime keeps retrying"
+            )
+            self.router.fail_waiters(self._unavailable_error)
+
+    def _unavailable_error(self) -> BaseException:
+        return DeploymentUnavailableError(self.unavailable or f"{self.name!r} is unavailable")
 
     async def _health_loop(self) -> None:
         while True:
@@ -312,47 +362,80 @@ class DeploymentController:
         await asyncio.gather(*self._tasks, *loops, return_exceptions=True)
 
     # -- requests -------------------------------------------------------------------------
+    #
+    # One path for every request: start() (or stream()) takes a lease from the router, the
+    # replica runs the request, and the lease is released in one place (Lease.release), whether
+    # the answer settles a sent future (_Sent) or ends the coroutine of _serve.
 
-    async def handle(self, call: Call) -> Any:
-        """Serve one call: pick a replica, run it, retry where that is safe, bound the time."""
-        timeout = self.config.request_timeout_s
-        if timeout is None:
-            return await self._attempts(call)
-        return await _with_timeout(self._attempts(call), timeout, self.name)
+    def streams(self, method: str) -> bool:
+        """Whether ``method`` of this deployment is a generator (its requests stream)."""
+        kind = self._streams.get(method)
+        if kind is None:
+            kind = self._streams[method] = is_generator_method(self.deployment.target, method)
+        return kind
 
-    def start(self, call: Call) -> asyncio.Future[Any]:
-        """Start serving ``call`` on the running loop; the future of its outcome.
+    def check_http_method(self, method: str) -> None:
+        """Raise :class:`~embserve.MethodNotAllowedError` unless the deployment answers
+        ``method`` (its target's ``http_methods``, when it has them)."""
+        allowed = self._http_methods
+        if allowed is not None and method not in allowed:
+            raise MethodNotAllowedError(method, allowed)
 
-        A free replica that takes calls as messages (see :meth:`Replica.send`) gets it at once,
-        and the future is settled by the replica's answer, with no coroutine in between, when
-        nothing needs watching (no retries, no timeout). Otherwise a task serves it as
-        :meth:`handle` does, its first step run at once.
+    def _check_available(self) -> None:
+        if self.unavailable is not None and not self.running:
+            raise DeploymentUnavailableError(self.unavailable)
+
+    def start(self, request: Request) -> asyncio.Future[Any]:
+        """Start serving ``request`` on the running loop; the future of its outcome.
+
+        A free replica that takes requests as messages (see :meth:`Replica.send`) gets it at
+        once, and the future is settled by the replica's answer, with no coroutine in between,
+        when nothing needs watching (no retries, no deadline). Otherwise a task serves it, its
+        first step run at once.
         """
         loop = asyncio.get_running_loop()
         config = self.config
-        if config.max_retries or config.request_timeout_s is not None:
-            return start_task(loop, self.handle(call))
-        router = self.router
-        replica = router.try_assign(call.key)
-        if replica is None:
-            return start_task(loop, self._attempts(call))
+        timeout = config.request_timeout_s
+        if timeout is not None:
+            deadline = time.monotonic() + timeout
+            if request.deadline is None or deadline < request.deadline:
+                request.deadline = deadline
+        if config.max_retries or request.deadline is not None or self.unavailable is not None:
+            return start_task(loop, self._serve(request))
+        lease = self.router.try_assign(request)
+        if lease is None:
+            return start_task(loop, self._attempts(request))
         future = _Sent(loop=loop)
-        withdraw = replica.send(call, future)
+        request.lease = lease
+        withdraw = lease.replica.send(request, future)
         if withdraw is None:
-            return start_task(loop, self._attempts(call, replica))
-        future.sent(router, replica, withdraw)
+            return start_task(loop, self._attempts(request, lease))
+        future.sent(lease, withdraw)
         return future
 
-    async def _attempts(self, call: Call, replica: Replica | None = None) -> Any:
-        # ``replica``: one already assigned to this call.
+    async def _serve(self, request: Request) -> Any:
+        left = request.timeout_left()
+        if left is None:
+            return await self._attempts(request)
+        return await _with_timeout(self._attempts(request), left, self.name, self.config)
+
+    async def _lease(self, request: Request) -> Lease:
+        # A free replica is found without a coroutine of its own on the usual path.
+        self._check_available()
         router = self.router
+        lease = router.try_assign(request) or await router.assign(request)
+        request.lease = lease
+        return lease
+
+    async def _attempts(self, request: Request, lease: Lease | None = None) -> Any:
+        # ``lease``: one the router already gave this request.
         retries = unstarted = 0
         while True:
-            if replica is None:
-                # A free replica is found without a coroutine of its own on the usual path.
-                replica = router.try_assign(call.key) or await router.assign(call.key)
+            if lease is None:
+                lease = await self._lease(request)
+            replica = lease.replica
             try:
-                return await replica.call(call)
+                return await replica.call(request)
             except ReplicaDiedError as exc:
                 if exc.started:
                     if retries >= self.config.max_retries:
@@ -364,18 +447,18 @@ class DeploymentController:
                         raise
                     self.replica_died(replica, str(exc))
             finally:
-                router.release(replica)
-                replica = None
+                lease.release()
+                request.lease = lease = None
 
-    async def stream(self, call: Call) -> AsyncIterator[Any]:
-        """Serve one streaming call; retried only until its first item."""
-        router = self.router
+    async def stream(self, request: Request) -> AsyncIterator[Any]:
+        """Serve one streaming request; retried only until its first item."""
         unstarted = 0
         while True:
-            replica = await router.assign(call.key)
+            lease = await self._lease(request)
+            replica = lease.replica
             first = True
             try:
-                async for item in replica.stream(call):
+                async for item in replica.stream(request):
                     first = False
                     yield item
                 return
@@ -385,7 +468,8 @@ class DeploymentController:
                 unstarted += 1
                 self.replica_died(replica, str(exc))
             finally:
-                router.release(replica)
+                lease.release()
+                request.lease = None
 
     # -- status ---------------------------------------------------------------------------
 
@@ -415,34 +499,35 @@ class DeploymentController:
 
 
 class _Sent(asyncio.Future):  # type: ignore[type-arg]
-    # The outcome of a call sent to a replica as a message. The replica's answer settles it and
-    # gives back the router's slot at once, with no callback left for a later loop turn;
-    # cancelling it withdraws the call.
+    # The outcome of a request sent to a replica as a message. The replica's answer settles it
+    # and releases the lease at once, with no callback left for a later loop turn; cancelling it
+    # withdraws the request (the replica may hold the lease until its work really ended).
 
-    __slots__ = ("_replica", "_router", "_withdraw")
+    __slots__ = ("_lease", "_withdraw")
 
-    def sent(self, router: Router, replica: Replica, withdraw: Callable[[], None]) -> None:
-        self._router = router
-        self._replica = replica
+    def sent(self, lease: Lease, withdraw: Callable[[], None]) -> None:
+        self._lease = lease
         self._withdraw = withdraw
 
     def set_result(self, result: Any) -> None:
         super().set_result(result)
-        self._router.release(self._replica)
+        self._lease.release()
 
     def set_exception(self, exception: type | BaseException) -> None:
         super().set_exception(exception)
-        self._router.release(self._replica)
+        self._lease.release()
 
     def cancel(self, msg: Any = None) -> bool:
         if not super().cancel(msg):
             return False
-        self._router.release(self._replica)
         self._withdraw()
+        self._lease.release()
         return True
 
 
-async def _with_timeout(work: Awaitable[Any], timeout: float, name: str) -> Any:
+async def _with_timeout(
+    work: Awaitable[Any], timeout: float, name: str, config: DeploymentConfig
+) -> Any:
     # A timer that cancels this task is far cheaper than asyncio.wait_for's extra task.
     task = asyncio.current_task()
     assert task is not None
@@ -453,6 +538,11 @@ async def _with_timeout(work: Awaitable[Any], timeout: float, name: str) -> Any:
         expired = True
         task.cancel()
 
+    if timeout <= 0:
+        expired = True
+        if asyncio.iscoroutine(work):
+            work.close()
+        raise _timed_out(name, config)
     timer = asyncio.get_running_loop().call_later(timeout, expire)
     try:
         return await work
@@ -461,8 +551,38 @@ async def _with_timeout(work: Awaitable[Any], timeout: float, name: str) -> Any:
             raise
         if sys.version_info >= (3, 11):
             task.uncancel()
-        raise RequestTimeoutError(
-            f"request to {name!r} did not finish within request_timeout_s={timeout}"
-        ) from None
+        raise _timed_out(name, config) from None
     finally:
         timer.cancel()
+
+
+def _timed_out(name: str, config: DeploymentConfig) -> RequestTimeoutError:
+    if config.request_timeout_s is not None:
+        return RequestTimeoutError(
+            f"request to {name!r} did not finish within "
+            f"request_timeout_s={config.request_timeout_s}"
+        )
+    return RequestTimeoutError(f"request to {name!r} did not finish before its deadline")
+
+
+def is_generator_method(target: Any, method: str) -> bool:
+    """Whether ``method`` of a deployment target (class or function) is a generator."""
+    if inspect.isclass(target):
+        fn = getattr(target, method, None)
+    else:
+        fn = target if method == "__call__" else None
+        if fn is not None and not inspect.isfunction(fn) and not inspect.ismethod(fn):
+            fn = getattr(fn, "__call__", None)  # noqa: B004  (a callable object)
+    return inspect.isasyncgenfunction(fn) or inspect.isgeneratorfunction(fn)
+
+
+def http_methods_of(target: Any) -> frozenset[str] | None:
+    """The HTTP methods a deployment answers (its ``http_methods``; GET brings HEAD), or None
+    for all."""
+    methods = getattr(target, "http_methods", None)
+    if not methods:
+        return None
+    allowed = {str(m).upper() for m in methods}
+    if "GET" in allowed:
+        allowed.add("HEAD")
+    return frozenset(allowed)

@@ -1,7 +1,9 @@
 """A runtime's request path: endpoint, traffic policy, deployment, then its router and replica.
 
-Everything here runs on the runtime's event loop; the runtime hands calls over to it from other
-threads and loops.
+Every way in (handles from any thread or loop, HTTP, shadow copies, calls made inside replicas)
+hands a :class:`~embserve.request.Request` to :meth:`Dispatcher.start` or
+:meth:`Dispatcher.stream`. Everything here runs on the runtime's event loop; the runtime hands
+requests over to it from other threads and loops.
 """
 
 from __future__ import annotations
@@ -16,15 +18,15 @@ from embserve._controller import DeploymentController
 from embserve._endpoint import Endpoint
 from embserve._loop import start_task
 from embserve.errors import EmbserveError
-from embserve.handle import has_responses, resolve_responses
-from embserve.replica import Call
+from embserve.handle import ResponseStream, has_responses, resolve_responses
+from embserve.request import Request
 
 logger = logging.getLogger("embserve.runtime")
 
 
 class Dispatcher:
-    """Sends each call to the deployment its endpoint's policy picks, copies it to shadows, and
-    keeps the work nobody awaits (shadow requests, deploys with ``wait=False``) alive."""
+    """Sends each request to the deployment its endpoint's policy picks, copies it to shadows,
+    and keeps the work nobody awaits (shadow requests, deploys with ``wait=False``) alive."""
 
     def __init__(
         self, endpoints: dict[str, Endpoint], controllers: dict[str, DeploymentController]
@@ -32,7 +34,7 @@ class Dispatcher:
         self.endpoints = endpoints
         self.controllers = controllers
         self.closed = False
-        self.background: set[asyncio.Task[Any]] = set()
+        self.background: set[asyncio.Future[Any]] = set()
 
     def controller(self, target: str) -> tuple[DeploymentController, list[str]]:
         """The deployment serving the next request to ``target``, and its shadows."""
@@ -51,80 +53,65 @@ class Dispatcher:
             raise EmbserveError(f"no endpoint or deployment named {target!r} is running")
         return controller, shadows
 
-    def start(
-        self,
-        target: str,
-        method: str,
-        args: tuple[Any, ...],
-        kwargs: dict[str, Any],
-        key: str | None = None,
-    ) -> asyncio.Future[Any]:
-        """Start one call to ``target`` on the running loop; the future of its result.
+    def start(self, request: Request) -> asyncio.Future[Any]:
+        """Start ``request`` on the running loop; the future of its result.
 
-        Mostly it is sent before this returns (see :meth:`DeploymentController.start`).
+        With ``request.stream`` None, the deployment the policy chose decides: when its method
+        is a generator the future's result is a :class:`~embserve.ResponseStream` of the items.
+        Mostly the request is sent before this returns (see :meth:`DeploymentController.start`).
         """
         loop = asyncio.get_running_loop()
-        if has_responses(args, kwargs):
-            return start_task(loop, self.request(target, method, args, kwargs, key))
+        if has_responses(request.args, request.kwargs):
+            return start_task(loop, self._resolve_and_start(request))
         try:
-            controller, shadows = self.controller(target)
+            controller, shadows = self.controller(request.target)
+            if request.http_method is not None:
+                controller.check_http_method(request.http_method)
         except EmbserveError as exc:
             failed: asyncio.Future[Any] = loop.create_future()
             failed.set_exception(exc)
             return failed
-        call = Call(method, args, kwargs, key=key)
+        if request.stream is None:
+            request.stream = controller.streams(request.method)
+            if request.stream:
+                done: asyncio.Future[Any] = loop.create_future()
+                done.set_result(ResponseStream(functools.partial(controller.stream, request), loop))
+                return done
         if shadows:
-            self._shadow(call, shadows)
-        return controller.start(call)
+            self._shadow(request, shadows)
+        return controller.start(request)
 
-    async def request(
-        self,
-        target: str,
-        method: str,
-        args: tuple[Any, ...],
-        kwargs: dict[str, Any],
-        key: str | None = None,
-    ) -> Any:
-        """Serve one call to ``target`` and return its result."""
-        controller, shadows = self.controller(target)
-        if has_responses(args, kwargs):
-            args, kwargs = await resolve_responses(args, kwargs)
-        call = Call(method, args, kwargs, key=key)
-        if shadows:
-            self._shadow(call, shadows)
-        return await controller.handle(call)
+    async def _resolve_and_start(self, request: Request) -> Any:
+        request.args, request.kwargs = await resolve_responses(request.args, request.kwargs)
+        return await self.start(request)
 
-    def _shadow(self, call: Call, shadows: list[str]) -> None:
+    def _shadow(self, request: Request, shadows: list[str]) -> None:
         for name in shadows:
             shadow = self.controllers.get(name)
-            if shadow is not None:
-                self.in_background(shadow.handle(call), f"a shadow request to {name!r}")
+            if shadow is None:
+                continue
+            copy = shadow.start(request.copy())
+            self.background.add(copy)
+            copy.add_done_callback(functools.partial(self._done, f"a shadow request to {name!r}"))
 
-    async def stream(
-        self,
-        target: str,
-        method: str,
-        args: tuple[Any, ...],
-        kwargs: dict[str, Any],
-        key: str | None = None,
-    ) -> AsyncIterator[Any]:
-        """Serve one streaming call to ``target`` (shadows get no copy of streams)."""
-        controller, _ = self.controller(target)
-        if has_responses(args, kwargs):
-            args, kwargs = await resolve_responses(args, kwargs)
-        async for item in controller.stream(Call(method, args, kwargs, key=key)):
+    async def stream(self, request: Request) -> AsyncIterator[Any]:
+        """Serve one streaming request (shadows get no copy of streams)."""
+        if has_responses(request.args, request.kwargs):
+            request.args, request.kwargs = await resolve_responses(request.args, request.kwargs)
+        controller, _ = self.controller(request.target)
+        async for item in controller.stream(request):
             yield item
 
     def in_background(self, work: Awaitable[Any], what: str, level: int = logging.DEBUG) -> None:
         """Run ``work`` that nobody awaits; log at ``level`` if it fails."""
         task = asyncio.ensure_future(work)
         self.background.add(task)
-        task.add_done_callback(functools.partial(self._done, what, level))
+        task.add_done_callback(functools.partial(self._done, what, level=level))
 
-    def _done(self, what: str, level: int, task: asyncio.Task[Any]) -> None:
-        self.background.discard(task)
-        if not task.cancelled() and task.exception() is not None:
-            logger.log(level, "%s failed", what, exc_info=task.exception())
+    def _done(self, what: str, future: asyncio.Future[Any], level: int = logging.DEBUG) -> None:
+        self.background.discard(future)
+        if not future.cancelled() and future.exception() is not None:
+            logger.log(level, "%s failed", what, exc_info=future.exception())
 
     async def end_background(self) -> None:
         """Cancel the background work and wait for it to end."""

@@ -9,6 +9,7 @@ at once than the deployment allows, even when callers gave up on some.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import enum
 import functools
 import inspect
@@ -20,6 +21,7 @@ from typing import Any
 from embserve.context import ReplicaContext, reset_replica_context, set_replica_context
 from embserve.errors import DeploymentFailedError, attach_traceback, format_traceback
 from embserve.replica import ReplicaSpec
+from embserve.request import Request, reset_current_request, set_current_request
 
 __all__ = ["ReplicaHost"]
 
@@ -54,6 +56,21 @@ def _materialize(args: tuple[Any, ...]) -> tuple[Any, ...]:
     if materialize is None:
         return args
     return (materialize(), *args[1:])
+
+
+def _in_request(request: Request, fn: Callable[[], Any]) -> Any:
+    # In a host thread: the request is the current one while its code runs.
+    token = set_current_request(request)
+    try:
+        return fn()
+    finally:
+        reset_current_request(token)
+
+
+def _call_soon(loop: asyncio.AbstractEventLoop, fn: Callable[[], None]) -> None:
+    # From a thread whose work outlived its caller: the loop may have closed meanwhile.
+    with contextlib.suppress(RuntimeError):
+        loop.call_soon_threadsafe(fn)
 
 
 class ReplicaHost:
@@ -120,17 +137,27 @@ class ReplicaHost:
         self._methods[name] = entry
         return entry
 
-    async def call(self, method: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
-        """Run one call; user exceptions propagate with the replica's traceback attached."""
+    async def call(self, request: Request) -> Any:
+        """Run one request; user exceptions propagate with the replica's traceback attached.
+
+        Sync user code runs in the host's threads. When the caller gives up on it (a timeout,
+        a client that left) the thread runs on, so the request's lease is held until it ends:
+        the replica's slot stays taken, as its thread is.
+        """
+        method = request.method
         fn, kind = self._methods.get(method) or self._resolve(method)
+        args = request.args
         if args:
             args = _materialize(args)
         token = set_replica_context(self.context)
+        current = set_current_request(request)
         try:
             if kind is _Kind.ASYNC:
-                return await fn(*args, **kwargs)
+                return await fn(*args, **request.kwargs)
             if kind is _Kind.SYNC:
-                return await self._in_thread(functools.partial(fn, *args, **kwargs))
+                return await self._in_thread(
+                    functools.partial(fn, *args, **request.kwargs), request
+                )
             raise TypeError(
                 f"{self.spec.deployment}.{method} is a generator: call it through "
                 "handle.options(stream=True)"
@@ -139,12 +166,12 @@ class ReplicaHost:
             attach_traceback(exc)
             raise
         finally:
+            reset_current_request(current)
             reset_replica_context(token)
 
-    async def stream(
-        self, method: str, args: tuple[Any, ...], kwargs: dict[str, Any]
-    ) -> AsyncIterator[Any]:
+    async def stream(self, request: Request) -> AsyncIterator[Any]:
         """Run a generator method, yielding its items; sync generators step in the thread pool."""
+        method, args, kwargs = request.method, request.args, request.kwargs
         fn, kind = self._methods.get(method) or self._resolve(method)
         if args:
             args = _materialize(args)
@@ -153,6 +180,7 @@ class ReplicaHost:
             try:
                 while True:
                     token = set_replica_context(self.context)
+                    current = set_current_request(request)
                     try:
                         item = await agen.__anext__()
                     except StopAsyncIteration:
@@ -161,17 +189,18 @@ class ReplicaHost:
                         attach_traceback(exc)
                         raise
                     finally:
+                        reset_current_request(current)
                         reset_replica_context(token)
                     yield item
             finally:
                 await agen.aclose()
         elif kind is _Kind.SYNC_GEN:
-            gen = await self._in_thread(functools.partial(fn, *args, **kwargs))
+            gen = await self._in_thread(functools.partial(fn, *args, **kwargs), request)
             done = object()
             try:
                 while True:
                     try:
-                        item = await self._in_thread(functools.partial(next, gen, done))
+                        item = await self._in_thread(functools.partial(next, gen, done), request)
                     except Exception as exc:
                         attach_traceback(exc)
                         raise
@@ -210,13 +239,26 @@ class ReplicaHost:
         finally:
             reset_replica_context(token)
 
-    async def _in_thread(self, fn: Callable[[], Any]) -> Any:
+    async def _in_thread(self, fn: Callable[[], Any], request: Request | None = None) -> Any:
         # Track the thread's work itself, not our wait for it: a cancelled caller stops waiting
         # while the thread runs on, and close() must know that.
-        work = self._executor.submit(fn)
+        work = (
+            self._executor.submit(_in_request, request, fn)
+            if request
+            else self._executor.submit(fn)
+        )
         self._in_threads.add(work)
         work.add_done_callback(self._in_threads.discard)
-        return await asyncio.wrap_future(work)
+        try:
+            return await asyncio.wrap_future(work)
+        except asyncio.CancelledError:
+            lease = request.lease if request is not None else None
+            if lease is not None and not work.done():
+                # Cancelling could not stop the thread: its slot stays taken until it ends.
+                loop = asyncio.get_running_loop()
+                let_go = lease.hold()
+                work.add_done_callback(lambda _: _call_soon(loop, let_go))
+            raise
 
     def close(self) -> None:
         """Release the thread pool; threads still inside user code are left to finish alone."""

@@ -34,7 +34,7 @@ class DeploymentConfig:
     request_timeout_s: float | None = None
     max_retries: int = 0
     version: str | None = None
-    router: str = "power_of_two"
+    router: str | type[Any] = "power_of_two"
     # Set by Deployment from its batched methods (max_batch_size x max_concurrent_batches), not
     # a user option: the replica must admit that many requests or its batches never fill.
     batch_capacity: int = 0
@@ -61,8 +61,16 @@ class DeploymentConfig:
                 )
         if self.version is not None and not isinstance(self.version, str):
             raise TypeError(f"version must be a str, got {type(self.version).__name__}")
-        if self.router not in ROUTERS:
-            raise ValueError(f"router must be one of {', '.join(ROUTERS)}, got {self.router!r}")
+        if isinstance(self.router, type):
+            from embserve.router import Router  # the router module imports this one
+
+            if not issubclass(self.router, Router):
+                raise TypeError(f"router must be a Router subclass, got {self.router!r}")
+        elif self.router not in ROUTERS:
+            raise ValueError(
+                f"router must be one of {', '.join(ROUTERS)} or a Router subclass, "
+                f"got {self.router!r}"
+            )
         if self.autoscaling_config is not None:
             _check_autoscaling(self.autoscaling_config)
             AutoscalingPolicy.from_config(self.autoscaling_config)
@@ -251,8 +259,9 @@ def deployment(
     - ``max_retries``: times a request that started on a replica that died is retried
       (for idempotent work; requests that had not started are always retried).
     - ``version``: replicas of the same version are reconfigured in place, not replaced.
-    - ``router``: ``"power_of_two"`` (default), ``"round_robin"``, or ``"consistent_hash"``
-      (calls with the same ``handle.options(routing_key=...)`` stay on one replica).
+    - ``router``: ``"power_of_two"`` (default), ``"round_robin"``, ``"consistent_hash"``
+      (calls with the same ``handle.options(routing_key=...)`` stay on one replica), or a
+      :class:`~embserve.router.Router` subclass of your own.
     """
     _check_option_names(options)
     config = DeploymentConfig(**options)

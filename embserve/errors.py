@@ -14,8 +14,10 @@ __all__ = [
     "BackPressureError",
     "BackendNotFoundError",
     "DeploymentFailedError",
+    "DeploymentUnavailableError",
     "EmbserveError",
     "HTTPError",
+    "MethodNotAllowedError",
     "ReplicaDiedError",
     "RequestTimeoutError",
     "remote_traceback",
@@ -76,6 +78,14 @@ class DeploymentFailedError(EmbserveError):
         return (DeploymentFailedError, (str(self), ""))
 
 
+class DeploymentUnavailableError(EmbserveError):
+    """A deployment has no running replica and its last attempt to start one failed (HTTP 503).
+
+    Requests fail at once instead of waiting; the runtime keeps retrying the start with backoff,
+    and requests are served again as soon as a replica runs.
+    """
+
+
 class BackendNotFoundError(EmbserveError, LookupError):
     """No installed backend answers to the name or address scheme asked for."""
 
@@ -90,6 +100,20 @@ class HTTPError(EmbserveError):
 
     def __reduce__(self) -> tuple[object, ...]:
         return (HTTPError, (self.status, self.detail))
+
+
+class MethodNotAllowedError(HTTPError):
+    """The deployment chosen for an HTTP request does not answer its method (HTTP 405).
+
+    ``allowed`` holds the methods it answers (its ``http_methods``), for the ``Allow`` header.
+    """
+
+    def __init__(self, method: str, allowed: frozenset[str]) -> None:
+        super().__init__(405, f"{method} is not allowed here")
+        self.allowed = allowed
+
+    def __reduce__(self) -> tuple[object, ...]:
+        return (MethodNotAllowedError, (self.detail.split(" ", 1)[0], self.allowed))
 
 
 _TRACEBACK_ATTR = "__embserve_traceback__"

@@ -15,6 +15,7 @@ from collections.abc import AsyncIterator, Callable, Coroutine, Generator, Itera
 from typing import Any, Protocol
 
 from embserve._loop import start_task
+from embserve.request import Request, new_request_id
 
 __all__ = [
     "Handle",
@@ -33,26 +34,10 @@ __all__ = [
 class Submitter(Protocol):
     """What a handle needs from the runtime that serves it (a runtime, or a proxy to one)."""
 
-    def submit(
-        self,
-        target: str,
-        method: str,
-        args: tuple[Any, ...],
-        kwargs: dict[str, Any],
-        key: str | None = None,
-    ) -> Response:
-        """Start a call and return its response; ``key`` is the request's routing key."""
-        ...
-
-    def submit_stream(
-        self,
-        target: str,
-        method: str,
-        args: tuple[Any, ...],
-        kwargs: dict[str, Any],
-        key: str | None = None,
-    ) -> ResponseStream:
-        """Start a streaming call."""
+    def submit(self, request: Request) -> Any:
+        """Start ``request``: a :class:`ResponseStream` when ``request.stream`` is true, else a
+        :class:`Response` (whose result is a :class:`ResponseStream` when ``request.stream``
+        is None and the deployment chosen for it streams)."""
         ...
 
 
@@ -155,13 +140,17 @@ class Handle:
         submitter = self._submitter
         if submitter is None:
             submitter = self._submitter = _find_submitter(self._runtime_id)
-        if self._key is not None:
-            if self._stream:
-                return submitter.submit_stream(self.name, self._method, args, kwargs, self._key)
-            return submitter.submit(self.name, self._method, args, kwargs, self._key)
-        if self._stream:
-            return submitter.submit_stream(self.name, self._method, args, kwargs)
-        return submitter.submit(self.name, self._method, args, kwargs)
+        return submitter.submit(
+            Request(
+                self.name,
+                self._method,
+                args,
+                kwargs,
+                new_request_id(),
+                self._key,
+                self._stream,
+            )
+        )
 
     def __reduce__(self) -> tuple[Any, ...]:
         return (

@@ -16,7 +16,8 @@ from embserve._host import ReplicaHost
 from embserve.backends import Backend
 from embserve.context import ReplicaContext
 from embserve.errors import ReplicaDiedError
-from embserve.replica import Call, Replica, ReplicaSpec, ReplicaState
+from embserve.replica import Replica, ReplicaSpec, ReplicaState
+from embserve.request import Request
 from embserve.resources import ResourcePool, acquire, build_pool
 
 __all__ = ["LocalBackend", "LocalReplica"]
@@ -42,14 +43,14 @@ class LocalReplica(Replica):
         if self.state is ReplicaState.STOPPED:
             raise ReplicaDiedError(f"replica {self.replica_id} is stopped", started=False)
 
-    async def call(self, call: Call) -> Any:
+    async def call(self, request: Request) -> Any:
         if self.state is ReplicaState.STOPPED:
             self._check_alive()
         task = asyncio.current_task()
         assert task is not None
         self._calls.add(task)
         try:
-            return await self.host.call(call.method, call.args, call.kwargs)
+            return await self.host.call(request)
         except asyncio.CancelledError:
             if task not in self._killed:
                 raise
@@ -63,9 +64,9 @@ class LocalReplica(Replica):
         finally:
             self._calls.discard(task)
 
-    async def stream(self, call: Call) -> AsyncIterator[Any]:
+    async def stream(self, request: Request) -> AsyncIterator[Any]:
         self._check_alive()
-        async for item in self.host.stream(call.method, call.args, call.kwargs):
+        async for item in self.host.stream(request):
             yield item
 
     async def check_health(self) -> None:

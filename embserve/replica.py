@@ -15,8 +15,9 @@ from collections.abc import AsyncIterator, Callable, Mapping
 from typing import Any
 
 from embserve.deployment import DeploymentConfig
+from embserve.request import Request
 
-__all__ = ["Call", "Replica", "ReplicaSpec", "ReplicaState"]
+__all__ = ["Replica", "ReplicaSpec", "ReplicaState", "Request"]
 
 
 class ReplicaState(str, enum.Enum):
@@ -45,18 +46,6 @@ class ReplicaSpec:
     runtime_id: str = ""
 
 
-@dataclasses.dataclass(slots=True)
-class Call:
-    """One request as a replica sees it: which method, with which arguments."""
-
-    method: str
-    args: tuple[Any, ...]
-    kwargs: dict[str, Any]
-    request_id: str = ""
-    #: The routing key (``handle.options(routing_key=...)``) for key-aware routers.
-    key: str | None = None
-
-
 class Replica(ABC):
     """The caller's view of one running replica.
 
@@ -67,7 +56,9 @@ class Replica(ABC):
       it raises :class:`~embserve.ReplicaDiedError` when the replica is gone, with
       ``started=False`` when the request never reached user code (the router retries those).
     - ``ongoing`` is kept by the router that owns the replica, not by the replica: it counts the
-      requests assigned and not yet released.
+      leases given out and not yet released. A replica whose user code goes on after its caller
+      gave up (sync code in a thread) holds the request's lease (:meth:`Lease.hold
+      <embserve.router.Lease.hold>`) until that code really ended.
     """
 
     def __init__(self, replica_id: str, deployment: str) -> None:
@@ -84,11 +75,11 @@ class Replica(ABC):
         return {}
 
     @abstractmethod
-    async def call(self, call: Call) -> Any:
-        """Run ``call`` on the replica and return its result."""
+    async def call(self, request: Request) -> Any:
+        """Run ``request`` on the replica and return its result."""
 
-    def send(self, call: Call, future: asyncio.Future[Any]) -> Callable[[], None] | None:
-        """Start ``call`` now and settle ``future`` with its outcome, as :meth:`call` would.
+    def send(self, request: Request, future: asyncio.Future[Any]) -> Callable[[], None] | None:
+        """Start ``request`` now and settle ``future`` with its outcome, as :meth:`call` would.
 
         Optional, for replicas whose calls are messages to somewhere else: the request path
         then awaits ``future`` alone, with no coroutine between the caller and the answer.
@@ -99,7 +90,7 @@ class Replica(ABC):
         return None
 
     @abstractmethod
-    def stream(self, call: Call) -> AsyncIterator[Any]:
+    def stream(self, request: Request) -> AsyncIterator[Any]:
         """Run a generator method and yield its items as they come."""
 
     @abstractmethod

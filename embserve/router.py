@@ -3,8 +3,18 @@
 A router belongs to one deployment. It owns the in-flight count of each replica
 (``Replica.ongoing``), never gives a replica more than ``max_ongoing_requests``, keeps the
 requests that find every replica full in a bounded FIFO queue, and raises
-:class:`~embserve.BackPressureError` when that queue is full. Subclasses only choose among
-replicas; counting and queueing are shared.
+:class:`~embserve.BackPressureError` when that queue is full. What it hands out is a
+:class:`Lease` on one replica slot, given back by :meth:`Lease.release` in one place, once.
+Subclasses only choose among replicas (:meth:`Router.choose`); counting and queueing are shared,
+so a custom router is one method::
+
+    class LeastLoaded(embserve.router.Router):
+        def choose(self, replicas, request):
+            best = min(replicas, key=lambda r: r.ongoing)
+            return best if best.ongoing < self.max_ongoing_requests else None
+
+    @embserve.deployment(router=LeastLoaded)
+    class Model: ...
 """
 
 from __future__ import annotations
@@ -20,9 +30,11 @@ from collections.abc import Callable, Sequence
 
 from embserve.errors import BackPressureError
 from embserve.replica import Replica
+from embserve.request import Request
 
 __all__ = [
     "ConsistentHashRouter",
+    "Lease",
     "PowerOfTwoChoicesRouter",
     "RoundRobinRouter",
     "Router",
@@ -30,13 +42,67 @@ __all__ = [
 ]
 
 
+def _let_go() -> None:
+    pass
+
+
+class Lease:
+    """One request's slot on one replica, counted in its ``ongoing`` until given back.
+
+    :meth:`release` gives it back and may be called any number of times: only the first
+    counts. Work that outlives its caller (sync user code in a thread, which cannot be stopped)
+    holds the lease (:meth:`hold`), so that the slot stays taken, and status counts it, until
+    that work really ended.
+    """
+
+    __slots__ = ("_holds", "_released", "_router", "replica")
+
+    def __init__(self, router: Router, replica: Replica) -> None:
+        self._router = router
+        self.replica = replica
+        self._holds = 0
+        self._released = False
+
+    @property
+    def released(self) -> bool:
+        """Whether the caller is done with the slot (it may still be held, see :meth:`hold`)."""
+        return self._released
+
+    def release(self) -> None:
+        """The caller is done: give the slot back (unless held); idempotent."""
+        if self._released:
+            return
+        self._released = True
+        if not self._holds:
+            self._router._give_back(self.replica)
+
+    def hold(self) -> Callable[[], None]:
+        """Keep the slot taken past :meth:`release`; the returned function lets go (once)."""
+        if self._released and not self._holds:
+            return _let_go  # given back already: nothing left to hold
+        self._holds += 1
+        done = False
+
+        def let_go() -> None:
+            nonlocal done
+            if done:
+                return
+            done = True
+            self._holds -= 1
+            if self._released and not self._holds:
+                self._router._give_back(self.replica)
+
+        return let_go
+
+
 class Router(ABC):
     """Assigns requests to replicas of one deployment.
 
-    Contract: every method runs on the runtime's event loop. :meth:`assign` returns a replica
-    whose ``ongoing`` it has already counted; the caller must :meth:`release` it exactly once.
-    Waiting requests are served in arrival order. A replica removed by :meth:`set_replicas` gets
-    no new request; its in-flight ones finish and are released as usual.
+    Contract: every method runs on the runtime's event loop. :meth:`assign` returns a
+    :class:`Lease` on a replica whose ``ongoing`` it has already counted; the lease's
+    :meth:`~Lease.release` gives it back. Waiting requests are served in arrival order. A
+    replica removed by :meth:`set_replicas` gets no new request; its in-flight ones finish and
+    are released as usual.
     """
 
     def __init__(
@@ -50,14 +116,15 @@ class Router(ABC):
         self.max_queued_requests = max_queued_requests
         self.rng = rng if rng is not None else random.Random()
         self.replicas: list[Replica] = []
-        # Requests waiting for a free replica, in arrival order, with their routing keys.
-        self._waiters: deque[tuple[asyncio.Future[Replica], str | None]] = deque()
+        # Requests waiting for a free replica, in arrival order.
+        self._waiters: deque[tuple[asyncio.Future[Lease], Request]] = deque()
 
     @abstractmethod
-    def choose(self, replicas: Sequence[Replica], key: str | None) -> Replica | None:
+    def choose(self, replicas: Sequence[Replica], request: Request) -> Replica | None:
         """Pick a replica with ``ongoing < max_ongoing_requests`` from ``replicas``, or None.
 
-        ``replicas`` is not empty. ``key`` is the request's routing key, when it has one.
+        ``replicas`` is not empty. ``request`` is the request to place (its routing key,
+        priority, model id); a router must not keep it.
         """
 
     @property
@@ -70,44 +137,45 @@ class Router(ABC):
         self.replicas = list(replicas)
         self._serve_waiters()
 
-    def try_assign(self, key: str | None = None) -> Replica | None:
-        """A replica for a request if one has room and nobody waits before it; else None."""
+    def try_assign(self, request: Request) -> Lease | None:
+        """A lease for ``request`` if a replica has room and nobody waits before it; else None."""
         if self._waiters or not self.replicas:
             return None
-        replica = self.choose(self.replicas, key)
-        if replica is not None:
-            replica.ongoing += 1
-        return replica
+        replica = self.choose(self.replicas, request)
+        if replica is None:
+            return None
+        replica.ongoing += 1
+        return Lease(self, replica)
 
-    async def assign(self, key: str | None = None) -> Replica:
-        """A replica for one request, waiting in the queue when all are full.
+    async def assign(self, request: Request) -> Lease:
+        """A lease for ``request``, waiting in the queue when every replica is full.
 
         Raises :class:`~embserve.BackPressureError` at once when the queue is full.
         """
-        replica = self.try_assign(key)
-        if replica is not None:
-            return replica
+        lease = self.try_assign(request)
+        if lease is not None:
+            return lease
         if 0 <= self.max_queued_requests <= len(self._waiters):
             raise BackPressureError(
                 f"all replicas are busy and {len(self._waiters)} request(s) wait "
                 f"(max_queued_requests={self.max_queued_requests}); retry later or add replicas"
             )
-        waiter: asyncio.Future[Replica] = asyncio.get_running_loop().create_future()
-        entry = (waiter, key)
+        waiter: asyncio.Future[Lease] = asyncio.get_running_loop().create_future()
+        entry = (waiter, request)
         self._waiters.append(entry)
         try:
             return await waiter
         except asyncio.CancelledError:
             if waiter.done() and not waiter.cancelled():
                 # Assigned in the same tick we were cancelled: give the slot back.
-                self.release(waiter.result())
+                waiter.result().release()
             else:
                 with contextlib.suppress(ValueError):
                     self._waiters.remove(entry)
             raise
 
-    def release(self, replica: Replica) -> None:
-        """Give back the slot :meth:`assign` counted on ``replica``."""
+    def _give_back(self, replica: Replica) -> None:
+        # What Lease.release does, once per lease: the one place a slot is given back.
         replica.ongoing -= 1
         if self._waiters:
             self._serve_waiters()
@@ -128,22 +196,22 @@ class Router(ABC):
     def _serve_waiters(self) -> None:
         waiters = self._waiters
         while waiters and self.replicas:
-            waiter, key = waiters[0]
+            waiter, request = waiters[0]
             if waiter.done():  # cancelled while waiting
                 waiters.popleft()
                 continue
-            replica = self.choose(self.replicas, key)
+            replica = self.choose(self.replicas, request)
             if replica is None:
                 return
             replica.ongoing += 1
             waiters.popleft()
-            waiter.set_result(replica)
+            waiter.set_result(Lease(self, replica))
 
 
 class PowerOfTwoChoicesRouter(Router):
     """Sample two replicas, take the one with fewer requests in flight (the default)."""
 
-    def choose(self, replicas: Sequence[Replica], key: str | None) -> Replica | None:
+    def choose(self, replicas: Sequence[Replica], request: Request) -> Replica | None:
         return _power_of_two(replicas, self.max_ongoing_requests, self.rng)
 
 
@@ -152,7 +220,7 @@ class RoundRobinRouter(Router):
 
     _next = 0  # the replica to try first; an instance attribute once set
 
-    def choose(self, replicas: Sequence[Replica], key: str | None) -> Replica | None:
+    def choose(self, replicas: Sequence[Replica], request: Request) -> Replica | None:
         count = len(replicas)
         for step in range(count):
             replica = replicas[(self._next + step) % count]
@@ -179,7 +247,8 @@ class ConsistentHashRouter(Router):
     _points: list[int]
     _owners: list[Replica]
 
-    def choose(self, replicas: Sequence[Replica], key: str | None) -> Replica | None:
+    def choose(self, replicas: Sequence[Replica], request: Request) -> Replica | None:
+        key = request.routing_key
         if key is None:
             return _power_of_two(replicas, self.max_ongoing_requests, self.rng)
         ids = tuple(r.replica_id for r in replicas)
@@ -243,14 +312,15 @@ _ROUTERS: dict[str, type[Router]] = {
 
 
 def make_router(
-    kind: str,
+    kind: str | type[Router],
     *,
     max_ongoing_requests: int,
     max_queued_requests: int,
     rng: random.Random | None = None,
 ) -> Router:
-    """The router named ``kind`` (a deployment's ``router`` option)."""
-    return _ROUTERS[kind](
+    """The router a deployment's ``router`` option names: a name or a :class:`Router` subclass."""
+    cls = _ROUTERS[kind] if isinstance(kind, str) else kind
+    return cls(
         max_ongoing_requests=max_ongoing_requests,
         max_queued_requests=max_queued_requests,
         rng=rng,

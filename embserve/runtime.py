@@ -31,6 +31,7 @@ from embserve.handle import (
     unregister_submitter,
 )
 from embserve.replica import Replica
+from embserve.request import Request, new_request_id
 from embserve.status import EndpointStatus, RuntimeStatus
 
 __all__ = ["Runtime", "get_handle", "run", "shutdown"]
@@ -285,7 +286,7 @@ class Runtime:
             )
             controller.router.rng = self._rng
             self._controllers[deployment.name] = controller
-            work = controller.deploy()
+            work = controller.deploy(keep_trying=not wait)
         else:
             work = controller.update(deployment, args, kwargs)
         if not wait:
@@ -361,23 +362,17 @@ class Runtime:
             },
         )
 
-    def routes(self) -> dict[str, tuple[str, Deployment | None]]:
-        """The HTTP routes: route prefix → (endpoint name, the deployment with most of its traffic).
+    def routes(self) -> dict[str, str]:
+        """The HTTP routes: route prefix → endpoint name. Safe from any thread.
 
-        Safe from any thread; what the ASGI adapter routes by.
+        What the ASGI adapter routes by. What depends on the deployment (streaming, allowed
+        HTTP methods) is decided per request, for the deployment the traffic policy chose.
         """
-        table: dict[str, tuple[str, Deployment | None]] = {}
-        for name, endpoint in list(self._endpoints.items()):
-            if endpoint.route_prefix is None:
-                continue
-            traffic = endpoint.traffic
-            main = max(traffic, key=traffic.__getitem__) if traffic else name
-            controller = self._controllers.get(main)
-            table[endpoint.route_prefix] = (
-                name,
-                controller.deployment if controller is not None else None,
-            )
-        return table
+        return {
+            endpoint.route_prefix: name
+            for name, endpoint in list(self._endpoints.items())
+            if endpoint.route_prefix is not None
+        }
 
     def asgi_app(self, **options: Any) -> Any:
         """An ASGI app serving this runtime's endpoints (needs ``embserve-asgi``)."""
@@ -391,15 +386,14 @@ class Runtime:
 
     # -- the request path -----------------------------------------------------------------
 
-    def submit(
-        self,
-        target: str,
-        method: str,
-        args: tuple[Any, ...],
-        kwargs: dict[str, Any],
-        key: str | None = None,
-    ) -> Response:
-        """Start a call to ``target`` (what ``Handle.remote`` does)."""
+    def submit(self, request: Request) -> Any:
+        """Start ``request`` (what ``Handle.remote`` and the ASGI adapter do), from any thread.
+
+        Returns a :class:`~embserve.ResponseStream` when ``request.stream`` is true, else a
+        :class:`~embserve.Response`. With ``request.stream`` None the deployment the traffic
+        policy chose decides, and the response's result is a ``ResponseStream`` when it
+        streams.
+        """
         loop = self._loop
         if loop is None or self._closed:
             if self._closed:
@@ -407,44 +401,14 @@ class Runtime:
             self.start()
             loop = self._loop
             assert loop is not None
-        start = self._dispatch.start
-        if asyncio._get_running_loop() is loop:
-            return Response(start(target, method, args, kwargs, key), loop)
-        begin = functools.partial(start, target, method, args, kwargs, key)
-        return Response(start_threadsafe(loop, begin), loop)
-
-    def submit_stream(
-        self,
-        target: str,
-        method: str,
-        args: tuple[Any, ...],
-        kwargs: dict[str, Any],
-        key: str | None = None,
-    ) -> ResponseStream:
-        """Start a streaming call to ``target``."""
-        if self._closed:
-            raise EmbserveError("this runtime was shut down; create a new one")
-        if self._loop is None:
-            self.start()
-        assert self._loop is not None
+        if not request.request_id:
+            request.request_id = new_request_id()
         dispatch = self._dispatch
-        return ResponseStream(
-            lambda: dispatch.stream(target, method, args, kwargs, key), self._loop
-        )
-
-    async def call_async(
-        self, target: str, method: str, args: tuple[Any, ...], kwargs: dict[str, Any]
-    ) -> Any:
-        """Run a call to ``target`` inside the calling task, which must run on the runtime's loop.
-
-        What an adapter serving requests on the runtime's loop uses: no task of its own, and
-        cancelling the caller cancels the call.
-        """
-        if self._closed or asyncio._get_running_loop() is not self._loop:
-            if self._closed:
-                raise EmbserveError("this runtime was shut down; create a new one")
-            raise RuntimeError("call_async() runs on the runtime's loop only; use submit()")
-        return await self._dispatch.request(target, method, args, kwargs)
+        if request.stream:
+            return ResponseStream(functools.partial(dispatch.stream, request), loop)
+        if asyncio._get_running_loop() is loop:
+            return Response(dispatch.start(request), loop)
+        return Response(start_threadsafe(loop, functools.partial(dispatch.start, request)), loop)
 
     def _replica_died(self, replica: Replica, reason: str) -> None:
         controller = self._controllers.get(replica.deployment)

@@ -5,16 +5,16 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from typing import Any
 
-from embserve.replica import Call, Replica
+from embserve.replica import Replica, Request
 
 
 class StubReplica(Replica):
     """A replica that answers nothing; subclasses override what their test needs."""
 
-    async def call(self, call: Call) -> Any:
+    async def call(self, call: Request) -> Any:
         raise NotImplementedError
 
-    async def stream(self, call: Call) -> AsyncIterator[Any]:
+    async def stream(self, call: Request) -> AsyncIterator[Any]:
         if call.method:
             raise NotImplementedError
         yield

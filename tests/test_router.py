@@ -12,8 +12,13 @@ from hypothesis import strategies as st
 
 from embserve.errors import BackPressureError
 from embserve.replica import Replica
+from embserve.request import Request
 from embserve.router import PowerOfTwoChoicesRouter, RoundRobinRouter, Router, make_router
 from tests.replicas import StubReplica
+
+
+def req(key: str | None = None) -> Request:
+    return Request("d", routing_key=key)
 
 
 def slots(count: int) -> list[Replica]:
@@ -31,9 +36,12 @@ async def test_assign_counts_and_release_uncounts() -> None:
     router = p2c(limit=1)
     (only,) = replicas = slots(1)
     router.set_replicas(replicas)
-    assert await router.assign() is only
+    lease = await router.assign(req())
+    assert lease.replica is only
     assert only.ongoing == 1
-    router.release(only)
+    lease.release()
+    assert only.ongoing == 0
+    lease.release()  # idempotent
     assert only.ongoing == 0
 
 
@@ -42,18 +50,18 @@ async def test_full_replicas_queue_in_arrival_order() -> None:
     router = p2c(limit=1)
     (only,) = replicas = slots(1)
     router.set_replicas(replicas)
-    await router.assign()
+    first = await router.assign(req())
     order: list[int] = []
 
     async def waiter(index: int) -> None:
-        replica = await router.assign()
+        lease = await router.assign(req())
         order.append(index)
-        router.release(replica)
+        lease.release()
 
     tasks = [asyncio.ensure_future(waiter(i)) for i in range(5)]
     await asyncio.sleep(0)  # let them queue
     assert router.queued == 5
-    router.release(only)
+    first.release()
     await asyncio.gather(*tasks)
     assert order == [0, 1, 2, 3, 4]
     assert only.ongoing == 0
@@ -63,11 +71,11 @@ async def test_full_replicas_queue_in_arrival_order() -> None:
 async def test_backpressure_when_the_queue_is_full() -> None:
     router = p2c(limit=1, queued=2)
     router.set_replicas(slots(1))
-    await router.assign()
-    waiting = [asyncio.ensure_future(router.assign()) for _ in range(2)]
+    await router.assign(req())
+    waiting = [asyncio.ensure_future(router.assign(req())) for _ in range(2)]
     await asyncio.sleep(0)
     with pytest.raises(BackPressureError, match="max_queued_requests=2"):
-        await router.assign()
+        await router.assign(req())
     for task in waiting:
         task.cancel()
     await asyncio.gather(*waiting, return_exceptions=True)
@@ -79,13 +87,13 @@ async def test_cancelled_waiter_leaves_the_queue_and_loses_no_slot() -> None:
     router = p2c(limit=1)
     (only,) = replicas = slots(1)
     router.set_replicas(replicas)
-    await router.assign()
-    cancelled = asyncio.ensure_future(router.assign())
-    kept = asyncio.ensure_future(router.assign())
+    first = await router.assign(req())
+    cancelled = asyncio.ensure_future(router.assign(req()))
+    kept = asyncio.ensure_future(router.assign(req()))
     await asyncio.sleep(0)
     cancelled.cancel()
-    router.release(only)
-    assert await kept is only
+    first.release()
+    assert (await kept).replica is only
     assert only.ongoing == 1
     with pytest.raises(asyncio.CancelledError):
         await cancelled
@@ -94,18 +102,18 @@ async def test_cancelled_waiter_leaves_the_queue_and_loses_no_slot() -> None:
 @pytest.mark.anyio
 async def test_waiters_are_served_when_replicas_arrive() -> None:
     router = p2c(limit=1)
-    waiter = asyncio.ensure_future(router.assign())
+    waiter = asyncio.ensure_future(router.assign(req()))
     await asyncio.sleep(0)
     assert not waiter.done()
     replicas = slots(1)
     router.set_replicas(replicas)
-    assert await waiter is replicas[0]
+    assert (await waiter).replica is replicas[0]
 
 
 @pytest.mark.anyio
 async def test_fail_waiters_ends_every_queued_request() -> None:
     router = p2c()
-    waiters = [asyncio.ensure_future(router.assign()) for _ in range(3)]
+    waiters = [asyncio.ensure_future(router.assign(req())) for _ in range(3)]
     await asyncio.sleep(0)
     router.fail_waiters(lambda: RuntimeError("gone"))
     results = await asyncio.gather(*waiters, return_exceptions=True)
@@ -117,16 +125,16 @@ def test_power_of_two_prefers_the_less_loaded() -> None:
     router = p2c(limit=100)
     busy, idle = slots(2)
     busy.ongoing = 10
-    picks = Counter(router.choose([busy, idle], None) for _ in range(100))
+    picks = Counter(router.choose([busy, idle], req()) for _ in range(100))
     assert picks == {idle: 100}
 
 
 def test_round_robin_takes_turns_and_skips_full_ones() -> None:
     router = RoundRobinRouter(max_ongoing_requests=1)
     a, b, c = replicas = slots(3)
-    assert [router.choose(replicas, None) for _ in range(3)] == [a, b, c]
+    assert [router.choose(replicas, req()) for _ in range(3)] == [a, b, c]
     b.ongoing = 1
-    assert [router.choose(replicas, None) for _ in range(2)] == [a, c]
+    assert [router.choose(replicas, req()) for _ in range(2)] == [a, c]
 
 
 def test_make_router_by_name() -> None:
@@ -159,14 +167,14 @@ def test_random_concurrency_never_exceeds_the_limit_and_serves_everyone(
         served: Counter[int] = Counter()
 
         async def request(index: int) -> None:
-            replica = await router.assign()
+            lease = await router.assign(req())
             try:
                 assert all(r.ongoing <= limit for r in pool)
                 served[index] += 1
                 for _ in range(rng.randrange(3)):
                     await asyncio.sleep(0)
             finally:
-                router.release(replica)
+                lease.release()
 
         tasks = [asyncio.ensure_future(request(i)) for i in range(requests)]
         for _ in range(rng.randrange(3)):
@@ -199,7 +207,7 @@ def test_power_of_two_never_picks_the_one_busiest_replica(seed: int, loads: list
     for replica, load in zip(pool, loads, strict=True):
         replica.ongoing = load
     busiest = max(loads)
-    chosen = router.choose(pool, None)
+    chosen = router.choose(pool, req())
     assert chosen is not None
     if loads.count(busiest) == 1:
         assert chosen.ongoing < busiest
@@ -210,7 +218,7 @@ def test_power_of_two_spreads_load() -> None:
     router = p2c(limit=1000, seed=1)
     pool = slots(6)
     for _ in range(600):
-        chosen = router.choose(pool, None)
+        chosen = router.choose(pool, req())
         assert chosen is not None
         chosen.ongoing += 1
     counts = [r.ongoing for r in pool]
@@ -224,8 +232,8 @@ def hash_router(limit: int = 1000) -> Router:
 def test_consistent_hash_keeps_a_key_on_one_replica_and_spreads_keys() -> None:
     router = hash_router()
     pool = slots(4)
-    first = {f"user-{i}": router.choose(pool, f"user-{i}") for i in range(1000)}
-    assert all(router.choose(pool, key) is replica for key, replica in first.items())
+    first = {f"user-{i}": router.choose(pool, req(f"user-{i}")) for i in range(1000)}
+    assert all(router.choose(pool, req(key)) is replica for key, replica in first.items())
     shares = Counter(r.replica_id for r in first.values() if r is not None)
     assert len(shares) == 4
     assert all(150 <= count <= 350 for count in shares.values()), shares
@@ -239,26 +247,26 @@ def test_consistent_hash_moves_only_the_keys_of_a_removed_replica(
     keys: list[str], gone: int
 ) -> None:
     pool = slots(5)
-    before = {key: hash_router().choose(pool, key) for key in keys}
+    before = {key: hash_router().choose(pool, req(key)) for key in keys}
     after_pool = [r for i, r in enumerate(pool) if i != gone]
     router = hash_router()
     for key in keys:
         if before[key] is not pool[gone]:
-            assert router.choose(after_pool, key) is before[key]
+            assert router.choose(after_pool, req(key)) is before[key]
 
 
 def test_consistent_hash_spills_from_a_full_replica_and_never_overfills() -> None:
     router = hash_router(limit=1)
     pool = slots(3)
-    home = router.choose(pool, "k")
+    home = router.choose(pool, req("k"))
     assert home is not None
     home.ongoing = 1
-    spilled = router.choose(pool, "k")
+    spilled = router.choose(pool, req("k"))
     assert spilled is not None and spilled is not home
     for replica in pool:
         replica.ongoing = 1
-    assert router.choose(pool, "k") is None
-    assert router.choose(pool, None) is None
+    assert router.choose(pool, req("k")) is None
+    assert router.choose(pool, req()) is None
 
 
 @pytest.mark.anyio
@@ -266,11 +274,12 @@ async def test_a_queued_request_keeps_its_key() -> None:
     router = hash_router(limit=1)
     pool = slots(2)
     router.set_replicas(pool)
-    home = await router.assign("sticky")
+    lease = await router.assign(req("sticky"))
+    home = lease.replica
     other = next(r for r in pool if r is not home)
     other.ongoing = 1  # both full: the next request for "sticky" must queue
-    waiting = asyncio.ensure_future(router.assign("sticky"))
+    waiting = asyncio.ensure_future(router.assign(req("sticky")))
     await asyncio.sleep(0)
     assert not waiting.done()
-    router.release(home)
-    assert await waiting is home
+    lease.release()
+    assert (await waiting).replica is home

@@ -481,7 +481,7 @@ def test_admin_routes(client: httpx.Client) -> None:
     health = client.get("/-/healthz")
     assert health.status_code == 200 and health.json()["status"] == "ok"
     routes = client.get("/-/routes").json()
-    assert routes["/echo"] == {"endpoint": "Echo", "deployment": "Echo"}
+    assert routes["/echo"] == {"endpoint": "Echo", "traffic": {"Echo": 1.0}}
     assert routes["/echo/deeper"]["endpoint"] == "double"
     status = client.get("/-/status").json()
     assert status["deployments"]["Echo"]["state"] == "HEALTHY"

@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 
 import embserve
 from embserve.backends import Backend
-from embserve.replica import Call, Replica, ReplicaSpec, ReplicaState
+from embserve.replica import Replica, ReplicaSpec, ReplicaState, Request
 from tests.replicas import StubReplica
 
 
@@ -29,7 +29,7 @@ class FlakyReplica(StubReplica):
         self.limit = spec.config.ongoing_limit
         self.active = 0
 
-    async def call(self, call: Call) -> Any:
+    async def call(self, call: Request) -> Any:
         backend = self.backend
         if self.state is ReplicaState.STOPPED:
             raise embserve.ReplicaDiedError("dead", started=False)

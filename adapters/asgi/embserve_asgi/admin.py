@@ -14,7 +14,6 @@ from typing import Any
 
 from starlette.responses import Response
 
-from embserve.deployment import Deployment
 from embserve.runtime import Runtime
 from embserve_asgi.responses import JSON, json_bytes
 
@@ -101,7 +100,7 @@ def _json(value: Any, status: int = 200) -> Response:
 def admin_response(
     path: str,
     runtime: Runtime,
-    routes: Mapping[str, tuple[str, Deployment | None]],
+    routes: Mapping[str, str],
     metrics: Mapping[str, EndpointMetrics],
     *,
     started: bool,
@@ -110,13 +109,14 @@ def admin_response(
     if path == "healthz":
         return _healthz(runtime, routes, started=started)
     if path == "routes":
+        endpoints = runtime.status().endpoints
         return _json(
             {
                 prefix: {
                     "endpoint": name,
-                    "deployment": deployment.name if deployment is not None else None,
+                    "traffic": dict(endpoints[name].traffic) if name in endpoints else {},
                 }
-                for prefix, (name, deployment) in sorted(routes.items())
+                for prefix, name in sorted(routes.items())
             }
         )
     if path == "status":
@@ -128,14 +128,12 @@ def admin_response(
     return None
 
 
-def _healthz(
-    runtime: Runtime, routes: Mapping[str, tuple[str, Deployment | None]], *, started: bool
-) -> Response:
+def _healthz(runtime: Runtime, routes: Mapping[str, str], *, started: bool) -> Response:
     if not started:
         return _json({"status": "unavailable", "why": ["the runtime has not started"]}, 503)
     status = runtime.status()
     why: list[str] = []
-    for prefix, (name, _) in sorted(routes.items()):
+    for prefix, name in sorted(routes.items()):
         endpoint = status.endpoints.get(name)
         targets = list(endpoint.traffic) if endpoint is not None else [name]
         for target in targets:

@@ -21,8 +21,10 @@ from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 
 from embserve.backends import Backend
-from embserve.deployment import Application, Deployment
+from embserve.deployment import Application
 from embserve.errors import EmbserveError, HTTPError
+from embserve.handle import ResponseStream
+from embserve.request import Request
 from embserve.runtime import Runtime
 from embserve_asgi.admin import EndpointMetrics, admin_response
 from embserve_asgi.connection import (
@@ -91,7 +93,7 @@ class App:
         self._closed = False
         self._lock: asyncio.Lock | None = None
         self._routes: list[Route] = []
-        self._route_table: dict[str, tuple[str, Deployment | None]] = {}
+        self._route_table: dict[str, str] = {}
         self._routes_at = -ROUTE_REFRESH_S
         self._metrics: dict[str, EndpointMetrics] = {}
         self._watchers = DisconnectWatchers()
@@ -184,12 +186,12 @@ class App:
 
     def planned_routes(self) -> dict[str, str]:
         """Route prefix → endpoint name: the routes given plus the runtime's, before start-up."""
-        table = {prefix: name for prefix, (name, _) in self.runtime.routes().items()}
+        table = self.runtime.routes()
         table.update((prefix, application.name) for prefix, application in self._deploy)
         return table
 
-    def routes(self) -> dict[str, tuple[str, Deployment | None]]:
-        """Route prefix → (endpoint name, its main deployment), as served now."""
+    def routes(self) -> dict[str, str]:
+        """Route prefix → endpoint name, as served now."""
         self._refresh_routes()
         return dict(self._route_table)
 
@@ -199,7 +201,7 @@ class App:
         if table == self._route_table:
             return
         self._route_table = table
-        routes = [Route(prefix, name, dep) for prefix, (name, dep) in table.items()]
+        routes = [Route(prefix, name) for prefix, name in table.items()]
         routes.sort(key=lambda r: len(r.prefix), reverse=True)
         self._routes = routes
         for route in routes:
@@ -262,13 +264,6 @@ class App:
             response = error_response(HTTPError(404, f"no route for {path}"), request_id)
             await response(scope, receive, send)
             return
-        if route.methods is not None and scope["method"] not in route.methods:
-            response = error_response(
-                HTTPError(405, f"{scope['method']} is not allowed here"), request_id
-            )
-            response.headers["allow"] = ", ".join(sorted(route.methods))
-            await response(scope, receive, send)
-            return
         metrics = self._metrics[route.endpoint]
         metrics.in_flight += 1
         started = time.perf_counter()
@@ -298,16 +293,17 @@ class App:
             body = await read_body(receive, self.max_body_size)
             snapshot = RequestSnapshot.from_scope(scope, body, request_id)
             watch = self._watchers.watch(receive)
-            if route.streaming:
-                stream = self.runtime.submit_stream(route.endpoint, "__call__", (snapshot,), {})
-                return await self._stream(stream, request_id, watch, send)
-            runtime = self.runtime
-            if runtime.loop is asyncio.get_running_loop():
-                # On the runtime's own loop the call runs in this task: no task per request,
-                # and cancelling this task (the client left) cancels the call.
-                result = await runtime.call_async(route.endpoint, "__call__", (snapshot,), {})
-            else:
-                result = await runtime.submit(route.endpoint, "__call__", (snapshot,), {})
+            request = Request(
+                route.endpoint,
+                args=(snapshot,),
+                request_id=request_id,
+                stream=None,  # as the deployment the traffic policy chooses
+                http_method=scope["method"],
+            )
+            # Cancelling this task (the client left) cancels the request.
+            result = await self.runtime.submit(request)
+            if isinstance(result, ResponseStream):
+                return await self._stream(result, request_id, watch, send)
             if is_stream(result):
                 return await self._stream(iterate(result), request_id, watch, send)
             watch.close()

@@ -22,6 +22,7 @@ from embserve.errors import (
     BackPressureError,
     EmbserveError,
     HTTPError,
+    MethodNotAllowedError,
     ReplicaDiedError,
     RequestTimeoutError,
     remote_traceback,
@@ -139,7 +140,10 @@ def error_response(exc: BaseException, request_id: str, endpoint: str = "") -> R
     logged here with the request id).
     """
     if isinstance(exc, HTTPError):
-        return _error(exc.status, exc.detail or _reason(exc.status), request_id)
+        response = _error(exc.status, exc.detail or _reason(exc.status), request_id)
+        if isinstance(exc, MethodNotAllowedError):
+            response.headers["allow"] = ", ".join(sorted(exc.allowed))
+        return response
     if isinstance(exc, HTTPException):
         response = _error(exc.status_code, str(exc.detail), request_id)
         for name, value in (exc.headers or {}).items():

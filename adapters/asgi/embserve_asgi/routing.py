@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import inspect
 from collections.abc import Mapping
 from typing import Any
 
@@ -10,39 +9,26 @@ from starlette.types import Scope
 
 from embserve.deployment import Application, Deployment
 
-__all__ = ["Route", "check_routes", "is_generator", "route_path"]
+__all__ = ["Route", "check_routes", "route_path"]
 
 
 class Route:
-    """A route prefix of the App and what serves it: the endpoint, its methods, streaming."""
+    """A route prefix of the App and the endpoint that serves it.
 
-    __slots__ = ("endpoint", "methods", "prefix", "slashed", "streaming")
+    Whether a request streams and which HTTP methods it may use depend on the deployment the
+    endpoint's traffic policy chooses for it, so they are decided per request by the runtime.
+    """
 
-    def __init__(self, prefix: str, endpoint: str, deployment: Deployment | None) -> None:
+    __slots__ = ("endpoint", "prefix", "slashed")
+
+    def __init__(self, prefix: str, endpoint: str) -> None:
         self.prefix = prefix
         self.slashed = prefix.rstrip("/") + "/"
         self.endpoint = endpoint
-        target = deployment.target if deployment is not None else None
-        self.streaming = is_generator(target)
-        methods = getattr(target, "http_methods", None)
-        self.methods: frozenset[str] | None = None
-        if methods:
-            allowed = {str(m).upper() for m in methods}
-            if "GET" in allowed:
-                allowed.add("HEAD")
-            self.methods = frozenset(allowed)
 
     def matches(self, path: str) -> bool:
         """Whether ``path`` falls under this route prefix."""
         return path == self.prefix or path.startswith(self.slashed)
-
-
-def is_generator(target: Any) -> bool:
-    """Whether a deployment target answers with a generator (its route streams)."""
-    if target is None:
-        return False
-    fn = target.__call__ if inspect.isclass(target) else target
-    return inspect.isasyncgenfunction(fn) or inspect.isgeneratorfunction(fn)
 
 
 def route_path(scope: Scope) -> str:

@@ -28,6 +28,7 @@ from embserve._host import ReplicaHost
 from embserve.context import ReplicaContext
 from embserve.handle import Response, ResponseStream, resolve_responses, start_call
 from embserve.replica import ReplicaSpec
+from embserve.request import Request
 from embserve_dask._protocol import Peer
 
 __all__ = ["DrainPlugin", "serve_replica"]
@@ -172,8 +173,7 @@ class _ReplicaServer:
         host = self.host
         if op == "call":
             assert host is not None
-            method, args, kwargs = value
-            return await host.call(method, args, kwargs)
+            return await host.call(Request.from_wire(self.spec.deployment, value))
         if op == "start":
             return await self._start()
         if op == "health":
@@ -191,8 +191,7 @@ class _ReplicaServer:
 
     def _serve_stream(self, op: str, value: Any) -> AsyncIterator[Any]:
         assert self.host is not None and op == "stream"
-        method, args, kwargs = value
-        return self.host.stream(method, args, kwargs)
+        return self.host.stream(Request.from_wire(self.spec.deployment, value))
 
     async def _start(self) -> dict[str, Any]:
         spec, worker = self.spec, self.worker
@@ -267,39 +266,16 @@ class _RuntimeProxy:
         self.peer = peer
         self.loop = loop
 
-    def submit(
-        self,
-        target: str,
-        method: str,
-        args: tuple[Any, ...],
-        kwargs: dict[str, Any],
-        key: str | None = None,
-    ) -> Response:
-        return start_call(self.loop, self._submit(target, method, args, kwargs, key))
+    def submit(self, request: Request) -> Response | ResponseStream:
+        if request.stream:
+            return ResponseStream(lambda: self._stream(request), self.loop)
+        return start_call(self.loop, self._submit(request))
 
-    async def _submit(
-        self,
-        target: str,
-        method: str,
-        args: tuple[Any, ...],
-        kwargs: dict[str, Any],
-        key: str | None,
-    ) -> Any:
-        args, kwargs = await resolve_responses(args, kwargs)
-        return await self.peer.request("submit", (target, method, args, kwargs, key))
+    async def _submit(self, request: Request) -> Any:
+        request.args, request.kwargs = await resolve_responses(request.args, request.kwargs)
+        return await self.peer.request("submit", (request.target, request.to_wire()))
 
-    def submit_stream(
-        self,
-        target: str,
-        method: str,
-        args: tuple[Any, ...],
-        kwargs: dict[str, Any],
-        key: str | None = None,
-    ) -> ResponseStream:
-        async def items() -> AsyncIterator[Any]:
-            resolved_args, resolved_kwargs = await resolve_responses(args, kwargs)
-            request = (target, method, resolved_args, resolved_kwargs, key)
-            async for item in self.peer.stream("submit_stream", request):
-                yield item
-
-        return ResponseStream(items, self.loop)
+    async def _stream(self, request: Request) -> AsyncIterator[Any]:
+        request.args, request.kwargs = await resolve_responses(request.args, request.kwargs)
+        async for item in self.peer.stream("submit_stream", (request.target, request.to_wire())):
+            yield item

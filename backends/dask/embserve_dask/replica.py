@@ -10,7 +10,8 @@ from typing import Any
 
 from embserve import handle as handle_module
 from embserve.errors import ReplicaDiedError
-from embserve.replica import Call, Replica, ReplicaSpec, ReplicaState
+from embserve.replica import Replica, ReplicaSpec, ReplicaState
+from embserve.request import Request
 from embserve_dask._protocol import Peer
 
 __all__ = ["DaskReplica"]
@@ -62,11 +63,11 @@ class DaskReplica(Replica):
 
     # -- the Replica seam -----------------------------------------------------------------
 
-    async def call(self, call: Call) -> Any:
-        return await self.peer.request("call", (call.method, call.args, call.kwargs))
+    async def call(self, request: Request) -> Any:
+        return await self.peer.request("call", request.to_wire())
 
-    async def stream(self, call: Call) -> AsyncIterator[Any]:
-        async for item in self.peer.stream("stream", (call.method, call.args, call.kwargs)):
+    async def stream(self, request: Request) -> AsyncIterator[Any]:
+        async for item in self.peer.stream("stream", request.to_wire()):
             yield item
 
     async def check_health(self) -> None:
@@ -122,9 +123,9 @@ class DaskReplica(Replica):
         submitter = handle_module.find_submitter(self.spec.runtime_id)
         if submitter is None:
             raise ReplicaDiedError(f"runtime {self.spec.runtime_id} is not running", started=False)
-        target, method, args, kwargs, key = value
         if op == "submit":
-            return await submitter.submit(target, method, args, kwargs, key)
+            target, wire = value
+            return await submitter.submit(Request.from_wire(target, wire))
         raise ValueError(f"unknown request {op!r}")
 
     def answer_stream(self, op: str, value: Any) -> AsyncIterator[Any]:
@@ -132,5 +133,8 @@ class DaskReplica(Replica):
         submitter = handle_module.find_submitter(self.spec.runtime_id)
         if submitter is None:
             raise ReplicaDiedError(f"runtime {self.spec.runtime_id} is not running", started=False)
-        target, method, args, kwargs, key = value
-        return submitter.submit_stream(target, method, args, kwargs, key).__aiter__()
+        target, wire = value
+        request = Request.from_wire(target, wire)
+        request.stream = True
+        stream: AsyncIterator[Any] = submitter.submit(request).__aiter__()
+        return stream

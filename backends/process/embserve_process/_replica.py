@@ -22,9 +22,10 @@ from collections.abc import AsyncIterator, Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
 from embserve.context import ReplicaContext
-from embserve.errors import DeploymentFailedError, ReplicaDiedError
-from embserve.handle import Handle
-from embserve.replica import Call, Replica, ReplicaSpec, ReplicaState
+from embserve.errors import DeploymentFailedError, EmbserveError, ReplicaDiedError
+from embserve.handle import find_submitter
+from embserve.replica import Replica, ReplicaSpec, ReplicaState
+from embserve.request import Request
 from embserve.resources import Allocation
 from embserve_process._channel import STREAM_WINDOW, Channel, Frame, decode, encode
 from embserve_process._worker import Pending, error_payload, load_error, run_worker
@@ -186,14 +187,14 @@ class ProcessReplica(Replica):
         finally:
             self._pending.calls.pop(ident, None)
 
-    async def call(self, call: Call) -> Any:
-        return await self._request("call", (call.method, call.args, call.kwargs))
+    async def call(self, request: Request) -> Any:
+        return await self._request("call", request.to_wire())
 
-    def send(self, call: Call, future: asyncio.Future[Any]) -> Callable[[], None] | None:
+    def send(self, request: Request, future: asyncio.Future[Any]) -> Callable[[], None] | None:
         ident = next(self._ids)
         try:
             channel = self._check_alive()
-            channel.send("call", ident, (call.method, call.args, call.kwargs))
+            channel.send("call", ident, request.to_wire())
         except Exception:  # gone, or arguments that cannot be pickled: call() says which
             return None
         if channel.closed:  # this send found the worker gone: the request never left
@@ -207,7 +208,7 @@ class ProcessReplica(Replica):
         if pending is not None and channel is not None and not channel.closed:
             channel.send("cancel", ident)
 
-    async def stream(self, call: Call) -> AsyncIterator[Any]:
+    async def stream(self, request: Request) -> AsyncIterator[Any]:
         channel = self._check_alive()
         ident = next(self._ids)
         queue: asyncio.Queue[tuple[str, Any]] = asyncio.Queue()
@@ -215,7 +216,7 @@ class ProcessReplica(Replica):
         finished = False
         taken = 0
         try:
-            channel.send("stream", ident, (call.method, call.args, call.kwargs))
+            channel.send("stream", ident, request.to_wire())
             while True:
                 kind, value = await queue.get()
                 if kind == "item":
@@ -273,13 +274,17 @@ class ProcessReplica(Replica):
         channel = self._channel
         assert channel is not None
         try:
-            target, method, args, kwargs, key = decode(frames)
-            handle = Handle(self._spec.runtime_id, target, method=method, routing_key=key)
+            target, wire = decode(frames)
+            request = Request.from_wire(target, wire)
+            request.stream = kind == "submit_stream"
+            runtime = find_submitter(self._spec.runtime_id)
+            if runtime is None:
+                raise EmbserveError(f"runtime {self._spec.runtime_id} is not running")
             if kind == "submit":
-                result = await handle.remote(*args, **kwargs)
+                result = await runtime.submit(request)
                 channel.send("sub_ok", ident, result)
                 return
-            async for item in handle.options(stream=True).remote(*args, **kwargs):
+            async for item in runtime.submit(request):
                 channel.send("sub_item", ident, item)
             channel.send("sub_end", ident)
         except asyncio.CancelledError:

@@ -39,6 +39,7 @@ from embserve.handle import (
     start_call,
 )
 from embserve.replica import ReplicaSpec
+from embserve.request import Request
 from embserve.wire import RemoteError
 from embserve_process._channel import STREAM_WINDOW, Channel, Frame, decode
 
@@ -125,42 +126,20 @@ class ParentRuntime:
         self._ids = itertools.count(1)
         self._pending = Pending()
 
-    def submit(
-        self,
-        target: str,
-        method: str,
-        args: tuple[Any, ...],
-        kwargs: dict[str, Any],
-        key: str | None = None,
-    ) -> Response:
-        """Start a call to ``target`` in the parent's runtime."""
-        return start_call(self._loop, self._call(target, method, args, kwargs, key))
+    def submit(self, request: Request) -> Response | ResponseStream:
+        """Start ``request`` in the parent's runtime."""
+        if request.stream:
+            return ResponseStream(lambda: self._stream(request), self._loop)
+        return start_call(self._loop, self._call(request))
 
-    def submit_stream(
-        self,
-        target: str,
-        method: str,
-        args: tuple[Any, ...],
-        kwargs: dict[str, Any],
-        key: str | None = None,
-    ) -> ResponseStream:
-        """Start a streaming call to ``target`` in the parent's runtime."""
-        return ResponseStream(lambda: self._stream(target, method, args, kwargs, key), self._loop)
-
-    async def _call(
-        self,
-        target: str,
-        method: str,
-        args: tuple[Any, ...],
-        kwargs: dict[str, Any],
-        key: str | None,
-    ) -> Any:
-        args, kwargs = await resolve_responses(args, kwargs)
+    async def _call(self, request: Request) -> Any:
+        args, kwargs = await resolve_responses(request.args, request.kwargs)
+        request.args, request.kwargs = args, kwargs
         ident = next(self._ids)
         future: asyncio.Future[Any] = self._loop.create_future()
         self._pending.calls[ident] = future
         try:
-            self._channel.send("submit", ident, (target, method, args, kwargs, key))
+            self._channel.send("submit", ident, (request.target, request.to_wire()))
             return await future
         except asyncio.CancelledError:
             # Our own await cancelled the future: only an answer would have made it done.
@@ -170,21 +149,15 @@ class ParentRuntime:
         finally:
             self._pending.calls.pop(ident, None)
 
-    async def _stream(
-        self,
-        target: str,
-        method: str,
-        args: tuple[Any, ...],
-        kwargs: dict[str, Any],
-        key: str | None,
-    ) -> AsyncIterator[Any]:
-        args, kwargs = await resolve_responses(args, kwargs)
+    async def _stream(self, request: Request) -> AsyncIterator[Any]:
+        args, kwargs = await resolve_responses(request.args, request.kwargs)
+        request.args, request.kwargs = args, kwargs
         ident = next(self._ids)
         queue: asyncio.Queue[tuple[str, Any]] = asyncio.Queue()
         self._pending.streams[ident] = queue
         finished = False
         try:
-            self._channel.send("submit_stream", ident, (target, method, args, kwargs, key))
+            self._channel.send("submit_stream", ident, (request.target, request.to_wire()))
             while True:
                 kind, value = await queue.get()
                 if kind == "item":
@@ -312,13 +285,12 @@ class _Worker:
                 raise RuntimeError("the replica has not started")
             payload = decode(frames)
             if kind == "call":
-                method, args, kwargs = payload
-                result = await host.call(method, args, kwargs)
+                result = await host.call(Request.from_wire(host.spec.deployment, payload))
             elif kind == "stream":
-                method, args, kwargs = payload
+                request = Request.from_wire(host.spec.deployment, payload)
                 credit = self._credits[ident] = _Credit()
                 try:
-                    async for item in host.stream(method, args, kwargs):
+                    async for item in host.stream(request):
                         while credit.left <= 0:
                             credit.granted.clear()
                             await credit.granted.wait()
