@@ -15,7 +15,7 @@ from collections.abc import AsyncIterator, Callable, Coroutine, Generator, Itera
 from typing import Any, Protocol
 
 from embserve._loop import start_task
-from embserve.request import Request, new_request_id
+from embserve.request import Request
 
 __all__ = [
     "Handle",
@@ -141,15 +141,7 @@ class Handle:
         if submitter is None:
             submitter = self._submitter = _find_submitter(self._runtime_id)
         return submitter.submit(
-            Request(
-                self.name,
-                self._method,
-                args,
-                kwargs,
-                new_request_id(),
-                self._key,
-                self._stream,
-            )
+            Request(self.name, self._method, args, kwargs, "", self._key, self._stream)
         )
 
     def __reduce__(self) -> tuple[Any, ...]:

@@ -47,6 +47,9 @@ class Request:
         method: the method of the deployment to call (``"__call__"`` by default).
         args, kwargs: the call's arguments.
         request_id: unique per request (an HTTP ``X-Request-Id`` when the client sent one).
+            Empty until something needs it (user code asking with
+            :func:`get_request_context`, a hop to another process, a log line about the
+            request), which calls :meth:`ensure_id`: most in-process calls never pay for one.
         routing_key: for key-aware routers (``handle.options(routing_key=...)``).
         stream: whether the caller wants a stream of items; None lets the deployment that the
             traffic policy chose decide (a generator method streams), as HTTP does.
@@ -72,6 +75,12 @@ class Request:
     trace_context: Mapping[str, str] | None = None
     http_method: str | None = None
     lease: Lease | None = None
+
+    def ensure_id(self) -> str:
+        """The request id, assigned now if it has none yet."""
+        if not self.request_id:
+            self.request_id = new_request_id()
+        return self.request_id
 
     def copy(self, **changes: Any) -> Request:
         """A copy of this request with a new id and no lease (for shadow copies and retries)."""
@@ -101,7 +110,7 @@ class Request:
                 self.multiplexed_model_id,
                 dict(self.trace_context) if self.trace_context is not None else None,
             )
-        return (self.method, self.args, self.kwargs, self.request_id, meta)
+        return (self.method, self.args, self.kwargs, self.ensure_id(), meta)
 
     @classmethod
     def from_wire(cls, target: str, wire: Wire) -> Request:
@@ -159,7 +168,7 @@ def get_request_context() -> RequestContext:
     if request is None:
         raise RuntimeError("get_request_context() called outside a request")
     return RequestContext(
-        request.request_id,
+        request.ensure_id(),
         request.routing_key,
         request.priority,
         request.multiplexed_model_id,

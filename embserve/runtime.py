@@ -31,7 +31,7 @@ from embserve.handle import (
     unregister_submitter,
 )
 from embserve.replica import Replica
-from embserve.request import Request, new_request_id
+from embserve.request import Request
 from embserve.status import EndpointStatus, RuntimeStatus
 
 __all__ = ["Runtime", "get_handle", "run", "shutdown"]
@@ -401,8 +401,6 @@ class Runtime:
             self.start()
             loop = self._loop
             assert loop is not None
-        if not request.request_id:
-            request.request_id = new_request_id()
         dispatch = self._dispatch
         if request.stream:
             return ResponseStream(functools.partial(dispatch.stream, request), loop)
