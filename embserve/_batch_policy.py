@@ -5,11 +5,11 @@ Public through :mod:`embserve.batching`; import the names from there.
 
 from __future__ import annotations
 
-import asyncio
 import dataclasses
 from abc import ABC, abstractmethod
-from collections.abc import Callable
-from typing import Any, Protocol
+from typing import Any
+
+from embserve.clock import Clock, LoopClock, Timer
 
 __all__ = [
     "AdaptivePolicy",
@@ -20,44 +20,6 @@ __all__ = [
     "LoopClock",
     "Timer",
 ]
-
-
-# --------------------------------------------------------------------------- time
-
-
-class Timer(Protocol):
-    """A scheduled callback that can be cancelled (``asyncio.TimerHandle`` is one)."""
-
-    def cancel(self) -> None:
-        """Do not run the callback."""
-        ...
-
-
-class Clock(Protocol):
-    """Where a batcher reads the time and sets its timers; tests pass a simulated one."""
-
-    def now(self) -> float:
-        """Seconds on a monotonic scale."""
-        ...
-
-    def call_later(self, delay: float, callback: Callable[[], None]) -> Timer:
-        """Run ``callback`` on the batcher's loop after ``delay`` seconds."""
-        ...
-
-
-class LoopClock:
-    """The event loop's own clock and timers (the default)."""
-
-    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
-        self._loop = loop
-
-    def now(self) -> float:
-        """The loop's time."""
-        return self._loop.time()
-
-    def call_later(self, delay: float, callback: Callable[[], None]) -> Timer:
-        """``loop.call_later``."""
-        return self._loop.call_later(delay, callback)
 
 
 # --------------------------------------------------------------------------- metrics

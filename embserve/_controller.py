@@ -1,48 +1,38 @@
-"""One deployment's control loop: its replicas, their health, updates, and its request path.
+"""One deployment's control loop: its replicas, their health, updates, scaling and restarts.
 
-Everything here runs on the runtime's event loop.
+Its requests take the path of :mod:`embserve._serve`. Everything here runs on the runtime's
+event loop, and every wait is measured on the injected :class:`~embserve.clock.Clock`, so
+health checks, restarts and autoscaling run on simulated time in tests.
 """
 
 from __future__ import annotations
 
 import asyncio
-import inspect
 import itertools
 import logging
-import sys
-import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable
 from typing import Any
 
-from embserve._loop import start_task
+from embserve._serve import RequestPath, with_timeout
 from embserve.autoscaling import Autoscaler, AutoscalingPolicy
 from embserve.backends import Backend
+from embserve.clock import Clock, LoopClock, sleep
 from embserve.deployment import Deployment, DeploymentConfig
-from embserve.errors import (
-    DeploymentFailedError,
-    DeploymentUnavailableError,
-    EmbserveError,
-    MethodNotAllowedError,
-    ReplicaDiedError,
-    RequestTimeoutError,
-)
+from embserve.errors import DeploymentFailedError, DeploymentUnavailableError, EmbserveError
 from embserve.replica import Replica, ReplicaSpec, ReplicaState
-from embserve.request import Request
-from embserve.router import Lease, Router, make_router
+from embserve.router import Router, make_router
 from embserve.status import DeploymentStatus, ReplicaStatus
 
 logger = logging.getLogger("embserve.runtime")
 
-# A request whose replica vanished before it started is sent again; this bounds how often, so a
-# deployment whose replicas keep dying fails its callers instead of looping.
-_MAX_UNSTARTED_RETRIES = 8
 # Starting a replica that failed is tried again after 0.1 s, then twice as long each time, up
 # to this.
 _MAX_RESTART_DELAY_S = 10.0
 
 
-class DeploymentController:
-    """Keeps the replicas of one deployment running and routes its requests."""
+class DeploymentController(RequestPath):
+    """Keeps the replicas of one deployment running (starts, health, updates, scaling,
+    restarts); its requests take the path of :class:`~embserve._serve.RequestPath`."""
 
     def __init__(
         self,
@@ -53,8 +43,11 @@ class DeploymentController:
         backend: Backend,
         runtime_id: str,
         router: Router | None = None,
+        clock: Clock | None = None,
     ) -> None:
+        super().__init__(deployment)
         self.name = deployment.name
+        self.clock = clock or LoopClock(asyncio.get_running_loop())
         self.deployment = deployment
         self.config: DeploymentConfig = deployment.config
         self.init_args = init_args
@@ -80,10 +73,7 @@ class DeploymentController:
         self._autoscale_task: asyncio.Task[None] | None = None
         self._update_lock = asyncio.Lock()
         self._stopping = False
-        self._streams: dict[str, bool] = {}
-        self._http_methods = http_methods_of(deployment.target)
-        #: Why requests fail at once: set while no replica runs and the last start failed.
-        self.unavailable: str | None = None
+        self.unavailable = None
 
     # -- replicas -------------------------------------------------------------------------
 
@@ -125,10 +115,10 @@ class DeploymentController:
         try:
             if drain and replica.ongoing:
                 try:
-                    await asyncio.wait_for(
-                        replica.wait_idle(), self.config.graceful_shutdown_timeout_s
+                    await with_timeout(
+                        self.clock, replica.wait_idle(), self.config.graceful_shutdown_timeout_s
                     )
-                except asyncio.TimeoutError:
+                except TimeoutError:
                     logger.warning(
                         "replica %s still had %d request(s) after graceful_shutdown_timeout_s=%s",
                         replica.replica_id,
@@ -172,12 +162,11 @@ class DeploymentController:
             self._autoscale_task = asyncio.ensure_future(self._autoscale_loop())
 
     async def _autoscale_loop(self) -> None:
-        loop = asyncio.get_running_loop()
         while (autoscaler := self._autoscaler) is not None:
-            await asyncio.sleep(autoscaler.policy.metrics_interval_s)
+            await sleep(self.clock, autoscaler.policy.metrics_interval_s)
             if autoscaler is not self._autoscaler:
                 continue  # the deployment was updated while we slept
-            now = loop.time()
+            now = self.clock.now()
             autoscaler.observe(now, sum(r.ongoing for r in self.running) + self.router.queued)
             wanted = autoscaler.decide(now, self.target_replicas)
             if wanted != self.target_replicas and not self._update_lock.locked():
@@ -206,8 +195,7 @@ class DeploymentController:
             self.deployment = deployment
             self.config = deployment.config
             self.init_args, self.init_kwargs = init_args, init_kwargs
-            self._streams = {}
-            self._http_methods = http_methods_of(deployment.target)
+            self.deployment_changed(deployment)
             auto = self.config.autoscaling_config
             if auto and old_config.autoscaling_config:
                 # Keep the size the autoscaler reached, within the new bounds.
@@ -296,7 +284,7 @@ class DeploymentController:
             except Exception as exc:
                 attempt += 1
                 self._start_failed(exc, attempt, delay)
-                await asyncio.sleep(delay)
+                await sleep(self.clock, delay)
                 delay = min(delay * 2, _MAX_RESTART_DELAY_S)
                 continue
             attempt, delay = 0, 0.1
@@ -329,11 +317,14 @@ class DeploymentController:
 
     async def _health_loop(self) -> None:
         while True:
-            await asyncio.sleep(self.config.health_check_period_s)
+            await sleep(self.clock, self.config.health_check_period_s)
             for replica in list(self.running):
                 try:
-                    await asyncio.wait_for(
-                        replica.check_health(), self.config.health_check_timeout_s
+                    await with_timeout(
+                        self.clock,
+                        replica.check_health(),
+                        self.config.health_check_timeout_s,
+                        self._health_timed_out,
                     )
                 except asyncio.CancelledError:
                     raise
@@ -345,6 +336,11 @@ class DeploymentController:
                         self._route_to([r for r in self.running if r is not replica])
                         self._spawn(self._retire(replica))
                         self._start_replacing(reason)
+
+    def _health_timed_out(self) -> BaseException:
+        return TimeoutError(
+            f"no answer within health_check_timeout_s={self.config.health_check_timeout_s}"
+        )
 
     async def stop(self, reason: str) -> None:
         """Drain and stop every replica; fail the requests still queued with ``reason``."""
@@ -360,116 +356,6 @@ class DeploymentController:
             task.cancel()
         loops = [t for t in (self._health_task, self._autoscale_task) if t is not None]
         await asyncio.gather(*self._tasks, *loops, return_exceptions=True)
-
-    # -- requests -------------------------------------------------------------------------
-    #
-    # One path for every request: start() (or stream()) takes a lease from the router, the
-    # replica runs the request, and the lease is released in one place (Lease.release), whether
-    # the answer settles a sent future (_Sent) or ends the coroutine of _serve.
-
-    def streams(self, method: str) -> bool:
-        """Whether ``method`` of this deployment is a generator (its requests stream)."""
-        kind = self._streams.get(method)
-        if kind is None:
-            kind = self._streams[method] = is_generator_method(self.deployment.target, method)
-        return kind
-
-    def check_http_method(self, method: str) -> None:
-        """Raise :class:`~embserve.MethodNotAllowedError` unless the deployment answers
-        ``method`` (its target's ``http_methods``, when it has them)."""
-        allowed = self._http_methods
-        if allowed is not None and method not in allowed:
-            raise MethodNotAllowedError(method, allowed)
-
-    def _check_available(self) -> None:
-        if self.unavailable is not None and not self.running:
-            raise DeploymentUnavailableError(self.unavailable)
-
-    def start(self, request: Request) -> asyncio.Future[Any]:
-        """Start serving ``request`` on the running loop; the future of its outcome.
-
-        A free replica that takes requests as messages (see :meth:`Replica.send`) gets it at
-        once, and the future is settled by the replica's answer, with no coroutine in between,
-        when nothing needs watching (no retries, no deadline). Otherwise a task serves it, its
-        first step run at once.
-        """
-        loop = asyncio.get_running_loop()
-        config = self.config
-        timeout = config.request_timeout_s
-        if timeout is not None:
-            deadline = time.monotonic() + timeout
-            if request.deadline is None or deadline < request.deadline:
-                request.deadline = deadline
-        if config.max_retries or request.deadline is not None or self.unavailable is not None:
-            return start_task(loop, self._serve(request))
-        lease = self.router.try_assign(request)
-        if lease is None:
-            return start_task(loop, self._attempts(request))
-        future = _Sent(loop=loop)
-        request.lease = lease
-        withdraw = lease.replica.send(request, future)
-        if withdraw is None:
-            return start_task(loop, self._attempts(request, lease))
-        future.sent(lease, withdraw)
-        return future
-
-    async def _serve(self, request: Request) -> Any:
-        left = request.timeout_left()
-        if left is None:
-            return await self._attempts(request)
-        return await _with_timeout(self._attempts(request), left, self.name, self.config)
-
-    async def _lease(self, request: Request) -> Lease:
-        # A free replica is found without a coroutine of its own on the usual path.
-        self._check_available()
-        router = self.router
-        lease = router.try_assign(request) or await router.assign(request)
-        request.lease = lease
-        return lease
-
-    async def _attempts(self, request: Request, lease: Lease | None = None) -> Any:
-        # ``lease``: one the router already gave this request.
-        retries = unstarted = 0
-        while True:
-            if lease is None:
-                lease = await self._lease(request)
-            replica = lease.replica
-            try:
-                return await replica.call(request)
-            except ReplicaDiedError as exc:
-                if exc.started:
-                    if retries >= self.config.max_retries:
-                        raise
-                    retries += 1
-                else:
-                    unstarted += 1
-                    if unstarted > _MAX_UNSTARTED_RETRIES:
-                        raise
-                    self.replica_died(replica, str(exc))
-            finally:
-                lease.release()
-                request.lease = lease = None
-
-    async def stream(self, request: Request) -> AsyncIterator[Any]:
-        """Serve one streaming request; retried only until its first item."""
-        unstarted = 0
-        while True:
-            lease = await self._lease(request)
-            replica = lease.replica
-            first = True
-            try:
-                async for item in replica.stream(request):
-                    first = False
-                    yield item
-                return
-            except ReplicaDiedError as exc:
-                if not first or exc.started or unstarted >= _MAX_UNSTARTED_RETRIES:
-                    raise
-                unstarted += 1
-                self.replica_died(replica, str(exc))
-            finally:
-                lease.release()
-                request.lease = None
 
     # -- status ---------------------------------------------------------------------------
 
@@ -496,93 +382,3 @@ class DeploymentController:
             queued_requests=self.router.queued,
             version=self.config.version,
         )
-
-
-class _Sent(asyncio.Future):  # type: ignore[type-arg]
-    # The outcome of a request sent to a replica as a message. The replica's answer settles it
-    # and releases the lease at once, with no callback left for a later loop turn; cancelling it
-    # withdraws the request (the replica may hold the lease until its work really ended).
-
-    __slots__ = ("_lease", "_withdraw")
-
-    def sent(self, lease: Lease, withdraw: Callable[[], None]) -> None:
-        self._lease = lease
-        self._withdraw = withdraw
-
-    def set_result(self, result: Any) -> None:
-        super().set_result(result)
-        self._lease.release()
-
-    def set_exception(self, exception: type | BaseException) -> None:
-        super().set_exception(exception)
-        self._lease.release()
-
-    def cancel(self, msg: Any = None) -> bool:
-        if not super().cancel(msg):
-            return False
-        self._withdraw()
-        self._lease.release()
-        return True
-
-
-async def _with_timeout(
-    work: Awaitable[Any], timeout: float, name: str, config: DeploymentConfig
-) -> Any:
-    # A timer that cancels this task is far cheaper than asyncio.wait_for's extra task.
-    task = asyncio.current_task()
-    assert task is not None
-    expired = False
-
-    def expire() -> None:
-        nonlocal expired
-        expired = True
-        task.cancel()
-
-    if timeout <= 0:
-        expired = True
-        if asyncio.iscoroutine(work):
-            work.close()
-        raise _timed_out(name, config)
-    timer = asyncio.get_running_loop().call_later(timeout, expire)
-    try:
-        return await work
-    except asyncio.CancelledError:
-        if not expired:
-            raise
-        if sys.version_info >= (3, 11):
-            task.uncancel()
-        raise _timed_out(name, config) from None
-    finally:
-        timer.cancel()
-
-
-def _timed_out(name: str, config: DeploymentConfig) -> RequestTimeoutError:
-    if config.request_timeout_s is not None:
-        return RequestTimeoutError(
-            f"request to {name!r} did not finish within "
-            f"request_timeout_s={config.request_timeout_s}"
-        )
-    return RequestTimeoutError(f"request to {name!r} did not finish before its deadline")
-
-
-def is_generator_method(target: Any, method: str) -> bool:
-    """Whether ``method`` of a deployment target (class or function) is a generator."""
-    if inspect.isclass(target):
-        fn = getattr(target, method, None)
-    else:
-        fn = target if method == "__call__" else None
-        if fn is not None and not inspect.isfunction(fn) and not inspect.ismethod(fn):
-            fn = getattr(fn, "__call__", None)  # noqa: B004  (a callable object)
-    return inspect.isasyncgenfunction(fn) or inspect.isgeneratorfunction(fn)
-
-
-def http_methods_of(target: Any) -> frozenset[str] | None:
-    """The HTTP methods a deployment answers (its ``http_methods``; GET brings HEAD), or None
-    for all."""
-    methods = getattr(target, "http_methods", None)
-    if not methods:
-        return None
-    allowed = {str(m).upper() for m in methods}
-    if "GET" in allowed:
-        allowed.add("HEAD")
-    return frozenset(allowed)

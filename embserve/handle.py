@@ -14,7 +14,7 @@ import threading
 from collections.abc import AsyncIterator, Callable, Coroutine, Generator, Iterator
 from typing import Any, Protocol
 
-from embserve._loop import start_task
+from embserve._loop import running_loop, start_task
 from embserve.request import Request
 
 __all__ = [
@@ -174,7 +174,7 @@ def start_call(loop: asyncio.AbstractEventLoop, coro: Coroutine[Any, Any, Any]) 
     elsewhere it is handed to the loop once. What every submitter (the runtime, proxies in
     workers) starts calls with.
     """
-    if asyncio._get_running_loop() is loop:
+    if running_loop() is loop:
         return Response(start_task(loop, coro), loop)
     begin = functools.partial(start_task, loop, coro)
     return Response(start_threadsafe(loop, begin, discard=coro.close), loop)
@@ -255,7 +255,7 @@ class Response:
 
     def __await__(self) -> Generator[Any, None, Any]:
         future = self._future
-        if isinstance(future, asyncio.Future) and asyncio._get_running_loop() is self._loop:
+        if isinstance(future, asyncio.Future) and running_loop() is self._loop:
             return (yield from future.__await__())
         return (yield from asyncio.wrap_future(self._concurrent()).__await__())
 
@@ -274,7 +274,7 @@ class Response:
         Raises ``TimeoutError`` after ``timeout_s`` (the request goes on; cancel it if need be),
         and ``RuntimeError`` when called on the runtime's event loop, where it would deadlock.
         """
-        if asyncio._get_running_loop() is self._loop:
+        if running_loop() is self._loop:
             raise RuntimeError(
                 "Response.result() would block the runtime's event loop; use `await response`"
             )
@@ -293,7 +293,7 @@ class Response:
         future = self._future
         if future.done():
             return False
-        if isinstance(future, asyncio.Future) and asyncio._get_running_loop() is not self._loop:
+        if isinstance(future, asyncio.Future) and running_loop() is not self._loop:
             self._loop.call_soon_threadsafe(future.cancel)
             return True
         return future.cancel()
@@ -331,7 +331,7 @@ class ResponseStream:
         return self
 
     async def __anext__(self) -> Any:
-        if asyncio._get_running_loop() is self._loop:
+        if running_loop() is self._loop:
             return await self._it().__anext__()
         return await asyncio.wrap_future(self._on_loop(self._next_on_loop))
 
@@ -339,7 +339,7 @@ class ResponseStream:
         return await self._it().__anext__()
 
     def __iter__(self) -> Iterator[Any]:
-        if asyncio._get_running_loop() is self._loop:
+        if running_loop() is self._loop:
             raise RuntimeError("iterate a stream on the runtime's loop with `async for`")
         while True:
             try:
@@ -354,7 +354,7 @@ class ResponseStream:
         aclose = getattr(self._iterator, "aclose", None)
         if aclose is None:
             return
-        if asyncio._get_running_loop() is self._loop:
+        if running_loop() is self._loop:
             self._loop.create_task(aclose())
         else:
             self._on_loop(aclose).result()

@@ -18,8 +18,9 @@ from typing import Any, TypeVar
 from embserve._controller import DeploymentController
 from embserve._dispatch import Dispatcher
 from embserve._endpoint import Endpoint
-from embserve._loop import LoopThread, stop_runners
+from embserve._loop import LoopThread, running_loop, stop_runners
 from embserve.backends import Backend, resolve_backend
+from embserve.clock import Clock
 from embserve.deployment import Application, Deployment
 from embserve.errors import EmbserveError
 from embserve.handle import (
@@ -54,6 +55,9 @@ class Runtime:
             ``"dask://host:port"``, or a :class:`~embserve.backends.Backend` instance.
         name: the runtime's id, used in handles and logs (default: random).
         seed: seeds the random choices of routers and traffic policies (for tests).
+        clock: where deadlines, health-check periods, restart backoff and autoscaling read
+            the time (default: the runtime's event loop); tests pass a simulated
+            :class:`~embserve.clock.Clock`.
     """
 
     def __init__(
@@ -62,8 +66,10 @@ class Runtime:
         *,
         name: str | None = None,
         seed: int | None = None,
+        clock: Clock | None = None,
     ) -> None:
         self.id = name or f"rt-{uuid.uuid4().hex[:8]}"
+        self._clock = clock
         self._backend_spec = backend
         self._backend: Backend | None = None
         self._rng = random.Random(seed)
@@ -155,7 +161,7 @@ class Runtime:
         if self._closed or loop is None:
             self._closed = True
             return
-        if asyncio._get_running_loop() is loop:
+        if running_loop() is loop:
             raise RuntimeError("shutdown() would block the runtime's loop; await shutdown_async()")
         if loop.is_closed():
             self._closed = True
@@ -193,7 +199,7 @@ class Runtime:
                 raise
         loop = self._loop
         assert loop is not None
-        if asyncio._get_running_loop() is loop:
+        if running_loop() is loop:
             make.close()
             raise RuntimeError(
                 "this blocking call would deadlock the runtime's event loop; "
@@ -204,7 +210,7 @@ class Runtime:
     async def _ensure_started_async(self) -> None:
         if self._loop is None:
             await self.start_async()
-        elif asyncio._get_running_loop() is not self._loop:
+        elif running_loop() is not self._loop:
             raise RuntimeError(
                 "this runtime runs on another event loop; use its blocking methods from here"
             )
@@ -282,7 +288,12 @@ class Runtime:
         controller = self._controllers.get(deployment.name)
         if controller is None:
             controller = DeploymentController(
-                deployment, args, kwargs, backend=self.backend, runtime_id=self.id
+                deployment,
+                args,
+                kwargs,
+                backend=self.backend,
+                runtime_id=self.id,
+                clock=self._clock,
             )
             controller.router.rng = self._rng
             self._controllers[deployment.name] = controller
@@ -404,7 +415,7 @@ class Runtime:
         dispatch = self._dispatch
         if request.stream:
             return ResponseStream(functools.partial(dispatch.stream, request), loop)
-        if asyncio._get_running_loop() is loop:
+        if running_loop() is loop:
             return Response(dispatch.start(request), loop)
         return Response(start_threadsafe(loop, functools.partial(dispatch.start, request)), loop)
 

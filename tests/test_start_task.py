@@ -278,3 +278,28 @@ def test_a_closed_loop_and_its_runners_are_not_kept_alive() -> None:
     asyncio.run(use_runners())
     gc.collect()
     assert loops[0]() is None
+
+
+async def test_the_private_asyncio_names_it_relies_on_behave_as_it_expects() -> None:
+    """_loop.py is the one module using asyncio's private names; each is checked here, so a
+    Python release that changes one fails this test rather than a call in production."""
+    from asyncio.tasks import _enter_task, _leave_task
+
+    from embserve._loop import running_loop
+
+    loop = asyncio.get_running_loop()
+    assert running_loop() is loop
+    assert await asyncio.to_thread(running_loop) is None  # no loop in that thread
+    task = asyncio.current_task()
+    assert task is not None
+    _leave_task(loop, task)
+    other = loop.create_task(asyncio.sleep(0))
+    _enter_task(loop, other)
+    assert asyncio.current_task() is other
+    _leave_task(loop, other)
+    _enter_task(loop, task)
+    assert asyncio.current_task() is task
+    await other
+    future = loop.create_future()
+    assert hasattr(future, "_asyncio_future_blocking")
+    future.cancel()

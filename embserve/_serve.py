@@ -1,0 +1,269 @@
+"""One deployment's request path: a lease from its router, the replica's answer, retries and
+deadlines.
+
+Every request to a deployment, whatever way it came in, goes through :meth:`RequestPath.start`
+(or :meth:`RequestPath.stream`): the router hands out a lease, the replica runs the request,
+and the lease is released in one place (:meth:`~embserve.router.Lease.release`), whether the
+replica's answer settles a sent future (:class:`_Sent`) or ends the coroutine of a request
+that needed watching (retries, a deadline). Everything here runs on the runtime's event loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import sys
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+from embserve._loop import start_task
+from embserve.clock import Clock
+from embserve.deployment import Deployment, DeploymentConfig
+from embserve.errors import (
+    DeploymentUnavailableError,
+    MethodNotAllowedError,
+    ReplicaDiedError,
+    RequestTimeoutError,
+)
+from embserve.replica import Replica
+from embserve.request import Request
+from embserve.router import Lease, Router
+
+# A request whose replica vanished before it started is sent again; this bounds how often, so a
+# deployment whose replicas keep dying fails its callers instead of looping.
+_MAX_UNSTARTED_RETRIES = 8
+
+
+class RequestPath:
+    """Serves the requests of one deployment; :class:`DeploymentController` is one.
+
+    What it needs from the deployment's lifecycle: the deployment and its config, its router,
+    the replicas in routing (``running``), why it is ``unavailable`` (or None), a clock, and
+    :meth:`replica_died` to report a replica that vanished under a request.
+    """
+
+    name: str
+    deployment: Deployment
+    config: DeploymentConfig
+    router: Router
+    running: list[Replica]
+    clock: Clock
+    #: Why requests fail at once: set while no replica runs and the last start failed.
+    unavailable: str | None
+
+    def __init__(self, deployment: Deployment) -> None:
+        self._streams: dict[str, bool] = {}
+        self._http_methods = http_methods_of(deployment.target)
+
+    def deployment_changed(self, deployment: Deployment) -> None:
+        """Forget what was learnt about the previous version's methods."""
+        self._streams = {}
+        self._http_methods = http_methods_of(deployment.target)
+
+    def replica_died(self, replica: Replica, reason: str) -> None:
+        """A replica vanished under a request: stop routing to it (the lifecycle's part)."""
+        raise NotImplementedError
+
+    def streams(self, method: str) -> bool:
+        """Whether ``method`` of this deployment is a generator (its requests stream)."""
+        kind = self._streams.get(method)
+        if kind is None:
+            kind = self._streams[method] = is_generator_method(self.deployment.target, method)
+        return kind
+
+    def check_http_method(self, method: str) -> None:
+        """Raise :class:`~embserve.MethodNotAllowedError` unless the deployment answers
+        ``method`` (its target's ``http_methods``, when it has them)."""
+        allowed = self._http_methods
+        if allowed is not None and method not in allowed:
+            raise MethodNotAllowedError(method, allowed)
+
+    def _check_available(self) -> None:
+        if self.unavailable is not None and not self.running:
+            raise DeploymentUnavailableError(self.unavailable)
+
+    def start(self, request: Request) -> asyncio.Future[Any]:
+        """Start serving ``request`` on the running loop; the future of its outcome.
+
+        A free replica that takes requests as messages (see :meth:`Replica.send`) gets it at
+        once, and the future is settled by the replica's answer, with no coroutine in between,
+        when nothing needs watching (no retries, no deadline). Otherwise a task serves it, its
+        first step run at once.
+        """
+        loop = asyncio.get_running_loop()
+        config = self.config
+        timeout = config.request_timeout_s
+        if timeout is not None:
+            deadline = self.clock.now() + timeout
+            if request.deadline is None or deadline < request.deadline:
+                request.deadline = deadline
+        if config.max_retries or request.deadline is not None or self.unavailable is not None:
+            return start_task(loop, self._serve(request))
+        lease = self.router.try_assign(request)
+        if lease is None:
+            return start_task(loop, self._attempts(request))
+        future = _Sent(loop=loop)
+        request.lease = lease
+        withdraw = lease.replica.send(request, future)
+        if withdraw is None:
+            return start_task(loop, self._attempts(request, lease))
+        future.sent(lease, withdraw)
+        return future
+
+    async def _serve(self, request: Request) -> Any:
+        if request.deadline is None:
+            return await self._attempts(request)
+        left = request.deadline - self.clock.now()
+        return await with_timeout(self.clock, self._attempts(request), left, self._timed_out)
+
+    def _timed_out(self) -> RequestTimeoutError:
+        return _timed_out(self.name, self.config)
+
+    async def _lease(self, request: Request) -> Lease:
+        # A free replica is found without a coroutine of its own on the usual path.
+        self._check_available()
+        router = self.router
+        lease = router.try_assign(request) or await router.assign(request)
+        request.lease = lease
+        return lease
+
+    async def _attempts(self, request: Request, lease: Lease | None = None) -> Any:
+        # ``lease``: one the router already gave this request.
+        retries = unstarted = 0
+        while True:
+            if lease is None:
+                lease = await self._lease(request)
+            replica = lease.replica
+            try:
+                return await replica.call(request)
+            except ReplicaDiedError as exc:
+                if exc.started:
+                    if retries >= self.config.max_retries:
+                        raise
+                    retries += 1
+                else:
+                    unstarted += 1
+                    if unstarted > _MAX_UNSTARTED_RETRIES:
+                        raise
+                    self.replica_died(replica, str(exc))
+            finally:
+                lease.release()
+                request.lease = lease = None
+
+    async def stream(self, request: Request) -> AsyncIterator[Any]:
+        """Serve one streaming request; retried only until its first item."""
+        unstarted = 0
+        while True:
+            lease = await self._lease(request)
+            replica = lease.replica
+            first = True
+            try:
+                async for item in replica.stream(request):
+                    first = False
+                    yield item
+                return
+            except ReplicaDiedError as exc:
+                if not first or exc.started or unstarted >= _MAX_UNSTARTED_RETRIES:
+                    raise
+                unstarted += 1
+                self.replica_died(replica, str(exc))
+            finally:
+                lease.release()
+                request.lease = None
+
+
+class _Sent(asyncio.Future):  # type: ignore[type-arg]
+    # The outcome of a request sent to a replica as a message. The replica's answer settles it
+    # and releases the lease at once, with no callback left for a later loop turn; cancelling it
+    # withdraws the request (the replica may hold the lease until its work really ended).
+
+    __slots__ = ("_lease", "_withdraw")
+
+    def sent(self, lease: Lease, withdraw: Callable[[], None]) -> None:
+        self._lease = lease
+        self._withdraw = withdraw
+
+    def set_result(self, result: Any) -> None:
+        super().set_result(result)
+        self._lease.release()
+
+    def set_exception(self, exception: type | BaseException) -> None:
+        super().set_exception(exception)
+        self._lease.release()
+
+    def cancel(self, msg: Any = None) -> bool:
+        if not super().cancel(msg):
+            return False
+        self._withdraw()
+        self._lease.release()
+        return True
+
+
+async def with_timeout(
+    clock: Clock,
+    work: Awaitable[Any],
+    timeout: float,
+    error: Callable[[], BaseException] | None = None,
+) -> Any:
+    """Await ``work`` in this task; past ``timeout`` seconds of ``clock`` cancel it and raise
+    ``error()`` (default: ``TimeoutError``).
+
+    A timer that cancels this task is far cheaper than ``asyncio.wait_for``'s extra task.
+    """
+    make_error = error or TimeoutError
+    if timeout <= 0:
+        if asyncio.iscoroutine(work):
+            work.close()
+        raise make_error()
+    task = asyncio.current_task()
+    assert task is not None
+    expired = False
+
+    def expire() -> None:
+        nonlocal expired
+        expired = True
+        task.cancel()
+
+    timer = clock.call_later(timeout, expire)
+    try:
+        return await work
+    except asyncio.CancelledError:
+        if not expired:
+            raise
+        if sys.version_info >= (3, 11):
+            task.uncancel()
+        raise make_error() from None
+    finally:
+        timer.cancel()
+
+
+def _timed_out(name: str, config: DeploymentConfig) -> RequestTimeoutError:
+    if config.request_timeout_s is not None:
+        return RequestTimeoutError(
+            f"request to {name!r} did not finish within "
+            f"request_timeout_s={config.request_timeout_s}"
+        )
+    return RequestTimeoutError(f"request to {name!r} did not finish before its deadline")
+
+
+def is_generator_method(target: Any, method: str) -> bool:
+    """Whether ``method`` of a deployment target (class or function) is a generator."""
+    if inspect.isclass(target):
+        fn = getattr(target, method, None)
+    else:
+        fn = target if method == "__call__" else None
+        if fn is not None and not inspect.isfunction(fn) and not inspect.ismethod(fn):
+            fn = getattr(fn, "__call__", None)  # noqa: B004  (a callable object)
+    return inspect.isasyncgenfunction(fn) or inspect.isgeneratorfunction(fn)
+
+
+def http_methods_of(target: Any) -> frozenset[str] | None:
+    """The HTTP methods a deployment answers (its ``http_methods``; GET brings HEAD), or None
+    for all."""
+    methods = getattr(target, "http_methods", None)
+    if not methods:
+        return None
+    allowed = {str(m).upper() for m in methods}
+    if "GET" in allowed:
+        allowed.add("HEAD")
+    return frozenset(allowed)

@@ -1,0 +1,137 @@
+"""A deployment's control loop on simulated time: health checks, request deadlines, restart
+backoff and autoscaling, with no test waiting for real seconds to pass.
+
+The runtime runs on the test's loop with a :class:`tests.clock.FakeClock`; only constructors
+(which run in a replica's thread) take real time, and the tests poll for those.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable
+
+import pytest
+
+import embserve
+from tests.clock import FakeClock, settle
+
+pytestmark = pytest.mark.anyio
+
+
+async def until(predicate: Callable[[], object], timeout_s: float = 10.0) -> None:
+    """Poll ``predicate`` on the loop (real time: threads may be involved) until it holds."""
+    deadline = time.monotonic() + timeout_s
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError("the state was not reached in time")
+        await asyncio.sleep(0.005)
+
+
+class Flaky:
+    healthy = True
+    starts = 0
+    failing_starts = 0
+
+    def __init__(self) -> None:
+        Flaky.starts += 1
+        if Flaky.failing_starts:
+            Flaky.failing_starts -= 1
+            raise OSError("not yet")
+
+    async def __call__(self) -> str:
+        return embserve.get_replica_context().replica_id
+
+    async def check_health(self) -> None:
+        if not Flaky.healthy:
+            raise RuntimeError("unhealthy")
+
+    async def wait(self, gate: asyncio.Event) -> None:
+        await gate.wait()
+
+
+def replica_ids(rt: embserve.Runtime, name: str) -> list[str]:
+    status = rt.status().deployments[name]
+    return [r.replica_id for r in status.replicas if r.state is embserve.ReplicaState.RUNNING]
+
+
+async def test_a_failing_health_check_replaces_the_replica_when_its_period_passes() -> None:
+    clock = FakeClock()
+    Flaky.healthy, Flaky.starts, Flaky.failing_starts = True, 0, 0
+    deployment = embserve.deployment(health_check_period_s=30)(Flaky)
+    async with embserve.Runtime(clock=clock) as rt:
+        handle = await rt.run_async(deployment.bind(), name="flaky")
+        first = await handle.remote()
+        Flaky.healthy = False
+        await clock.advance(29)
+        assert replica_ids(rt, "flaky") == [first]  # not checked before the period ends
+        await clock.advance(1)
+        Flaky.healthy = True  # the replacement is healthy
+        await until(lambda: replica_ids(rt, "flaky") not in ([first], []))
+        assert await handle.remote() != first
+
+
+async def test_a_deadline_passes_on_the_clock_not_on_the_wall() -> None:
+    clock = FakeClock()
+    deployment = embserve.deployment(request_timeout_s=60)(Flaky)
+    async with embserve.Runtime(clock=clock) as rt:
+        handle = await rt.run_async(deployment.bind(), name="flaky")
+        gate = asyncio.Event()
+        call = asyncio.ensure_future(handle.wait.remote(gate))
+        await clock.advance(59)
+        assert not call.done()
+        await clock.advance(1)
+        with pytest.raises(embserve.RequestTimeoutError, match="request_timeout_s=60"):
+            await call
+        gate.set()
+
+
+async def test_restarts_back_off_on_the_clock() -> None:
+    clock = FakeClock()
+    Flaky.healthy, Flaky.starts, Flaky.failing_starts = True, 0, 0
+    deployment = embserve.deployment(health_check_period_s=1)(Flaky)
+    async with embserve.Runtime(clock=clock) as rt:
+        handle = await rt.run_async(deployment.bind(), name="flaky")
+        await handle.remote()
+        Flaky.healthy, Flaky.failing_starts = False, 3
+        await clock.advance(1)  # the check fails: the replica goes, its replacement fails
+        Flaky.healthy = True
+        await until(lambda: Flaky.starts == 2)
+        with pytest.raises(embserve.DeploymentUnavailableError):
+            await handle.remote()
+        for delay, starts in ((0.1, 3), (0.2, 4), (0.4, 5)):  # doubling delays
+            await clock.advance(delay * 0.9)
+            await settle()
+            assert Flaky.starts == starts - 1
+            await clock.advance(delay * 0.1)
+            await until(lambda starts=starts: Flaky.starts == starts)  # type: ignore[misc]
+        await until(lambda: len(replica_ids(rt, "flaky")) == 1)
+        assert await handle.remote()
+
+
+async def test_autoscaling_decides_on_the_clock() -> None:
+    clock = FakeClock()
+    Flaky.healthy, Flaky.starts, Flaky.failing_starts = True, 0, 0
+    deployment = embserve.deployment(
+        max_ongoing_requests=10,
+        autoscaling_config={
+            "min_replicas": 1,
+            "max_replicas": 3,
+            "target_ongoing_requests": 1,
+            "metrics_interval_s": 1,
+            "look_back_period_s": 2,
+            "upscale_delay_s": 3,
+        },
+    )(Flaky)
+    async with embserve.Runtime(clock=clock) as rt:
+        handle = await rt.run_async(deployment.bind(), name="flaky")
+        gate = asyncio.Event()
+        waiting = [asyncio.ensure_future(handle.wait.remote(gate)) for _ in range(3)]
+        await settle()
+        await clock.advance(2)
+        assert rt.status().deployments["flaky"].target_replicas == 1  # the delay has not held
+        await clock.advance(3)
+        await until(lambda: rt.status().deployments["flaky"].target_replicas == 3)
+        await until(lambda: len(replica_ids(rt, "flaky")) == 3)
+        gate.set()
+        await asyncio.gather(*waiting)
