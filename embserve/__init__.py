@@ -10,6 +10,7 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
+from embserve._default import get_handle, run, shutdown
 from embserve.batching import Batcher, batch
 from embserve.context import ReplicaContext, get_replica_context
 from embserve.deployment import Application, Deployment, DeploymentConfig, deployment
@@ -28,7 +29,7 @@ from embserve.errors import (
 from embserve.handle import Handle, Response, ResponseStream
 from embserve.replica import ReplicaState
 from embserve.request import Request, RequestContext, get_request_context
-from embserve.runtime import Runtime, get_handle, run, shutdown
+from embserve.runtime import Runtime
 from embserve.status import DeploymentStatus, EndpointStatus, ReplicaStatus, RuntimeStatus
 
 __version__ = "0.1.0"

@@ -380,6 +380,11 @@ class DynamicBatcher(Batcher[Any, Any]):
         self._pump()
 
     @property
+    def closed(self) -> bool:
+        """Whether :meth:`close` was called."""
+        return self._closed
+
+    @property
     def waiting(self) -> int:
         """Items queued and not yet in a batch."""
         return sum(len(bucket.items) for bucket in self._buckets.values())

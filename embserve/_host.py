@@ -18,6 +18,8 @@ from collections.abc import AsyncIterator, Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
+from embserve._loop import running_loop
+from embserve.batching import close_batchers
 from embserve.context import ReplicaContext, reset_replica_context, set_replica_context
 from embserve.errors import DeploymentFailedError, attach_traceback, format_traceback
 from embserve.replica import ReplicaSpec
@@ -270,5 +272,7 @@ class ReplicaHost:
                 busy,
             )
         self._executor.shutdown(wait=not busy, cancel_futures=True)
+        if running_loop() is not None:
+            close_batchers(self.spec.replica_id)
         self._instance = None
         self._methods.clear()

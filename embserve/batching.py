@@ -51,6 +51,7 @@ __all__ = [
     "FixedPolicy",
     "batch",
     "batch_capacity",
+    "close_batchers",
     "live_batchers",
 ]
 
@@ -98,6 +99,27 @@ class BatchSettings:
         return state
 
 
+# Every batcher made for a replica, by replica id, so that the replica's host closes them when
+# it stops (see close_batchers).
+_replica_batchers: dict[str, weakref.WeakSet[Batcher[Any, Any]]] = {}
+
+
+def close_batchers(replica_id: str) -> list[asyncio.Future[None]]:
+    """Close the batchers of the replica ``replica_id`` (its host calls this when it stops).
+
+    Waiting items fail as the closes start, on the running loop; the returned futures end when
+    the running batches did.
+    """
+    batchers = _replica_batchers.pop(replica_id, None)
+    if not batchers:
+        return []
+    return [asyncio.ensure_future(b.close()) for b in list(batchers) if not b.closed]
+
+
+def _keep_replica_batcher(replica_id: str, batcher: Batcher[Any, Any]) -> None:
+    _replica_batchers.setdefault(replica_id, weakref.WeakSet()).add(batcher)
+
+
 def _replica_key() -> str:
     try:
         return get_replica_context().replica_id
@@ -106,18 +128,18 @@ def _replica_key() -> str:
 
 
 # Batchers of batched plain functions, by function and replica (methods keep theirs on self).
-_function_batchers: weakref.WeakKeyDictionary[BatchSettings, dict[str, DynamicBatcher]] = (
+_function_batchers: weakref.WeakKeyDictionary[BatchSettings, dict[str, Batcher[Any, Any]]] = (
     weakref.WeakKeyDictionary()
 )
 
 
 # The nested functions of _wrap call these instead of touching the dictionary: cloudpickle sends
 # nested functions by value with the globals they name, and a weak dictionary does not pickle.
-def _function_batcher(settings: BatchSettings, key: str) -> DynamicBatcher | None:
+def _function_batcher(settings: BatchSettings, key: str) -> Batcher[Any, Any] | None:
     return _function_batchers.get(settings, {}).get(key)
 
 
-def _keep_function_batcher(settings: BatchSettings, key: str, batcher: DynamicBatcher) -> None:
+def _keep_function_batcher(settings: BatchSettings, key: str, batcher: Batcher[Any, Any]) -> None:
     _function_batchers.setdefault(settings, {})[key] = batcher
 
 
@@ -241,7 +263,7 @@ def _wrap(fn: Callable[..., Any], settings: BatchSettings) -> BatchedFunction:
     name = getattr(fn, "__qualname__", repr(fn))
     attr = f"_embserve_batcher_{getattr(fn, '__name__', 'fn')}"
 
-    def make(call: Callable[[list[Any]], Any], key: str) -> DynamicBatcher:
+    def make(call: Callable[[list[Any]], Any], key: str) -> Batcher[Any, Any]:
         limits = settings.limits_for(key)
         policy: BatchPolicy
         if settings.target_latency_s is not None:
@@ -258,14 +280,15 @@ def _wrap(fn: Callable[..., Any], settings: BatchSettings) -> BatchedFunction:
             name=name,
         )
         limits.batchers.add(batcher)
+        _keep_replica_batcher(key, batcher)
         return batcher
 
-    def batcher_for(args: tuple[Any, ...]) -> tuple[DynamicBatcher, Any]:
+    def batcher_for(args: tuple[Any, ...]) -> tuple[Batcher[Any, Any], Any]:
         loop = asyncio.get_running_loop()
         if len(args) == 2:  # a method: the batcher lives and dies with the user object
             owner, item = args
             found = owner.__dict__.get(attr)
-            if found is None or found.loop is not loop:
+            if found is None or found.loop is not loop or found.closed:
                 found = make(functools.partial(fn, owner), _replica_key())
                 setattr(owner, attr, found)
             return found, item
@@ -273,7 +296,7 @@ def _wrap(fn: Callable[..., Any], settings: BatchSettings) -> BatchedFunction:
             raise TypeError(f"{name} is batched: call it with exactly one input")
         key = _replica_key()
         found = _function_batcher(settings, key)
-        if found is None or found.loop is not loop:
+        if found is None or found.loop is not loop or found.closed:
             found = make(fn, key)
             _keep_function_batcher(settings, key, found)
         return found, args[0]

@@ -35,7 +35,7 @@ from embserve.replica import Replica
 from embserve.request import Request
 from embserve.status import EndpointStatus, RuntimeStatus
 
-__all__ = ["Runtime", "get_handle", "run", "shutdown"]
+__all__ = ["Runtime"]
 
 logger = logging.getLogger("embserve.runtime")
 T = TypeVar("T")
@@ -450,42 +450,3 @@ def _shutdown_all() -> None:
             runtime.shutdown()
         except Exception:  # exiting: report and go on
             logger.exception("shutting down %r at exit failed", runtime)
-
-
-# -- the default runtime of the module-level helpers ---------------------------------------
-
-_default: Runtime | None = None
-_default_lock = threading.Lock()
-
-
-def _default_runtime() -> Runtime:
-    global _default
-    with _default_lock:
-        if _default is None:
-            _default = Runtime(name="default")
-        return _default
-
-
-def run(
-    app: Application | Deployment,
-    *,
-    name: str | None = None,
-    route_prefix: str | None = None,
-    wait: bool = True,
-) -> Handle:
-    """:meth:`Runtime.run` on the default runtime (created on first use)."""
-    return _default_runtime().run(app, name=name, route_prefix=route_prefix, wait=wait)
-
-
-def get_handle(name: str) -> Handle:
-    """:meth:`Runtime.get_handle` on the default runtime."""
-    return _default_runtime().get_handle(name)
-
-
-def shutdown() -> None:
-    """Shut the default runtime down; the next module-level call starts a new one."""
-    global _default
-    with _default_lock:
-        runtime, _default = _default, None
-    if runtime is not None:
-        runtime.shutdown()

@@ -420,3 +420,23 @@ def test_a_batched_class_pickles_after_use_and_works_where_it_lands() -> None:
     # By value, as for a class defined in a script: a fresh copy with a fresh batcher state.
     landed = cloudpickle.loads(cloudpickle.dumps(cloudpickle.loads(blob)))
     assert asyncio.run(use(landed)) == [1, 2, 3, 4, 5, 6]
+
+
+@embserve.deployment(graceful_shutdown_timeout_s=0)
+class SlowBatches:
+    @embserve.batch(max_batch_size=10, batch_wait_timeout_s=60)
+    async def __call__(self, items: list[int]) -> list[int]:
+        return items
+
+
+async def test_a_replica_that_stops_closes_its_batchers() -> None:
+    async with embserve.Runtime() as rt:
+        handle = await rt.run_async(SlowBatches.bind(), name="slow")
+        waiting = asyncio.ensure_future(handle.remote(1))
+        await settle()
+        mine = [b for b in live_batchers() if b.waiting]
+        assert [b.closed for b in mine] == [False]
+        await rt.delete_async("slow")
+        assert [b.closed for b in mine] == [True]
+        with pytest.raises(embserve.EmbserveError):
+            await waiting
