@@ -15,7 +15,7 @@ from collections.abc import AsyncIterator, Callable, Coroutine, Generator, Itera
 from typing import Any, Protocol
 
 from embserve._loop import running_loop, start_task
-from embserve.request import Request
+from embserve.request import Request, current_request
 
 __all__ = [
     "Handle",
@@ -135,14 +135,19 @@ class Handle:
         """Start a call; returns a :class:`Response` (a :class:`ResponseStream` when streaming).
 
         Responses of other calls may be passed among the arguments: the call waits for them and
-        receives their results.
+        receives their results. A call made while serving a request (in a replica) inherits
+        that request's deadline and trace context.
         """
         submitter = self._submitter
         if submitter is None:
             submitter = self._submitter = _find_submitter(self._runtime_id)
-        return submitter.submit(
-            Request(self.name, self._method, args, kwargs, "", self._key, self._stream)
-        )
+        request = Request(self.name, self._method, args, kwargs, "", self._key, self._stream)
+        parent = current_request()
+        if parent is not None:
+            # A call made while serving a request is part of it: same deadline, same trace.
+            request.deadline = parent.deadline
+            request.trace_context = parent.trace_context
+        return submitter.submit(request)
 
     def __reduce__(self) -> tuple[Any, ...]:
         return (

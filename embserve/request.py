@@ -176,6 +176,10 @@ def get_request_context() -> RequestContext:
     )
 
 
+#: The request the running code serves, or None (a cheap read, for the hot path).
+current_request = _current.get
+
+
 def set_current_request(request: Request | None) -> contextvars.Token[Request | None]:
     """Make ``request`` the one the running code serves (used by replica hosts)."""
     return _current.set(request)

@@ -174,3 +174,26 @@ def test_queued_requests_fail_when_the_last_start_fails() -> None:
         handle = rt.run(deployment.bind(), name="broken", wait=False)
         with pytest.raises(embserve.DeploymentUnavailableError):
             handle.remote().result(timeout_s=5)
+
+
+@embserve.deployment
+class Inner:
+    async def __call__(self) -> float | None:
+        return embserve.get_request_context().deadline
+
+
+@embserve.deployment(request_timeout_s=30)
+class Outer:
+    def __init__(self, inner: embserve.Handle) -> None:
+        self.inner = inner
+
+    async def __call__(self) -> tuple[float | None, float | None]:
+        mine = embserve.get_request_context().deadline
+        return mine, await self.inner.remote()
+
+
+def test_a_call_made_while_serving_a_request_inherits_its_deadline() -> None:
+    with embserve.Runtime() as rt:
+        outer, inner = rt.run(Outer.bind(Inner.bind()), name="outer").remote().result(timeout_s=5)
+        assert outer is not None and inner == outer
+        assert rt.get_handle("Inner").remote().result(timeout_s=5) is None
