@@ -58,32 +58,55 @@ class Dispatcher:
 
         With ``request.stream`` None, the deployment the policy chose decides: when its method
         is a generator the future's result is a :class:`~embserve.ResponseStream` of the items.
-        Mostly the request is sent before this returns (see :meth:`DeploymentController.start`).
+        Mostly the request is sent before this returns (see :meth:`RequestPath.start`).
         """
         loop = asyncio.get_running_loop()
         if has_responses(request.args, request.kwargs):
-            return start_task(loop, self._resolve_and_start(request))
+            return start_task(loop, self._resolve_and_serve(request))
         try:
-            controller, shadows = self.controller(request.target)
-            if request.http_method is not None:
-                controller.check_http_method(request.http_method)
+            route = self._route(request, loop)
         except EmbserveError as exc:
             failed: asyncio.Future[Any] = loop.create_future()
             failed.set_exception(exc)
             return failed
+        if isinstance(route, ResponseStream):
+            done: asyncio.Future[Any] = loop.create_future()
+            done.set_result(route)
+            return done
+        return route.start(request)
+
+    def serve(self, request: Request) -> Awaitable[Any]:
+        """What serves ``request`` in the calling task, to await at once there (see
+        :meth:`RequestPath.serve`); raises at once what the traffic policy raises."""
+        if has_responses(request.args, request.kwargs):
+            return self._resolve_and_serve(request)
+        loop = asyncio.get_running_loop()
+        route = self._route(request, loop)
+        if isinstance(route, ResponseStream):
+            done: asyncio.Future[Any] = loop.create_future()
+            done.set_result(route)
+            return done
+        return route.serve(request)
+
+    async def _resolve_and_serve(self, request: Request) -> Any:
+        request.args, request.kwargs = await resolve_responses(request.args, request.kwargs)
+        return await self.serve(request)
+
+    def _route(
+        self, request: Request, loop: asyncio.AbstractEventLoop
+    ) -> DeploymentController | ResponseStream:
+        # The traffic policy's choice, and what depends on the deployment it chose: the HTTP
+        # methods it answers, whether the request streams. Shadows get their copies here.
+        controller, shadows = self.controller(request.target)
+        if request.http_method is not None:
+            controller.check_http_method(request.http_method)
         if request.stream is None:
             request.stream = controller.streams(request.method)
             if request.stream:
-                done: asyncio.Future[Any] = loop.create_future()
-                done.set_result(ResponseStream(functools.partial(controller.stream, request), loop))
-                return done
+                return ResponseStream(functools.partial(controller.stream, request), loop)
         if shadows:
             self._shadow(request, shadows)
-        return controller.start(request)
-
-    async def _resolve_and_start(self, request: Request) -> Any:
-        request.args, request.kwargs = await resolve_responses(request.args, request.kwargs)
-        return await self.start(request)
+        return controller
 
     def _shadow(self, request: Request, shadows: list[str]) -> None:
         for name in shadows:

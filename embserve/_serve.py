@@ -32,6 +32,7 @@ from embserve.router import Lease, Router
 # A request whose replica vanished before it started is sent again; this bounds how often, so a
 # deployment whose replicas keep dying fails its callers instead of looping.
 _MAX_UNSTARTED_RETRIES = 8
+_NO_SEND = Replica.send
 
 
 class RequestPath:
@@ -91,22 +92,58 @@ class RequestPath:
         first step run at once.
         """
         loop = asyncio.get_running_loop()
+        if self._watched(request):
+            return start_task(loop, self._serve(request))
+        lease = self.router.try_assign(request)
+        if lease is None:
+            return start_task(loop, self._attempts(request))
+        sent = self._send(request, lease, loop)
+        if sent is None:
+            return start_task(loop, self._attempts(request, lease))
+        return sent
+
+    def serve(self, request: Request) -> Awaitable[Any]:
+        """Serve ``request`` in the calling task: :meth:`start`'s path, driven by the caller.
+
+        Returns what to await at once, in the task that called: the sent future, or the
+        coroutine that serves the request (no task of its own, and no coroutine frame around
+        it). What a caller on the runtime's loop uses (the ASGI adapter); cancelling the caller
+        cancels the request.
+        """
+        if self._watched(request):
+            return self._serve(request)
+        lease = self.router.try_assign(request)
+        if lease is not None:
+            sent = self._send(request, lease, asyncio.get_running_loop())
+            if sent is not None:
+                return sent
+        return self._attempts(request, lease)
+
+    def _watched(self, request: Request) -> bool:
+        # Sets the request's deadline; true when something must watch the request (a deadline,
+        # retries, a deployment that fails its requests), which a sent future cannot do.
         config = self.config
         timeout = config.request_timeout_s
         if timeout is not None:
             deadline = self.clock.now() + timeout
             if request.deadline is None or deadline < request.deadline:
                 request.deadline = deadline
-        if config.max_retries or request.deadline is not None or self.unavailable is not None:
-            return start_task(loop, self._serve(request))
-        lease = self.router.try_assign(request)
-        if lease is None:
-            return start_task(loop, self._attempts(request))
-        future = _Sent(loop=loop)
+        return bool(
+            config.max_retries or request.deadline is not None or self.unavailable is not None
+        )
+
+    def _send(
+        self, request: Request, lease: Lease, loop: asyncio.AbstractEventLoop
+    ) -> _Sent | None:
+        # The fast path: the replica's answer settles the future and releases the lease.
+        replica = lease.replica
         request.lease = lease
-        withdraw = lease.replica.send(request, future)
+        if type(replica).send is _NO_SEND:  # an in-thread replica: not worth a future
+            return None
+        future = _Sent(loop=loop)
+        withdraw = replica.send(request, future)
         if withdraw is None:
-            return start_task(loop, self._attempts(request, lease))
+            return None
         future.sent(lease, withdraw)
         return future
 

@@ -11,7 +11,7 @@ import random
 import threading
 import uuid
 import weakref
-from collections.abc import Coroutine, Mapping
+from collections.abc import Awaitable, Coroutine, Mapping
 from types import TracebackType
 from typing import Any, TypeVar
 
@@ -418,6 +418,21 @@ class Runtime:
         if running_loop() is loop:
             return Response(dispatch.start(request), loop)
         return Response(start_threadsafe(loop, functools.partial(dispatch.start, request)), loop)
+
+    def call_async(self, request: Request) -> Awaitable[Any]:
+        """Serve ``request`` in the calling task, which must run on the runtime's loop: await
+        what this returns at once (``result = await rt.call_async(request)``).
+
+        :meth:`submit`'s path without a task or future of its own: what an adapter serving
+        requests on the runtime's loop uses; cancelling the caller cancels the request. The
+        result is a :class:`~embserve.ResponseStream` when ``request.stream`` is None and the
+        chosen deployment streams.
+        """
+        if self._closed or running_loop() is not self._loop:
+            if self._closed:
+                raise EmbserveError("this runtime was shut down; create a new one")
+            raise RuntimeError("call_async() runs on the runtime's loop only; use submit()")
+        return self._dispatch.serve(request)
 
     def _replica_died(self, replica: Replica, reason: str) -> None:
         controller = self._controllers.get(replica.deployment)

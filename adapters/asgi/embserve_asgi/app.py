@@ -300,8 +300,13 @@ class App:
                 stream=None,  # as the deployment the traffic policy chooses
                 http_method=scope["method"],
             )
-            # Cancelling this task (the client left) cancels the request.
-            result = await self.runtime.submit(request)
+            # Cancelling this task (the client left) cancels the request. On the runtime's own
+            # loop the request is served in this task: no task or future per request.
+            runtime = self.runtime
+            if runtime.loop is asyncio.get_running_loop():
+                result = await runtime.call_async(request)
+            else:
+                result = await runtime.submit(request)
             if isinstance(result, ResponseStream):
                 return await self._stream(result, request_id, watch, send)
             if is_stream(result):
