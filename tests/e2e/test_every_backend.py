@@ -24,6 +24,9 @@ class Tokenizer:
     def split_stream(self, text: str) -> Iterator[str]:
         yield from text.split()
 
+    def deadline(self) -> float | None:
+        return embserve.get_request_context().deadline
+
 
 @embserve.deployment(num_replicas=2, max_ongoing_requests=8)
 class Model:
@@ -51,6 +54,10 @@ class Model:
     def who(self) -> str:
         return embserve.get_replica_context().deployment
 
+    async def context(self) -> tuple[str, str | None]:
+        request = embserve.get_request_context()
+        return request.request_id, request.routing_key
+
     def fail(self, message: str) -> None:
         raise KeyError(message)
 
@@ -59,6 +66,15 @@ class Model:
         with anyio.fail_after(5):
             await asyncio.sleep(0)
         return asyncio.current_task() is not None
+
+
+@embserve.deployment(request_timeout_s=60)
+class Timed:
+    def __init__(self, tokenizer: embserve.Handle) -> None:
+        self.tokenizer = tokenizer
+
+    async def __call__(self) -> tuple[float | None, float | None]:
+        return embserve.get_request_context().deadline, await self.tokenizer.deadline.remote()
 
 
 @pytest.fixture(scope="module", params=["local", "process", "dask"])
@@ -112,3 +128,16 @@ def test_status_counts_the_replicas(runtime: embserve.Runtime, model: embserve.H
     status = runtime.status().deployments
     assert status["model"].running_replicas == 2
     assert status["Tokenizer"].running_replicas == 1
+
+
+def test_request_metadata_reaches_user_code(model: embserve.Handle) -> None:
+    ids = {model.context.remote().result(timeout_s=30)[0] for _ in range(5)}
+    assert len(ids) == 5 and all(ids)
+    assert model.options(routing_key="k").context.remote().result(timeout_s=30)[1] == "k"
+
+
+def test_calls_made_in_a_replica_inherit_its_deadline(runtime: embserve.Runtime) -> None:
+    timed = runtime.run(Timed.bind(Tokenizer.options(name="timed-tokenizer").bind()), name="timed")
+    outer, inner = timed.remote().result(timeout_s=30)
+    assert outer is not None and inner is not None
+    assert abs(outer - inner) < 1.0  # the same deadline, carried as time left across processes
