@@ -165,6 +165,16 @@ class Model:
             return f"caught {exc}"
         return "not raised"
 
+    async def via_handle_stream_first(self, n: int) -> int:
+        assert self.other is not None
+        stream = self.other.options(stream=True).remote(n)
+        async for first in stream:
+            for _ in range(200):  # chances for the runtime's stream to overrun its window
+                await asyncio.sleep(0)
+            stream.cancel()
+            return int(first)
+        return -1
+
     async def via_handle_blocked(self) -> Any:
         assert self.other is not None
         state.started.set()
@@ -194,6 +204,8 @@ class FakeRuntime:
     def __init__(self) -> None:
         self.requests: list[Request] = []
         self.cancelled = threading.Event()
+        self.produced = 0
+        self.stream_closed = threading.Event()
 
     def submit(self, request: Request) -> Response | ResponseStream:
         self.requests.append(request)
@@ -214,8 +226,12 @@ class FakeRuntime:
         return ("served", request.args[0])
 
     async def _items(self, n: int) -> AsyncIterator[int]:
-        for i in range(n):
-            yield i
+        try:
+            for i in range(n):
+                self.produced = i + 1
+                yield i
+        finally:
+            self.stream_closed.set()
 
 
 # -- the pair of ends under test -----------------------------------------------------------
@@ -612,4 +628,15 @@ async def test_cancelling_a_call_cancels_the_handle_call_it_made(connect: Connec
         with pytest.raises(asyncio.CancelledError):
             await task
         await eventually(runtime.cancelled.is_set)
+        await eventually(lambda: not ends.replica._forwarder.tasks)  # type: ignore[union-attr]
+
+
+async def test_a_stream_the_replica_gives_up_on_stops_in_the_runtime(connect: Connect) -> None:
+    runtime = FakeRuntime()
+    other = embserve.Handle(RUNTIME_ID, "other")
+    async with connect(Model, other, submitter=runtime) as ends:
+        assert await ends.replica.call(call("via_handle_stream_first", 1_000_000)) == 0
+        await eventually(runtime.stream_closed.is_set)
+        # The runtime's side keeps to the window the replica grants, as the replica does.
+        assert runtime.produced <= STREAM_WINDOW + 2
         await eventually(lambda: not ends.replica._forwarder.tasks)  # type: ignore[union-attr]

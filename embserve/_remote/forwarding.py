@@ -77,12 +77,17 @@ class Forwarder:
                     send(SUB_ERR, ident, encode_error(exc))
                 return
             credit = self._credits[ident] = Credit()
+            items = runtime.submit(request)
+            finished = False
             try:
-                async for item in runtime.submit(request):
+                async for item in items:
                     await credit.take()
                     send(SUB_ITEM, ident, encode(item))
+                finished = True
             finally:
                 del self._credits[ident]
+                if not finished:  # the replica gave up, or an item failed: stop the stream now
+                    items.cancel()
             send(SUB_END, ident)
         except asyncio.CancelledError:
             raise
