@@ -17,9 +17,10 @@ import pytest
 
 import embserve
 import embserve.wire
+from embserve._remote import STREAM_WINDOW
+from embserve._remote.codec import decode, encode
 from embserve.backends import load_backend, resolve_backend
 from embserve_process import ProcessBackend
-from embserve_process._channel import STREAM_WINDOW, decode, encode
 from embserve_process._worker import _PollingSelector
 from tests.waiting import wait_for
 
@@ -149,6 +150,22 @@ class Ingress:
         except Boom as exc:
             return f"caught {type(exc).__name__}: {exc}"
         return "not raised"
+
+
+@embserve.deployment(max_ongoing_requests=2)
+class Blocking:
+    """Sync user code that blocks its thread on a FIFO until the test writes to it."""
+
+    def read(self, fifo: str) -> str:
+        with open(fifo) as pipe:  # opening blocks until the test opens the other end
+            return pipe.read()
+
+    def ping(self) -> str:
+        return "pong"
+
+    def context(self) -> tuple[str, str | None, bool]:
+        request = embserve.get_request_context()
+        return request.request_id, request.routing_key, request.deadline is not None
 
 
 @embserve.deployment(health_check_period_s=0.1)
@@ -399,3 +416,63 @@ def test_busy_polling_can_be_turned_off() -> None:
     with embserve.Runtime(backend=ProcessBackend(busy_poll_s=0)) as runtime:
         handle = runtime.run(Echo.bind(), name="sleepy")
         assert handle.remote(4).result(timeout_s=10) == 8
+
+
+def test_the_request_context_reaches_a_worker(rt: embserve.Runtime) -> None:
+    handle = rt.run(Blocking.bind(), name="context")
+    first_id, key, has_deadline = (
+        handle.options(routing_key="user-7").context.remote().result(timeout_s=10)
+    )
+    # The id the handle made in this process is the one user code sees in the worker.
+    assert first_id.startswith(embserve.request._PREFIX) and key == "user-7"
+    assert not has_deadline
+    second_id, key, _ = handle.context.remote().result(timeout_s=10)
+    assert second_id != first_id and key is None
+    timed = rt.run(Blocking.options(request_timeout_s=10).bind(), name="context-timed")
+    assert timed.context.remote().result(timeout_s=10)[2]  # the deadline crossed too
+    rt.delete("context")
+    rt.delete("context-timed")
+
+
+@pytest.mark.parametrize("how", ["cancel", "timeout"])
+def test_a_cancelled_sync_call_keeps_its_slot_until_its_thread_ends(
+    rt: embserve.Runtime, tmp_path: Any, how: str
+) -> None:
+    name = f"blocking-{how}"
+    options = {"request_timeout_s": 0.2} if how == "timeout" else {}
+    handle = rt.run(Blocking.options(**options).bind(), name=name)
+    fifo = str(tmp_path / "fifo")
+    os.mkfifo(fifo)
+
+    def ongoing() -> int:
+        return sum(r.ongoing_requests for r in rt.status().deployments[name].replicas)
+
+    response = handle.read.remote(fifo)
+    if how == "cancel":
+        with pytest.raises(TimeoutError):
+            response.result(timeout_s=0.2)
+        response.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            response.result(timeout_s=10)
+    else:
+        with pytest.raises(embserve.RequestTimeoutError):
+            response.result(timeout_s=10)
+    # A sync call after the cancel, on the same connection: by its answer the worker has seen
+    # the cancel, and its blocked thread still holds the slot.
+    assert handle.ping.remote().result(timeout_s=10) == "pong"
+    assert ongoing() == 1
+    # Let the thread end: the worker says so, and the slot is given back.
+    writer = wait_for(lambda: _open_writer(fifo))
+    assert writer is not None
+    with os.fdopen(writer, "w") as pipe:
+        pipe.write("done")
+    wait_for(lambda: ongoing() == 0)
+    rt.delete(name)
+
+
+def _open_writer(fifo: str) -> int | None:
+    # The FIFO's write end, once the worker's thread has its read end open.
+    try:
+        return os.open(fifo, os.O_WRONLY | os.O_NONBLOCK)
+    except OSError:
+        return None

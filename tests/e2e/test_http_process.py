@@ -33,6 +33,7 @@ class Inspect:
             "type": type(request).__name__,
             "is_request": isinstance(request, Request),
             "pid": os.getpid(),
+            "request_id": embserve.get_request_context().request_id,
         }
 
 
@@ -56,7 +57,7 @@ def server() -> Iterator[Server]:
 
 def test_requests_reach_a_worker_process_as_starlette_requests(server: Server) -> None:
     with httpx.Client(base_url=server.url, timeout=30) as http:
-        r = http.post("/inspect/x?q=1", json={"a": [1, 2]})
+        r = http.post("/inspect/x?q=1", json={"a": [1, 2]}, headers={"X-Request-Id": "abc-123"})
         assert r.status_code == 200, r.text
         answer = r.json()
         assert answer["pid"] != os.getpid()
@@ -67,6 +68,7 @@ def test_requests_reach_a_worker_process_as_starlette_requests(server: Server) -
             "type": "HTTPRequest",
             "is_request": True,
             "pid": answer["pid"],
+            "request_id": "abc-123",  # the client's id, seen by user code in the worker
         }
         assert http.post("/inspect", content=b"{oops").status_code == 400
         failed = http.post("/inspect", json={"fail": True})

@@ -44,14 +44,20 @@ def per_request_state(runtime: embserve.Runtime) -> dict[str, int]:
         "controller_tasks": len(controller._tasks),
     }
     for replica in controller.running:
-        for name in ("_calls", "_killed", "_streams", "_forwards"):
+        for name in ("_calls", "_killed", "_streams"):
             value: Any = getattr(replica, name, None)
             if value is not None:
                 state[f"{replica.replica_id}.{name}"] = len(value)
-        pending: Any = getattr(replica, "_pending", None)  # a process replica's answers to come
+        # A remote replica's requests awaiting answers, leases held for work still running
+        # after its caller gave up, and the handle calls its user code made.
+        pending: Any = getattr(replica, "_pending", None)
         if pending is not None:
             state[f"{replica.replica_id}.pending_calls"] = len(pending.calls)
             state[f"{replica.replica_id}.pending_streams"] = len(pending.streams)
+            state[f"{replica.replica_id}.held_leases"] = len(pending.held)
+        forwarder: Any = getattr(replica, "_forwarder", None)
+        if forwarder is not None:
+            state[f"{replica.replica_id}.forwarded_calls"] = len(forwarder.tasks)
     return state
 
 

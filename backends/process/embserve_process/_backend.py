@@ -2,8 +2,8 @@
 
 Workers are started with the ``spawn`` method (a fresh interpreter: no fork of a threaded
 process), receive their deployment pickled with cloudpickle, and talk to the runtime over one
-socket pair each (see :mod:`embserve_process._channel`). Placement in the machine's CPUs, GPUs
-and custom resources is :class:`~embserve.resources.ResourcePool`'s.
+socket pair each, in the core's remote-replica protocol (:mod:`embserve._remote`). Placement
+in the machine's CPUs, GPUs and custom resources is :class:`~embserve.resources.ResourcePool`'s.
 """
 
 from __future__ import annotations

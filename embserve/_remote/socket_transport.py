@@ -1,19 +1,18 @@
-"""One message channel over a connected stream socket, driven by an asyncio loop's selector.
+"""The transport over a connected stream socket, driven by an asyncio loop's selector.
 
-A message is ``(kind, ident, payload)``: ``kind`` one of :data:`KINDS`, ``ident`` the request it
-belongs to, ``payload`` any picklable value (or none). On the wire::
+On the wire each message is::
 
-    !B kind | !Q ident | !I frame count | !Q length per frame | payload pickle | buffers...
+    !B kind | !Q ident | !I frame count | !Q length per frame | frames...
 
 Kind and ident travel outside the pickle, so that a payload the other side cannot unpickle still
-names the request it fails. Payloads are pickle protocol 5 with out-of-band buffers: a numpy
-array's memory is handed to ``sendmsg`` as it is (no copy into the pickle, none into a write
-buffer) and received straight into a buffer of its own, which becomes the array on the other
-side.
+names the request it fails. Out-of-band buffers (a numpy array's memory) are handed to
+``sendmsg`` as they are, with no copy into a write buffer, and received straight into memory of
+their own, which becomes the array on the other side.
 
-The channel reads and writes with ``add_reader``/``add_writer`` callbacks, not asyncio
-transports: a transport copies what it cannot send at once, and this channel carries arrays of
-many megabytes. Small messages, the common case, cost one ``send`` and one ``recv_into``.
+The transport reads and writes with ``add_reader``/``add_writer`` callbacks, not asyncio's
+transports: those copy what they cannot send at once, and these messages carry arrays of many
+megabytes. Small messages, the common case, cost one ``send`` and one ``recv_into``. It needs
+only the standard library, so a worker process imports nothing else to talk to its runtime.
 """
 
 from __future__ import annotations
@@ -21,107 +20,46 @@ from __future__ import annotations
 import asyncio
 import collections
 import logging
-import pickle
 import socket
 import struct
-from collections.abc import Callable
-from typing import Any
+from collections.abc import Sequence
 
-__all__ = ["KINDS", "STREAM_WINDOW", "Channel", "decode", "encode"]
+from embserve._remote.codec import Frame
+from embserve._remote.messages import name_of
+from embserve._remote.transport import OnClosed, OnMessage, Transport
 
-logger = logging.getLogger("embserve.process")
+__all__ = ["SocketTransport"]
 
-Frame = bytes | bytearray | memoryview
-#: Called for each message received: kind, ident, payload frames (decode them with decode()).
-OnMessage = Callable[[str, int, list[Frame]], None]
-
-#: Every kind of message, parent to worker and back (its index is its code on the wire).
-KINDS = (
-    "start",
-    "started",
-    "start_failed",
-    "call",
-    "stream",
-    "health",
-    "reconfigure",
-    "cancel",
-    "stop",
-    "ok",
-    "err",
-    "item",
-    "end",
-    "submit",
-    "submit_stream",
-    "sub_cancel",
-    "sub_ok",
-    "sub_err",
-    "sub_item",
-    "sub_end",
-    "more",
-)
-
-#: Items a stream may send ahead of what its consumer took; the consumer grants more as it
-#: reads, so a fast generator cannot fill the parent's memory behind a slow reader.
-STREAM_WINDOW = 64
-_CODES = {kind: code for code, kind in enumerate(KINDS)}
+logger = logging.getLogger("embserve.remote")
 
 _FIXED = struct.Struct("!BQI")  # kind, ident, frame count
 _ONE = struct.Struct("!BQIQ")  # the header of a message of one frame
 _LENGTH = struct.Struct("!Q")
 _LENGTHS = tuple(struct.Struct(f"!{n}Q") for n in range(8))  # the usual frame counts
 _BUFFER = 256 * 1024  # messages up to this size are parsed out of one reused read buffer
+_SMALL = 16384  # messages below this size are joined into one bytes object and sent at once
 _IOV_MAX = 512
-_NO_PAYLOAD: Any = object()
 
 
-def encode(payload: Any, *, by_value: bool = False) -> list[Frame]:
-    """``payload`` as a pickle stream and its out-of-band buffers.
-
-    Plain pickle is tried first (it is several times faster on small values); what it cannot
-    pickle (lambdas, classes defined in functions) goes through cloudpickle. ``by_value`` forces
-    cloudpickle, for user code that the other side may not be able to import.
-    """
-    buffers: list[pickle.PickleBuffer] = []
-    if not by_value:
-        try:
-            head = pickle.dumps(payload, protocol=5, buffer_callback=buffers.append)
-        except Exception:
-            buffers.clear()
-        else:
-            return [head, *(b.raw() for b in buffers)]
-    import cloudpickle
-
-    head = cloudpickle.dumps(payload, protocol=5, buffer_callback=buffers.append)
-    return [head, *(b.raw() for b in buffers)]
+def _ignore(kind: int, ident: int, frames: list[Frame]) -> None:
+    pass
 
 
-def decode(frames: list[Frame]) -> Any:
-    """The payload :func:`encode` turned into ``frames``."""
-    if not frames:
-        return None
-    return pickle.loads(frames[0], buffers=frames[1:])
+def _ignore_closed(reason: str) -> None:
+    pass
 
 
-class Channel:
-    """Sends and receives messages over ``sock`` on ``loop``.
+class SocketTransport(Transport):
+    """Sends and receives messages over ``sock`` (connected, e.g. one end of a socketpair) on
+    ``loop``, the running loop by default."""
 
-    ``on_message`` runs on the loop for every message; ``on_closed`` runs once, with the reason,
-    when the peer closes the connection or it breaks (not when :meth:`close` is called here).
-    """
-
-    def __init__(
-        self,
-        loop: asyncio.AbstractEventLoop,
-        sock: socket.socket,
-        on_message: OnMessage,
-        on_closed: Callable[[str], None],
-    ) -> None:
+    def __init__(self, sock: socket.socket, loop: asyncio.AbstractEventLoop | None = None) -> None:
         sock.setblocking(False)
-        self._loop = loop
+        self._loop = loop or asyncio.get_running_loop()
         self._sock = sock
         self._fd = sock.fileno()
-        self._on_message = on_message
-        self._on_closed = on_closed
+        self._on_message: OnMessage = _ignore
+        self._on_closed: OnClosed = _ignore_closed
         self.closed = False
         # Reading: one fixed buffer (never resized, so one view of it serves every read), and a
         # buffer of its own for each frame of a large message.
@@ -134,41 +72,28 @@ class Channel:
         self._filled = 0
         # Writing: what the socket did not take yet, in order.
         self._out: collections.deque[memoryview] = collections.deque()
-        loop.add_reader(self._fd, self._readable)
+
+    def start(self, on_message: OnMessage, on_closed: OnClosed) -> None:
+        self._on_message = on_message
+        self._on_closed = on_closed
+        if not self.closed:
+            self._loop.add_reader(self._fd, self._readable)
 
     # -- sending --------------------------------------------------------------------------
 
-    def send(
-        self, kind: str, ident: int, payload: Any = _NO_PAYLOAD, *, by_value: bool = False
-    ) -> None:
-        """Send one message. Raises what pickling raises; a broken connection is not an error
-        here (``on_closed`` reports it)."""
-        code = _CODES[kind]
-        if payload is _NO_PAYLOAD:
-            self._send_bytes(_FIXED.pack(code, ident, 0))
+    def send(self, kind: int, ident: int, frames: Sequence[Frame] = ()) -> None:
+        count = len(frames)
+        if count == 0:
+            self._send_bytes(_FIXED.pack(kind, ident, 0))
             return
-        if not by_value:
-            buffers: list[pickle.PickleBuffer] = []
-            try:
-                head = pickle.dumps(payload, protocol=5, buffer_callback=buffers.append)
-            except Exception:
-                pass
-            else:
-                if not buffers:
-                    self._send_bytes(_ONE.pack(code, ident, 1, len(head)) + head)
-                else:
-                    self._send(code, ident, [head, *(b.raw() for b in buffers)])
+        if count == 1:
+            head = frames[0]
+            if type(head) is bytes and len(head) < _SMALL:  # a small value, the usual message
+                self._send_bytes(_ONE.pack(kind, ident, 1, len(head)) + head)
                 return
-        self._send(code, ident, encode(payload, by_value=True))
-
-    def send_frames(self, kind: str, ident: int, frames: list[Frame]) -> None:
-        """Send a message whose payload :func:`encode` already turned into frames."""
-        self._send(_CODES[kind], ident, frames)
-
-    def _send(self, code: int, ident: int, frames: list[Frame]) -> None:
         sizes = [memoryview(f).nbytes for f in frames]
-        header = _FIXED.pack(code, ident, len(frames)) + b"".join(_LENGTH.pack(n) for n in sizes)
-        if sum(sizes) < 16384:
+        header = _FIXED.pack(kind, ident, count) + b"".join(_LENGTH.pack(n) for n in sizes)
+        if sum(sizes) < _SMALL:
             self._send_bytes(header + b"".join(frames))
         else:
             self._write([header, *frames])
@@ -258,7 +183,7 @@ class Channel:
             available = end - start
             if available < _FIXED.size:
                 break
-            code, ident, count = _FIXED.unpack_from(buf, start)
+            kind, ident, count = _FIXED.unpack_from(buf, start)
             header = _FIXED.size + count * _LENGTH.size
             if available < header:
                 if start + header > _BUFFER:
@@ -278,7 +203,7 @@ class Channel:
                     frames.append(bytes(chunk) if index == 0 else bytearray(chunk))
                     position += length
                 self._start, self._end = start, end = position, end
-                self._deliver(code, ident, frames)
+                self._deliver(kind, ident, frames)
                 start, end = self._start, self._end
                 continue
             if total <= _BUFFER:  # the rest is on its way and will fit in the buffer
@@ -287,7 +212,7 @@ class Channel:
                 break
             # A large message: each frame is received into memory of its own.
             self._start = start + header
-            self._large = (code, ident, list(lengths), [])
+            self._large = (kind, ident, list(lengths), [])
             self._next_large_frame()
             start, end = self._start, self._end
         if start == end:
@@ -304,7 +229,7 @@ class Channel:
         # Fill the next frame from what the read buffer already holds; the rest of it is
         # received straight into it by _readable.
         assert self._large is not None
-        code, ident, lengths, frames = self._large
+        kind, ident, lengths, frames = self._large
         while len(frames) < len(lengths):
             length = lengths[len(frames)]
             frame = bytearray(length)
@@ -316,7 +241,7 @@ class Channel:
                 return
             frames.append(frame)
         self._large = None
-        self._deliver(code, ident, frames)
+        self._deliver(kind, ident, frames)
 
     def _large_frame_done(self, frame: bytearray) -> None:
         assert self._large is not None
@@ -325,12 +250,11 @@ class Channel:
         self._start = self._end = 0
         self._next_large_frame()
 
-    def _deliver(self, code: int, ident: int, frames: list[Frame]) -> None:
-        kind = KINDS[code] if code < len(KINDS) else f"unknown-{code}"
+    def _deliver(self, kind: int, ident: int, frames: list[Frame]) -> None:
         try:
             self._on_message(kind, ident, frames)
         except Exception:
-            logger.exception("handling a %r message failed", kind)
+            logger.exception("handling a %r message failed", name_of(kind))
 
     # -- closing --------------------------------------------------------------------------
 
@@ -341,7 +265,6 @@ class Channel:
         self._on_closed(reason)
 
     def close(self) -> None:
-        """Stop reading and writing and close the socket."""
         if self.closed:
             return
         self.closed = True

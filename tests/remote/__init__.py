@@ -1,0 +1,1 @@
+"""The remote-replica protocol (embserve._remote): one contract, every transport."""
