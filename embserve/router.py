@@ -74,7 +74,11 @@ class Lease:
             return
         self._released = True
         if not self._holds:
-            self._router._give_back(self.replica)
+            self._free()
+
+    def _free(self) -> None:
+        # Released and no longer held: the one place the slot goes back to the router.
+        self._router._give_back(self.replica)
 
     def hold(self) -> Callable[[], None]:
         """Keep the slot taken past :meth:`release`; the returned function lets go (once)."""
@@ -90,7 +94,7 @@ class Lease:
             done = True
             self._holds -= 1
             if self._released and not self._holds:
-                self._router._give_back(self.replica)
+                self._free()
 
         return let_go
 

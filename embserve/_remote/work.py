@@ -18,8 +18,8 @@ __all__ = ["WorkLease"]
 
 
 class WorkLease(Lease):
-    """A lease with no router behind it: :meth:`release` and every :meth:`hold`'s let-go count
-    down, and ``on_ended`` runs once when all are done."""
+    """A lease with no router behind it: once released and no longer held, ``on_ended`` runs
+    (once) instead of a slot going back."""
 
     __slots__ = ("_on_ended",)
 
@@ -28,32 +28,5 @@ class WorkLease(Lease):
         self._holds = 0
         self._released = False
 
-    def release(self) -> None:
-        """The request's task is over (idempotent)."""
-        if self._released:
-            return
-        self._released = True
-        if not self._holds:
-            self._on_ended()
-
-    def hold(self) -> Callable[[], None]:
-        """Keep the work counted as running; the returned function lets go (once)."""
-        if self._released and not self._holds:
-            return _nothing
-        self._holds += 1
-        done = False
-
-        def let_go() -> None:
-            nonlocal done
-            if done:
-                return
-            done = True
-            self._holds -= 1
-            if self._released and not self._holds:
-                self._on_ended()
-
-        return let_go
-
-
-def _nothing() -> None:
-    pass
+    def _free(self) -> None:
+        self._on_ended()
