@@ -17,9 +17,8 @@ import pytest
 
 import embserve
 import embserve.wire
-from embserve._remote import STREAM_WINDOW
-from embserve._remote.codec import decode, encode
 from embserve.backends import load_backend, resolve_backend
+from embserve.spi import STREAM_WINDOW, decode, encode
 from embserve_process import ProcessBackend
 from embserve_process._worker import _PollingSelector
 from tests.waiting import wait_for

@@ -20,10 +20,10 @@ import socket
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
-from embserve._remote import RemoteReplica, SocketTransport, encode_start
 from embserve.context import ReplicaContext
 from embserve.replica import ReplicaSpec, ReplicaState
 from embserve.resources import Allocation
+from embserve.spi import RemoteReplica, SocketTransport, encode_start
 from embserve_process._worker import run_worker
 
 if TYPE_CHECKING:

@@ -18,7 +18,7 @@ import socket
 import sys
 import time
 
-from embserve._remote import ReplicaServer, SocketTransport
+from embserve.spi import ReplicaServer, SocketTransport
 
 __all__ = ["run_worker"]
 

@@ -1,0 +1,68 @@
+"""The backend SPI: everything a distribution that adds a backend needs from the core.
+
+A backend (ours in ``backends/``, or a third party's: Ray, Kubernetes) imports from here and
+from the public modules it names, never from the core's private ones, so the core may change
+inside without breaking it:
+
+- the seams: :class:`Backend` (place, start, watch and stop replicas) and :class:`Replica` (the
+  runtime's view of one), with :class:`ReplicaSpec`, :class:`ReplicaState` and the
+  :class:`Request` every call arrives as;
+- where user code runs: :class:`ReplicaHost` builds the user object and serves requests on it,
+  with the :class:`ReplicaContext` user code sees;
+- placement: :class:`ResourcePool` (fractional CPUs, GPUs per device, custom resources),
+  :func:`acquire` and :func:`build_pool`;
+- replicas in other processes: the remote-replica protocol over a :class:`Transport` — the
+  runtime's side is :class:`RemoteReplica`, the replica's side :class:`ReplicaServer`, with
+  :class:`SocketTransport` for a connected socket and :func:`memory_pair` for tests; a backend
+  brings its own transport for anything else (see the Dask backend's comm transport);
+- the codecs a transport carries: :func:`encode` and :func:`decode` (pickle protocol 5, numpy
+  buffers out of band), :data:`Frame`.
+
+A third-party backend registers its class in the ``embserve.backends`` entry-point group.
+"""
+
+from __future__ import annotations
+
+from embserve._host import ReplicaHost
+from embserve._remote import (
+    STREAM_WINDOW,
+    MemoryTransport,
+    RemoteReplica,
+    ReplicaServer,
+    SocketTransport,
+    Transport,
+    encode_start,
+    memory_pair,
+)
+from embserve._remote.codec import Frame, decode, encode
+from embserve.backends import Backend, ReplicaDied
+from embserve.context import ReplicaContext
+from embserve.replica import Replica, ReplicaSpec, ReplicaState
+from embserve.request import Request
+from embserve.resources import Allocation, ResourcePool, acquire, build_pool
+
+__all__ = [
+    "STREAM_WINDOW",
+    "Allocation",
+    "Backend",
+    "Frame",
+    "MemoryTransport",
+    "RemoteReplica",
+    "Replica",
+    "ReplicaContext",
+    "ReplicaDied",
+    "ReplicaHost",
+    "ReplicaServer",
+    "ReplicaSpec",
+    "ReplicaState",
+    "Request",
+    "ResourcePool",
+    "SocketTransport",
+    "Transport",
+    "acquire",
+    "build_pool",
+    "decode",
+    "encode",
+    "encode_start",
+    "memory_pair",
+]
