@@ -107,7 +107,7 @@ def test_a_worker_killed_under_load_is_replaced_and_no_request_hangs(
         responses = [handle.remote(0.3) for _ in range(16)]
         time.sleep(0.1)  # let requests reach the replicas before the kill
         killed_at = time.monotonic()
-        os.kill(victim["pid"], signal.SIGKILL)
+        os.kill(victim["worker_pid"], signal.SIGKILL)  # the worker, not only the replica
         outcomes: list[Any] = []
         for response in responses:
             try:
