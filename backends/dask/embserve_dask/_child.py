@@ -152,7 +152,7 @@ class _ReplicaServer:
     async def _start(self) -> dict[str, Any]:
         # Unpickled only now, so that a deployment whose code cannot be imported here fails its
         # start request with the import error, as a failing constructor does.
-        spec = pickle.loads(self.settings["spec"])
+        spec = pickle.loads(self.settings.pop("spec"))
         assert isinstance(spec, ReplicaSpec)
         settings = self.settings
         gpu_ids = tuple(settings["gpu_ids"])

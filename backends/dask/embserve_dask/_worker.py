@@ -158,12 +158,17 @@ class _Supervisor:
         ours, theirs = socket.socketpair()
         # A fresh interpreter started by exec rather than multiprocessing: the nanny's workers
         # are daemonic processes, which multiprocessing does not let start children.
-        process = subprocess.Popen(
-            [sys.executable, "-c", _BOOT, str(theirs.fileno()), str(os.getpid())],
-            pass_fds=(theirs.fileno(),),
-            env=env,
-        )
-        theirs.close()
+        try:
+            process = subprocess.Popen(
+                [sys.executable, "-c", _BOOT, str(theirs.fileno()), str(os.getpid())],
+                pass_fds=(theirs.fileno(),),
+                env=env,
+            )
+        except BaseException:
+            ours.close()
+            raise
+        finally:
+            theirs.close()
         pipe = Connection(ours.detach())
         settings = {
             "replica_id": self.replica_id,

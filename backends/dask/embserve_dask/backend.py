@@ -43,7 +43,7 @@ logger = logging.getLogger("embserve.dask")
 _EPSILON = 1e-9
 
 
-def worker_pool(declared: Mapping[str, float]) -> ResourcePool:
+def _worker_pool(declared: Mapping[str, float]) -> ResourcePool:
     """The pool of a worker declaring ``declared``; its GPUs are named by their position.
 
     The backend cannot see a worker's ``CUDA_VISIBLE_DEVICES``: the replica's task turns the
@@ -204,9 +204,11 @@ class DaskBackend(Backend):
         for address in list(self._pools):
             if address not in workers:
                 del self._pools[address]
+        # A worker keeps the pool it joined with: it holds what replicas hold there, and Dask
+        # workers do not change what they declare while they run.
         for address, declared in workers.items():
             if address not in self._pools:
-                self._pools[address] = worker_pool(declared)
+                self._pools[address] = _worker_pool(declared)
         self._notify()
 
     def _notify(self) -> None:
