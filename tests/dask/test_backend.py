@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
@@ -17,6 +16,7 @@ import pytest
 import embserve
 from embserve.errors import DeploymentFailedError
 from embserve_dask import DaskBackend
+from tests.waiting import wait_until
 
 # distributed's constructors are untyped; tests use them through these names.
 LocalCluster: Any = distributed.LocalCluster
@@ -156,35 +156,37 @@ def test_fractional_gpus_are_bin_packed_and_a_short_deployment_waits(
     runtime.delete("more")
 
 
-_cancelled = threading.Event()
-_sick = threading.Event()
-
-
-def _flags() -> tuple[threading.Event, threading.Event]:
-    # Deployment classes travel by value (their names are taken by the Deployment objects), and
-    # events cannot be pickled; this function travels by reference and finds the module's own.
-    return _cancelled, _sick
-
-
 @embserve.deployment
 class Waiter:
-    """Waits until cancelled, and says so."""
+    """Waits until cancelled, and says so when asked (it runs in a process of its own)."""
+
+    def __init__(self) -> None:
+        self.cancelled = False
 
     async def __call__(self) -> None:
         try:
             await asyncio.Event().wait()
         except asyncio.CancelledError:
-            _flags()[0].set()
+            self.cancelled = True
             raise
+
+    def was_cancelled(self) -> bool:
+        return self.cancelled
 
 
 @embserve.deployment(health_check_period_s=0.05)
 class Flaky:
-    """Its first replica turns unhealthy when told to."""
+    """Turns unhealthy when told to; its replacement starts healthy."""
+
+    def __init__(self) -> None:
+        self.sick = False
 
     def check_health(self) -> None:
-        if _flags()[1].is_set() and embserve.get_replica_context().replica_id.endswith("#0"):
+        if self.sick:
             raise RuntimeError("out of GPU memory")
+
+    def sicken(self) -> None:
+        self.sick = True
 
     def __call__(self) -> str:
         return embserve.get_replica_context().replica_id
@@ -198,14 +200,14 @@ def test_cancelling_a_response_cancels_async_user_code(runtime: embserve.Runtime
         assert time.monotonic() < deadline
         time.sleep(0.01)
     assert response.cancel()
-    assert _cancelled.wait(10)
+    wait_until(lambda: handle.was_cancelled.remote().result(timeout_s=10))
     runtime.delete("waiter")
 
 
 def test_a_failing_health_check_replaces_the_replica(runtime: embserve.Runtime) -> None:
     handle = runtime.run(Flaky.bind(), name="flaky")
     assert handle.remote().result(timeout_s=10) == "flaky#0"
-    _sick.set()
+    handle.sicken.remote().result(timeout_s=10)
     deadline = time.monotonic() + 10
     while handle.remote().result(timeout_s=10) == "flaky#0":
         assert time.monotonic() < deadline

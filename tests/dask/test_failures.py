@@ -15,6 +15,8 @@ import pytest
 import embserve
 from embserve.errors import ReplicaDiedError
 from embserve_dask import DaskBackend
+from tests.processes import alive
+from tests.waiting import wait_until
 
 # distributed's constructors are untyped; tests use them through these names.
 LocalCluster: Any = distributed.LocalCluster
@@ -107,7 +109,7 @@ def test_a_worker_killed_under_load_is_replaced_and_no_request_hangs(
         responses = [handle.remote(0.3) for _ in range(16)]
         time.sleep(0.1)  # let requests reach the replicas before the kill
         killed_at = time.monotonic()
-        os.kill(victim["pid"], signal.SIGKILL)
+        os.kill(victim["worker_pid"], signal.SIGKILL)  # the worker, not only the replica
         outcomes: list[Any] = []
         for response in responses:
             try:
@@ -126,6 +128,8 @@ def test_a_worker_killed_under_load_is_replaced_and_no_request_hangs(
         assert victim["worker"] not in {info["worker"] for info in after.values()}
         results = [handle.remote(0).result(timeout_s=10) for _ in range(10)]
         assert victim["pid"] not in {pid for _, pid in results}
+        # The replica's own process did not outlive its worker.
+        wait_until(lambda: not alive(victim["pid"]))
 
 
 def test_retire_workers_drains_replicas_before_the_worker_goes(cluster: Any) -> None:

@@ -1,66 +1,91 @@
-"""The replica side: one long-running Dask task per replica, serving over a comm of its own.
+"""The replica's Dask task: holds its resources and supervises the replica's own process.
 
 The task holds the resources it asked for (``{"GPU": 0.5}``) for as long as it runs, which is the
-replica's whole life: Dask's own resource accounting then keeps other replicas off what this one
-holds. It secedes from the worker's thread pool, runs the :class:`~embserve._host.ReplicaHost`
-on an event loop of its own (so user code that blocks its loop cannot stall the worker's
-heartbeats), listens on the worker's host with the worker's security, and tells the runtime
-where through a Dask event. Requests then go straight from the runtime to this listener; the
-scheduler sees none of them.
+replica's whole life: Dask's own resource accounting then keeps other tasks off what this one
+holds. It secedes from the worker's thread pool and starts the replica in a child process
+(:mod:`embserve_dask._child`) with its own ``CUDA_VISIBLE_DEVICES`` and its own GIL, so user
+code neither sees the worker's other GPUs nor stalls the worker's event loop and heartbeats. The
+child listens on the worker's host with the worker's security and sends its address back over a
+pipe; the task tells the runtime where through a Dask event. Requests then go straight from the
+runtime to the child; neither the scheduler nor the worker process sees them.
+
+The task ends when its child exits. It stops the child (and kills it after a grace period) when
+the task is cancelled or its worker closes, and relays a closing worker's drain notice to it.
 """
 
 from __future__ import annotations
 
-import asyncio
 import concurrent.futures
+import contextlib
+import importlib
 import os
+import socket
+import subprocess
+import sys
 import threading
-from collections.abc import AsyncIterator
+import time
+from collections.abc import Sequence
+from multiprocessing.connection import Connection, wait
 from typing import Any
 
 import distributed
-from distributed.comm import core as comm_core
 from distributed.comm.addressing import get_address_host, parse_address, unparse_host_port
 from distributed.diagnostics.plugin import WorkerPlugin
 
-from embserve import handle as handle_module
-from embserve._host import ReplicaHost
-from embserve.context import ReplicaContext
-from embserve.handle import Response, ResponseStream, resolve_responses, start_call
-from embserve.replica import ReplicaSpec
-from embserve.request import Request
-from embserve_dask._protocol import Peer
+from embserve.resources import detect_gpus
 
 __all__ = ["DrainPlugin", "serve_replica"]
 
-#: How long a replica task waits for its runtime to connect before it gives up and ends.
-CONNECT_TIMEOUT_S = 60.0
+#: How long a child told to stop may take to exit before it is killed.
+STOP_GRACE_S = 5.0
+
+# How often the task looks whether it was cancelled or its worker closed; neither sends it
+# anything it could wait on.
+_CHECK_S = 0.5
+
+_BOOT = "from embserve_dask._child import main; main()"
 
 # distributed's functions are untyped; they are used through these names.
-listen: Any = comm_core.listen
 secede: Any = distributed.secede
+thread_state: Any = importlib.import_module("distributed.worker").thread_state
 
 _lock = threading.Lock()
-_servers: dict[str, set[_ReplicaServer]] = {}  # worker address -> replicas running there
-_proxies: dict[str, list[_RuntimeProxy]] = {}  # runtime id -> proxies in this process
+_supervisors: dict[str, set[_Supervisor]] = {}  # worker address -> replicas running there
 
 
-def serve_replica(spec: ReplicaSpec, topic: str) -> str:
-    """The Dask task of one replica: runs until the runtime stops it or goes away."""
+def serve_replica(spec: bytes, replica_id: str, topic: str, devices: Sequence[str]) -> str:
+    """The Dask task of one replica: runs until the replica's process exits.
+
+    Args:
+        spec: the pickled :class:`~embserve.replica.ReplicaSpec`, unpickled only in the child.
+        replica_id: the replica's id.
+        topic: the Dask event topic the runtime listens on for the replica's address.
+        devices: the positions, among this worker's GPUs, of the GPUs the replica holds.
+    """
     worker = distributed.get_worker()
     # Only this worker's own teardown can keep it alive while its replicas drain.
     worker.plugins.setdefault(DrainPlugin.name, DrainPlugin())
+    key = thread_state.key
     secede()
-    server = _ReplicaServer(spec, worker, topic)
+    supervisor = _Supervisor(worker, key, replica_id, topic)
     with _lock:
-        _servers.setdefault(worker.address, set()).add(server)
+        _supervisors.setdefault(worker.address, set()).add(supervisor)
     try:
-        asyncio.run(server.main())
+        supervisor.run(spec, devices)
     finally:
         with _lock:
-            _servers.get(worker.address, set()).discard(server)
-        server.finished.set_result(None)
-    return spec.replica_id
+            _supervisors.get(worker.address, set()).discard(supervisor)
+        supervisor.finished.set_result(None)
+    return replica_id
+
+
+def worker_gpu_ids(count: int) -> tuple[str, ...]:
+    """The ids of a worker's ``count`` GPUs, as :class:`~embserve.resources.ResourcePool` names
+    them: the worker's own ``CUDA_VISIBLE_DEVICES`` when it lists enough, else 0..count-1."""
+    visible = detect_gpus() if "CUDA_VISIBLE_DEVICES" in os.environ else ()
+    if len(visible) < count:
+        visible = tuple(str(i) for i in range(count))
+    return visible[:count]
 
 
 class DrainPlugin(WorkerPlugin):
@@ -69,6 +94,7 @@ class DrainPlugin(WorkerPlugin):
     A worker closes when it is retired (``client.retire_workers``, adaptive scaling), stopped by
     its nanny or told to by the scheduler. Each replica on it tells its runtime, which stops
     routing to it, starts a replacement elsewhere and stops it once its requests finished.
+    Replicas still running after ``timeout_s`` are stopped.
     """
 
     name = "embserve-drain"
@@ -77,15 +103,21 @@ class DrainPlugin(WorkerPlugin):
         self.timeout_s = timeout_s
 
     async def teardown(self, worker: Any) -> None:
-        """Ask every replica on ``worker`` to drain and wait for them to end."""
+        """Ask every replica on ``worker`` to drain, wait for them to end, stop the rest."""
+        import asyncio
+
         with _lock:
-            servers = list(_servers.get(worker.address, ()))
+            supervisors = list(_supervisors.get(worker.address, ()))
+        if not supervisors:
+            return
         lost = _lost_scheduler(worker)
-        for server in servers:
-            server.drain(scheduler_lost=lost)
-        waits = [asyncio.wrap_future(server.finished) for server in servers]
-        if waits:
-            await asyncio.wait(waits, timeout=self.timeout_s)
+        for supervisor in supervisors:
+            supervisor.drain(scheduler_lost=lost)
+        waits = [asyncio.wrap_future(s.finished) for s in supervisors]
+        await asyncio.wait(waits, timeout=self.timeout_s)
+        for supervisor in supervisors:
+            supervisor.stop()
+        await asyncio.wait(waits, timeout=STOP_GRACE_S + 1)
 
 
 def _lost_scheduler(worker: Any) -> bool:
@@ -96,186 +128,146 @@ def _lost_scheduler(worker: Any) -> bool:
     return comm is None or bool(comm.closed())
 
 
-class _ReplicaServer:
-    """One replica on a worker: its listener, its comm to the runtime, its host."""
+class _Supervisor:
+    """One replica's process, seen from the Dask task that started it."""
 
-    def __init__(self, spec: ReplicaSpec, worker: Any, topic: str) -> None:
-        self.spec = spec
+    def __init__(self, worker: Any, key: Any, replica_id: str, topic: str) -> None:
         self.worker = worker
+        self.key = key
+        self.replica_id = replica_id
         self.topic = topic
-        self.host: ReplicaHost | None = None
-        self.peer: Peer | None = None
-        self.loop: asyncio.AbstractEventLoop | None = None
         self.finished: concurrent.futures.Future[None] = concurrent.futures.Future()
-        self._connected: asyncio.Event | None = None
-        self._done: asyncio.Event | None = None
-        self._draining = False
-        self._proxy: _RuntimeProxy | None = None
+        self._pipe: Connection | None = None
+        self._send_lock = threading.Lock()
+        self._kill_at: float | None = None
+        self._pending: list[tuple[Any, ...]] = []  # notices sent before the child started
+        self._announced = False
 
-    async def main(self) -> None:
-        self.loop = asyncio.get_running_loop()
-        self._connected, self._done = asyncio.Event(), asyncio.Event()
+    def run(self, spec: bytes, devices: Sequence[str]) -> None:
+        """Start the child, announce its address, and wait for it to exit (this thread)."""
         worker = self.worker
-        scheme, _ = parse_address(worker.address)
-        if scheme == "inproc":
-            where = "inproc://"
-        else:
-            where = f"{scheme}://{unparse_host_port(get_address_host(worker.address), 0)}"
-        listener = listen(
-            where, self._on_comm, deserialize=True, **worker.security.get_listen_args("worker")
-        )
-        await listener.start()
-        try:
-            hello = {
-                "replica": self.spec.replica_id,
-                "address": listener.contact_address,
-                "worker": worker.address,
-            }
-            worker.loop.add_callback(worker.log_event, self.topic, hello)
-            try:
-                await asyncio.wait_for(self._connected.wait(), CONNECT_TIMEOUT_S)
-            except asyncio.TimeoutError:
-                return
-            if self.peer is not None:
-                await self._done.wait()
-        finally:
-            listener.stop()
-            self._close_host()
-
-    async def _on_comm(self, comm: Any) -> None:
-        assert self._connected is not None and self._done is not None
-        if self.peer is not None:  # one runtime, one comm: anything else is a stray
-            comm.abort()
-            return
-        self.peer = Peer(comm, self._serve, self._serve_stream, name="the runtime")
-        self._connected.set()
-        try:
-            await self.peer.run()
-        finally:
-            self._done.set()
-
-    def drain(self, *, scheduler_lost: bool = False) -> None:
-        """Tell the runtime this replica's worker is closing (from any thread)."""
-        loop, peer = self.loop, self.peer
-        if loop is None or self._draining:
-            return
-        self._draining = True
-        if peer is not None:
-            notice = {"scheduler_lost": scheduler_lost}
-            loop.call_soon_threadsafe(peer.notify, "draining", notice)
-        elif self._connected is not None:
-            # No runtime has connected yet: nothing to drain, so stop waiting for one.
-            loop.call_soon_threadsafe(self._connected.set)
-
-    # -- requests from the runtime --------------------------------------------------------
-
-    async def _serve(self, op: str, value: Any) -> Any:
-        host = self.host
-        if op == "call":
-            assert host is not None
-            return await host.call(Request.from_wire(self.spec.deployment, value))
-        if op == "start":
-            return await self._start()
-        if op == "health":
-            assert host is not None
-            await host.check_health()
-            return None
-        if op == "reconfigure":
-            assert host is not None
-            await host.reconfigure(value)
-            return None
-        if op in ("stop", "exit"):
-            self._close_host()
-            return None
-        raise ValueError(f"unknown request {op!r}")
-
-    def _serve_stream(self, op: str, value: Any) -> AsyncIterator[Any]:
-        assert self.host is not None and op == "stream"
-        return self.host.stream(Request.from_wire(self.spec.deployment, value))
-
-    async def _start(self) -> dict[str, Any]:
-        spec, worker = self.spec, self.worker
-        visible = os.environ.get("CUDA_VISIBLE_DEVICES", "")
-        total = dict(worker.state.total_resources)
+        total = {k: float(v) for k, v in worker.state.total_resources.items()}
+        env = dict(os.environ)
         gpu_ids: tuple[str, ...] = ()
-        if visible:
-            gpu_ids = tuple(v.strip() for v in visible.split(",") if v.strip())
-        elif spec.config.resources.get("GPU", 0) > 0:
-            # No pinning given: a worker declaring GPU=n is taken to own devices 0..n-1.
-            gpu_ids = tuple(str(i) for i in range(int(total.get("GPU", 0))))
-        info = {
+        count = int(total.get("GPU", 0))
+        if count:
+            ids = worker_gpu_ids(count)
+            gpu_ids = tuple(ids[int(position)] for position in devices)
+            # A replica holding no GPU sees none, so it cannot take memory on one by accident.
+            env["CUDA_VISIBLE_DEVICES"] = ",".join(gpu_ids)
+        ours, theirs = socket.socketpair()
+        # A fresh interpreter started by exec rather than multiprocessing: the nanny's workers
+        # are daemonic processes, which multiprocessing does not let start children.
+        try:
+            process = subprocess.Popen(
+                [sys.executable, "-c", _BOOT, str(theirs.fileno()), str(os.getpid())],
+                pass_fds=(theirs.fileno(),),
+                env=env,
+            )
+        except BaseException:
+            ours.close()
+            raise
+        finally:
+            theirs.close()
+        pipe = Connection(ours.detach())
+        settings = {
+            "replica_id": self.replica_id,
+            "spec": spec,
+            "listen": _listen_address(worker.address),
+            "security": worker.security,
             "worker": worker.address,
             "worker_name": str(worker.name),
-            "pid": os.getpid(),
-            "gpu_ids": list(gpu_ids),
-            "resources": dict(spec.config.resources),
             "worker_resources": total,
+            "gpu_ids": list(gpu_ids),
         }
-        context = ReplicaContext(
-            spec.deployment,
-            spec.replica_id,
-            gpu_ids=gpu_ids,
-            worker=worker.address,
-            extra=info,
-        )
-        assert self.peer is not None
-        self._register_proxy()
-        self.host = ReplicaHost(spec, context)
-        await self.host.start()
-        return info
+        try:
+            pipe.send((list(sys.path), settings))
+            with self._send_lock:
+                self._pipe = pipe
+                pending, self._pending = self._pending, []
+            for notice in pending:
+                self._send(notice)
+            self._watch(pipe, process)
+        finally:
+            with self._send_lock:
+                self._pipe = None
+            pipe.close()
+            _reap(process, self._kill_at)
+        if not self._announced:
+            raise RuntimeError(
+                f"the process of replica {self.replica_id} (pid {process.pid}) exited with "
+                f"code {process.returncode} before it listened"
+            )
 
-    def _register_proxy(self) -> None:
-        runtime_id = self.spec.runtime_id
-        assert self.peer is not None and self.loop is not None
-        proxy = _RuntimeProxy(self.peer, self.loop)
-        with _lock:
-            current = handle_module.find_submitter(runtime_id)
-            proxies = _proxies.setdefault(runtime_id, [])
-            # The runtime itself lives in this process (a LocalCluster with processes=False):
-            # its handles already reach it, and a proxy must not take its place.
-            if current is not None and current not in proxies:
+    def _watch(self, pipe: Connection, process: subprocess.Popen[bytes]) -> None:
+        while process.poll() is None:
+            timeout = _CHECK_S
+            if self._kill_at is not None:
+                timeout = min(timeout, max(0.0, self._kill_at - time.monotonic()))
+            if wait([pipe], timeout):
+                try:
+                    kind, value = pipe.recv()
+                except (EOFError, OSError):  # the child exited (or closed its end)
+                    return
+                if kind == "listening":
+                    self._announce(value, process.pid)
+            elif self._kill_at is not None and time.monotonic() >= self._kill_at:
+                return  # run() kills it
+            elif self._kill_at is None and self._abandoned():
+                self.stop()
+
+    def _announce(self, address: str, pid: int) -> None:
+        self._announced = True
+        worker = self.worker
+        hello = {
+            "replica": self.replica_id,
+            "address": address,
+            "worker": worker.address,
+            "pid": pid,
+        }
+        worker.loop.add_callback(worker.log_event, self.topic, hello)
+
+    def _abandoned(self) -> bool:
+        # Dask cannot interrupt a running task: a cancelled one only changes state.
+        worker = self.worker
+        if worker.status.name in ("closed", "failed"):
+            return True
+        task = worker.state.tasks.get(self.key)
+        return task is None or task.state in ("cancelled", "released", "forgotten")
+
+    def _send(self, notice: tuple[Any, ...]) -> None:
+        with self._send_lock:
+            pipe = self._pipe
+            if pipe is None:
+                self._pending.append(notice)
                 return
-            proxies.append(proxy)
-            handle_module.register_submitter(runtime_id, proxy)
-        self._proxy = proxy
+            with contextlib.suppress(OSError):  # the child is gone; the watch sees it
+                pipe.send(notice)
 
-    def _close_host(self) -> None:
-        host, self.host = self.host, None
-        if host is not None:
-            host.close()
-        proxy = self._proxy
-        if proxy is None:
-            return
-        self._proxy = None
-        runtime_id = self.spec.runtime_id
-        with _lock:
-            proxies = _proxies.get(runtime_id, [])
-            if proxy in proxies:
-                proxies.remove(proxy)
-            if handle_module.find_submitter(runtime_id) is proxy:
-                if proxies:
-                    handle_module.register_submitter(runtime_id, proxies[-1])
-                else:
-                    handle_module.unregister_submitter(runtime_id)
+    def drain(self, *, scheduler_lost: bool) -> None:
+        """Relay a closing worker's notice to the replica (from any thread)."""
+        self._send(("drain", scheduler_lost))
+
+    def stop(self) -> None:
+        """Ask the replica's process to exit; it is killed if still there after the grace."""
+        if self._kill_at is None:
+            self._kill_at = time.monotonic() + STOP_GRACE_S
+        self._send(("stop",))
 
 
-class _RuntimeProxy:
-    """Handles unpickled on a worker call their runtime through this, over a replica's comm."""
+def _reap(process: subprocess.Popen[bytes], kill_at: float | None) -> None:
+    # Its pipe closed: it is exiting, or was told to stop and had its grace period.
+    grace = STOP_GRACE_S if kill_at is None else kill_at - time.monotonic()
+    try:
+        process.wait(max(0.0, grace))
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
 
-    def __init__(self, peer: Peer, loop: asyncio.AbstractEventLoop) -> None:
-        self.peer = peer
-        self.loop = loop
 
-    def submit(self, request: Request) -> Response | ResponseStream:
-        if request.stream:
-            return ResponseStream(lambda: self._stream(request), self.loop)
-        return start_call(self.loop, self._submit(request))
-
-    async def _submit(self, request: Request) -> Any:
-        request.args, request.kwargs = await resolve_responses(request.args, request.kwargs)
-        return await self.peer.request("submit", (request.target, request.to_wire()))
-
-    async def _stream(self, request: Request) -> AsyncIterator[Any]:
-        request.args, request.kwargs = await resolve_responses(request.args, request.kwargs)
-        async for item in self.peer.stream("submit_stream", (request.target, request.to_wire())):
-            yield item
+def _listen_address(worker_address: str) -> str:
+    scheme, _ = parse_address(worker_address)
+    if scheme == "inproc":
+        # In-process comms do not cross processes: the replica listens on loopback TCP instead.
+        return "tcp://127.0.0.1"
+    return f"{scheme}://{unparse_host_port(get_address_host(worker_address), 0)}"

@@ -1,12 +1,16 @@
 """DaskBackend: replicas placed on a Dask cluster by Dask, one long-running task each.
 
-Placement: the backend picks a worker whose free resources fit the deployment (spreading the
-replicas of a deployment over workers, then packing fractional shares tightly) and submits the
-replica's task restricted to it, with the resources it asks for; Dask then holds those resources
-for the task's life. Watching: the scheduler's own events (``add-worker``, ``remove-worker``)
-say when workers come and go; a removal that was expected (a retirement) drains, one that was not
-fails the requests in flight at once. Requests never touch the scheduler: see
-:mod:`embserve_dask._worker`.
+Placement: the backend keeps one :class:`~embserve.resources.ResourcePool` per worker, built from
+the resources the worker declares, so fractional GPUs are shared per device by the same rules as
+on the process backend (two ``{"GPU": 0.5}`` replicas share a device, a 0.6 and a 0.5 do not). It
+picks a worker whose pool fits the deployment (spreading the replicas of a deployment over
+workers, then packing shares tightly), takes the devices the pool chose there, and submits the
+replica's task restricted to that worker with the resources it asks for; Dask then holds those
+resources for the task's life, so its accounting and the pools agree.
+
+Watching: the scheduler's own events (``add-worker``, ``remove-worker``) say when workers come
+and go; a removal that was expected (a retirement) drains, one that was not fails the requests
+in flight at once. Requests never touch the scheduler: see :mod:`embserve_dask._worker`.
 """
 
 from __future__ import annotations
@@ -18,11 +22,13 @@ import uuid
 from collections.abc import Mapping
 from typing import Any, ClassVar
 
+import cloudpickle
 from distributed.comm import core as comm_core
 
 from embserve.backends import Backend
 from embserve.errors import DeploymentFailedError, EmbserveError, ReplicaDiedError
 from embserve.replica import Replica, ReplicaSpec
+from embserve.resources import Allocation, ResourcePool
 from embserve_dask._protocol import Peer, pack
 from embserve_dask._worker import serve_replica
 from embserve_dask.replica import DaskReplica
@@ -35,6 +41,20 @@ connect: Any = comm_core.connect
 logger = logging.getLogger("embserve.dask")
 
 _EPSILON = 1e-9
+
+
+def _worker_pool(declared: Mapping[str, float]) -> ResourcePool:
+    """The pool of a worker declaring ``declared``; its GPUs are named by their position.
+
+    The backend cannot see a worker's ``CUDA_VISIBLE_DEVICES``: the replica's task turns the
+    positions into the worker's own device ids.
+    """
+    capacity = dict(declared)
+    if "GPU" in capacity:
+        # A device count: a fractional declaration (GPU=1.5) offers its whole devices only.
+        capacity["GPU"] = float(int(capacity["GPU"]))
+    count = int(capacity.get("GPU", 0))
+    return ResourcePool(capacity, gpu_ids=[str(i) for i in range(count)])
 
 
 class _WorkerGone(Exception):
@@ -76,7 +96,8 @@ class DaskBackend(Backend):
         self._owns_client = False
         self._topic = f"embserve-{uuid.uuid4().hex}"
         self._workers: dict[str, dict[str, float]] = {}  # address -> resources it declares
-        self._held: dict[str, dict[str, tuple[str, Mapping[str, float]]]] = {}
+        self._pools: dict[str, ResourcePool] = {}  # address -> what its replicas hold
+        self._deployment_of: dict[str, str] = {}  # replica id -> deployment, for spreading
         self._replicas: dict[str, DaskReplica] = {}
         self._hellos: dict[str, asyncio.Future[dict[str, Any]]] = {}
         self._starting_on: dict[str, str] = {}
@@ -172,11 +193,22 @@ class DaskBackend(Backend):
         for address, worker in identity.get("workers", {}).items():
             if address in self._removed:
                 continue
-            resources = dict(worker.get("resources") or {})
+            resources = {k: float(v) for k, v in (worker.get("resources") or {}).items()}
             # Dask workers rarely declare CPU; their thread count is the CPU they offer.
             resources.setdefault("CPU", float(worker.get("nthreads", 1)))
             workers[address] = resources
+        self._set_workers(workers)
+
+    def _set_workers(self, workers: dict[str, dict[str, float]]) -> None:
         self._workers = workers
+        for address in list(self._pools):
+            if address not in workers:
+                del self._pools[address]
+        # A worker keeps the pool it joined with: it holds what replicas hold there, and Dask
+        # workers do not change what they declare while they run.
+        for address, declared in workers.items():
+            if address not in self._pools:
+                self._pools[address] = _worker_pool(declared)
         self._notify()
 
     def _notify(self) -> None:
@@ -216,7 +248,9 @@ class DaskBackend(Backend):
         how = "was retired" if expected else "died"
         for replica in [r for r in self._replicas.values() if r.worker == address]:
             replica.lost(f"its Dask worker {address} {how}", drain=expected)
-        self._held.pop(address, None)
+        pool = self._pools.pop(address, None)
+        for owner in pool.allocations if pool is not None else ():
+            self._deployment_of.pop(owner, None)
         self._notify()
 
     def _on_hello(self, event: tuple[float, Any]) -> None:
@@ -243,23 +277,23 @@ class DaskBackend(Backend):
     # -- placement ------------------------------------------------------------------------
 
     def _place(self, spec: ReplicaSpec) -> tuple[str | None, str]:
-        need = {k: float(v) for k, v in spec.config.resources.items() if v > 0}
+        need = _demand(spec)
         best: tuple[Any, ...] | None = None
         choice: str | None = None
         most_free: dict[str, float] = {k: 0.0 for k in need}
-        for address, total in self._workers.items():
+        detail = ""
+        for address, pool in self._pools.items():
             if address in self._closing:
                 continue
-            held = self._held.get(address, {})
-            free = dict(total)
-            for _, resources in held.values():
-                for k, v in resources.items():
-                    free[k] = free.get(k, 0.0) - v
+            free = pool.free()
             for k in need:
                 most_free[k] = max(most_free[k], free.get(k, 0.0))
-            if any(free.get(k, 0.0) + _EPSILON < v for k, v in need.items()):
+            shortage = pool.shortage(need)
+            if shortage is not None:
+                detail = detail or f"{address}: {shortage}"
                 continue
-            same = sum(1 for name, _ in held.values() if name == spec.deployment)
+            held = pool.allocations
+            same = sum(1 for owner in held if self._deployment_of.get(owner) == spec.deployment)
             # Spread a deployment first, then pack shares tightly (least left over).
             leftover = sum(free.get(k, 0.0) - v for k, v in need.items()) if need else len(held)
             key = (same, leftover, address)
@@ -267,18 +301,19 @@ class DaskBackend(Backend):
                 best, choice = key, address
         if choice is not None:
             return choice, ""
-        if not self._workers:
+        if not self._pools:
             return None, "waiting for a Dask worker to join the cluster"
         short = [
             f"{k}={v:g} (the most free on any worker is {most_free[k]:g})"
             for k, v in need.items()
             if most_free[k] + _EPSILON < v
         ]
-        if not short:
+        if not short:  # enough in total, but not on one device (or not whole devices)
             short = [f"{k}={v:g}" for k, v in need.items()]
+            short[-1] += f" ({detail})" if detail else ""
         return None, (
             f"waiting for a Dask worker with {', '.join(short)} free; "
-            f"{len(self._workers)} worker(s) connected"
+            f"{len(self._pools)} worker(s) connected"
         )
 
     async def start_replica(self, spec: ReplicaSpec) -> Replica:
@@ -313,13 +348,16 @@ class DaskBackend(Backend):
                 continue
             return replica
 
-    def _hold(self, address: str, spec: ReplicaSpec) -> None:
-        resources = {k: float(v) for k, v in spec.config.resources.items() if v > 0}
-        self._held.setdefault(address, {})[spec.replica_id] = (spec.deployment, resources)
+    def _hold(self, address: str, spec: ReplicaSpec) -> Allocation:
+        allocation = self._pools[address].try_acquire(spec.replica_id, _demand(spec))
+        assert allocation is not None, "held only where _place found room"
+        self._deployment_of[spec.replica_id] = spec.deployment
+        return allocation
 
     def _release(self, address: str, replica_id: str) -> None:
-        held = self._held.get(address)
-        if held is not None and held.pop(replica_id, None) is not None:
+        self._deployment_of.pop(replica_id, None)
+        pool = self._pools.get(address)
+        if pool is not None and pool.release(replica_id) is not None:
             self._notify()
 
     async def _launch(self, spec: ReplicaSpec, address: str) -> DaskReplica:
@@ -329,14 +367,25 @@ class DaskBackend(Backend):
             for k, v in spec.config.resources.items()
             if v > 0 and (k != "CPU" or "CPU" in declared)
         }
-        self._hold(address, spec)
+        try:
+            # Pickled here, so the worker never imports user code: only the replica's process,
+            # started with its devices chosen, unpickles it.
+            blob = cloudpickle.dumps(spec, protocol=5)
+        except Exception as exc:
+            raise DeploymentFailedError(
+                f"deployment {spec.deployment!r} cannot be sent to a Dask worker: "
+                f"{type(exc).__name__}: {exc}"
+            ) from exc
+        allocation = self._hold(address, spec)
         hello: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
         self._hellos[spec.replica_id] = hello
         self._starting_on[spec.replica_id] = address
         future = self.client.submit(
             serve_replica,
-            spec,
+            blob,
+            spec.replica_id,
             self._topic,
+            allocation.gpu_ids,
             key=f"embserve-{spec.replica_id}-{uuid.uuid4().hex[:8]}",
             workers=[address],
             allow_other_workers=False,
@@ -395,6 +444,10 @@ class DaskBackend(Backend):
             self.on_replica_died(replica, reason)
         else:
             replica.future.release()
+
+
+def _demand(spec: ReplicaSpec) -> dict[str, float]:
+    return {k: float(v) for k, v in spec.config.resources.items() if v > 0}
 
 
 async def _outcome(future: Any) -> str:
