@@ -18,8 +18,8 @@ from embserve._controller import DeploymentController
 from embserve._endpoint import Endpoint
 from embserve._loop import start_task
 from embserve.errors import EmbserveError
-from embserve.handle import ResponseStream, has_responses, resolve_responses
 from embserve.request import Request
+from embserve.response import ResponseStream, has_responses, resolve_responses
 
 logger = logging.getLogger("embserve.runtime")
 

@@ -1,21 +1,25 @@
-"""Handles (references to an endpoint or deployment) and the responses their calls return.
+"""Handles: cheap, picklable references to an endpoint or deployment, and the registry of the
+runtimes (or proxies to them) that their calls go to in this process.
 
-A call started on the runtime's own event loop is a task on that loop: no thread hop. A call
-started from any other thread, or from another event loop, is handed to the runtime's loop once;
-its :class:`Response` is then awaitable in the caller's loop and blocking-readable from threads.
+A handle's call returns a :class:`~embserve.response.Response` (or a
+:class:`~embserve.response.ResponseStream`); those live in :mod:`embserve.response` and are
+re-exported here.
 """
 
 from __future__ import annotations
 
-import asyncio
-import concurrent.futures
-import functools
 import threading
-from collections.abc import AsyncIterator, Callable, Coroutine, Generator, Iterator
 from typing import Any, Protocol
 
-from embserve._loop import running_loop, start_task
 from embserve.request import Request, current_request
+from embserve.response import (
+    Response,
+    ResponseStream,
+    has_responses,
+    resolve_responses,
+    start_call,
+    start_threadsafe,
+)
 
 __all__ = [
     "Handle",
@@ -27,6 +31,7 @@ __all__ = [
     "register_submitter",
     "resolve_responses",
     "start_call",
+    "start_threadsafe",
     "unregister_submitter",
 ]
 
@@ -81,11 +86,21 @@ class Handle:
     ``h.remote(*args, **kwargs)`` calls ``__call__``; ``h.method.remote(...)`` calls another
     method; ``h.options(stream=True).remote(...)`` returns a :class:`ResponseStream` for generator
     methods; ``h.options(routing_key="user-42")`` sends calls with that key, which a deployment
-    with ``router="consistent_hash"`` keeps on one replica. Handles are safe to share between
+    with ``router="consistent_hash"`` keeps on one replica; ``h.options(priority=1)`` serves its
+    calls before those of priority 0 when requests wait. Handles are safe to share between
     threads and event loops.
     """
 
-    __slots__ = ("_key", "_method", "_runtime_id", "_stream", "_submitter", "name")
+    __slots__ = (
+        "_key",
+        "_method",
+        "_model",
+        "_priority",
+        "_runtime_id",
+        "_stream",
+        "_submitter",
+        "name",
+    )
 
     def __init__(
         self,
@@ -95,12 +110,16 @@ class Handle:
         method: str = "__call__",
         stream: bool = False,
         routing_key: str | None = None,
+        priority: int = 0,
+        multiplexed_model_id: str = "",
     ) -> None:
         self._runtime_id = runtime_id
         self.name = name
         self._method = method
         self._stream = stream
         self._key = routing_key
+        self._priority = priority
+        self._model = multiplexed_model_id
         self._submitter: Submitter | None = None
 
     @property
@@ -114,16 +133,36 @@ class Handle:
         method_name: str | None = None,
         stream: bool | None = None,
         routing_key: str | None = None,
+        priority: int | None = None,
+        multiplexed_model_id: str | None = None,
     ) -> Handle:
-        """A copy of this handle calling ``method_name``, streaming results, or routing by key."""
+        """A copy of this handle with some options changed (None keeps the current one).
+
+        Args:
+            method_name: the method to call.
+            stream: return a :class:`ResponseStream` of a generator method's items.
+            routing_key: requests with the same key stay on one replica under
+                ``router="consistent_hash"``.
+            priority: an int, higher served first when requests wait (default 0).
+            multiplexed_model_id: the model a multiplexed deployment should serve the
+                request with.
+        """
         if routing_key is not None and not isinstance(routing_key, str):
             raise TypeError(f"routing_key must be a str, got {routing_key!r}")
+        if priority is not None and (isinstance(priority, bool) or not isinstance(priority, int)):
+            raise TypeError(f"priority must be an int, got {priority!r}")
+        if multiplexed_model_id is not None and not isinstance(multiplexed_model_id, str):
+            raise TypeError(f"multiplexed_model_id must be a str, got {multiplexed_model_id!r}")
         return Handle(
             self._runtime_id,
             self.name,
             method=self._method if method_name is None else method_name,
             stream=self._stream if stream is None else stream,
             routing_key=self._key if routing_key is None else routing_key,
+            priority=self._priority if priority is None else priority,
+            multiplexed_model_id=self._model
+            if multiplexed_model_id is None
+            else multiplexed_model_id,
         )
 
     def __getattr__(self, method: str) -> Handle:
@@ -142,6 +181,9 @@ class Handle:
         if submitter is None:
             submitter = self._submitter = _find_submitter(self._runtime_id)
         request = Request(self.name, self._method, args, kwargs, "", self._key, self._stream)
+        if self._priority or self._model:
+            request.priority = self._priority
+            request.multiplexed_model_id = self._model
         parent = current_request()
         if parent is not None:
             # A call made while serving a request is part of it: same deadline, same trace.
@@ -152,7 +194,15 @@ class Handle:
     def __reduce__(self) -> tuple[Any, ...]:
         return (
             _rebuild_handle,
-            (self._runtime_id, self.name, self._method, self._stream, self._key),
+            (
+                self._runtime_id,
+                self.name,
+                self._method,
+                self._stream,
+                self._key,
+                self._priority,
+                self._model,
+            ),
         )
 
     def __repr__(self) -> str:
@@ -167,225 +217,20 @@ class Handle:
 
 
 def _rebuild_handle(
-    runtime_id: str, name: str, method: str, stream: bool, routing_key: str | None = None
+    runtime_id: str,
+    name: str,
+    method: str,
+    stream: bool,
+    routing_key: str | None = None,
+    priority: int = 0,
+    multiplexed_model_id: str = "",
 ) -> Handle:
-    return Handle(runtime_id, name, method=method, stream=stream, routing_key=routing_key)
-
-
-def start_call(loop: asyncio.AbstractEventLoop, coro: Coroutine[Any, Any, Any]) -> Response:
-    """Run ``coro`` on ``loop`` and return its :class:`Response`, from any thread.
-
-    On ``loop`` itself its first step runs at once (see :func:`embserve._loop.start_task`); from
-    elsewhere it is handed to the loop once. What every submitter (the runtime, proxies in
-    workers) starts calls with.
-    """
-    if running_loop() is loop:
-        return Response(start_task(loop, coro), loop)
-    begin = functools.partial(start_task, loop, coro)
-    return Response(start_threadsafe(loop, begin, discard=coro.close), loop)
-
-
-def start_threadsafe(
-    loop: asyncio.AbstractEventLoop,
-    start: Callable[[], asyncio.Future[Any]],
-    discard: Callable[[], object] | None = None,
-) -> concurrent.futures.Future[Any]:
-    """Run ``start`` on ``loop`` from another thread; the future of the outcome it starts.
-
-    Cancelling the returned future cancels the call; ``discard`` runs instead of ``start`` when
-    that happened before the loop got to it.
-    """
-    bridge: concurrent.futures.Future[Any] = concurrent.futures.Future()
-
-    def begin() -> None:
-        if bridge.cancelled():
-            if discard is not None:
-                discard()
-            return
-        try:
-            future = start()
-        except BaseException as exc:
-            bridge.set_exception(exc)
-            if not isinstance(exc, Exception):
-                raise
-            return
-        _link(loop, future, bridge)
-
-    loop.call_soon_threadsafe(begin)
-    return bridge
-
-
-def _link(
-    loop: asyncio.AbstractEventLoop,
-    source: asyncio.Future[Any],
-    bridge: concurrent.futures.Future[Any],
-) -> None:
-    # On ``loop``: ``source``'s outcome goes to ``bridge``; cancelling ``bridge`` cancels it.
-    def copy(done: asyncio.Future[Any]) -> None:
-        try:
-            if done.cancelled():
-                bridge.cancel()
-            elif (exc := done.exception()) is not None:
-                bridge.set_exception(exc)
-            else:
-                bridge.set_result(done.result())
-        except concurrent.futures.InvalidStateError:  # cancelled from its own thread
-            pass
-
-    def cancel_source(_: concurrent.futures.Future[Any]) -> None:
-        if bridge.cancelled() and not source.done():
-            loop.call_soon_threadsafe(source.cancel)
-
-    source.add_done_callback(copy)
-    bridge.add_done_callback(cancel_source)
-
-
-class Response:
-    """The future result of one call.
-
-    Await it in any event loop, or call :meth:`result` from a thread that is not the runtime's
-    loop. :meth:`cancel` cancels the request (async user code is cancelled; sync user code runs
-    on, its result dropped).
-    """
-
-    __slots__ = ("_future", "_loop")
-
-    def __init__(
-        self,
-        future: asyncio.Future[Any] | concurrent.futures.Future[Any],
-        loop: asyncio.AbstractEventLoop,
-    ) -> None:
-        self._future = future
-        self._loop = loop
-
-    def __await__(self) -> Generator[Any, None, Any]:
-        future = self._future
-        if isinstance(future, asyncio.Future) and running_loop() is self._loop:
-            return (yield from future.__await__())
-        return (yield from asyncio.wrap_future(self._concurrent()).__await__())
-
-    def _concurrent(self) -> concurrent.futures.Future[Any]:
-        future = self._future
-        if isinstance(future, concurrent.futures.Future):
-            return future
-        bridge: concurrent.futures.Future[Any] = concurrent.futures.Future()
-        self._loop.call_soon_threadsafe(_link, self._loop, future, bridge)
-        self._future = bridge
-        return bridge
-
-    def result(self, timeout_s: float | None = None) -> Any:
-        """Block until the result is there and return it (or raise the call's exception).
-
-        Raises ``TimeoutError`` after ``timeout_s`` (the request goes on; cancel it if need be),
-        and ``RuntimeError`` when called on the runtime's event loop, where it would deadlock.
-        """
-        if running_loop() is self._loop:
-            raise RuntimeError(
-                "Response.result() would block the runtime's event loop; use `await response`"
-            )
-        future = self._concurrent()
-        try:
-            return future.result(timeout_s)
-        except concurrent.futures.TimeoutError:
-            if future.done():  # the call itself raised a TimeoutError (RequestTimeoutError)
-                raise
-            raise TimeoutError(f"no result within {timeout_s} s") from None
-        except concurrent.futures.CancelledError:
-            raise asyncio.CancelledError("the request was cancelled") from None
-
-    def cancel(self) -> bool:
-        """Cancel the request; returns False when it already finished."""
-        future = self._future
-        if future.done():
-            return False
-        if isinstance(future, asyncio.Future) and running_loop() is not self._loop:
-            self._loop.call_soon_threadsafe(future.cancel)
-            return True
-        return future.cancel()
-
-    def done(self) -> bool:
-        """Whether the call finished (with a result, an error, or cancelled)."""
-        return self._future.done()
-
-
-class ResponseStream:
-    """The items of a streaming call, as a sync or async iterator.
-
-    The request starts when iteration begins. Items come one at a time from the runtime's loop;
-    :meth:`cancel` (or breaking out of an ``async for``) stops the generator in the replica.
-    """
-
-    def __init__(
-        self,
-        factory: Callable[[], AsyncIterator[Any]],
-        loop: asyncio.AbstractEventLoop,
-    ) -> None:
-        self._factory = factory
-        self._loop = loop
-        self._iterator: AsyncIterator[Any] | None = None
-
-    def _it(self) -> AsyncIterator[Any]:
-        if self._iterator is None:
-            self._iterator = self._factory()
-        return self._iterator
-
-    def _on_loop(self, make: Callable[[], Coroutine[Any, Any, Any]]) -> Any:
-        return asyncio.run_coroutine_threadsafe(make(), self._loop)
-
-    def __aiter__(self) -> ResponseStream:
-        return self
-
-    async def __anext__(self) -> Any:
-        if running_loop() is self._loop:
-            return await self._it().__anext__()
-        return await asyncio.wrap_future(self._on_loop(self._next_on_loop))
-
-    async def _next_on_loop(self) -> Any:
-        return await self._it().__anext__()
-
-    def __iter__(self) -> Iterator[Any]:
-        if running_loop() is self._loop:
-            raise RuntimeError("iterate a stream on the runtime's loop with `async for`")
-        while True:
-            try:
-                yield self._on_loop(self._next_on_loop).result()
-            except StopAsyncIteration:
-                return
-
-    def cancel(self) -> None:
-        """Stop the stream and the generator that feeds it."""
-        if self._iterator is None:
-            return
-        aclose = getattr(self._iterator, "aclose", None)
-        if aclose is None:
-            return
-        if running_loop() is self._loop:
-            self._loop.create_task(aclose())
-        else:
-            self._on_loop(aclose).result()
-
-
-def has_responses(args: tuple[Any, ...], kwargs: dict[str, Any]) -> bool:
-    """Whether any argument is a :class:`Response` (checked before paying for a resolve)."""
-    for value in args:
-        if isinstance(value, Response):
-            return True
-    return any(isinstance(value, Response) for value in kwargs.values()) if kwargs else False
-
-
-async def resolve_responses(
-    args: tuple[Any, ...], kwargs: dict[str, Any]
-) -> tuple[tuple[Any, ...], dict[str, Any]]:
-    """The arguments with every :class:`Response` among them replaced by its result.
-
-    Responses are awaited together. Used wherever a call leaves for a replica: responses are
-    handles to this process's futures, so only their results may travel.
-    """
-    if not has_responses(args, kwargs):
-        return args, kwargs
-
-    async def value(v: Any) -> Any:
-        return await v if isinstance(v, Response) else v
-
-    resolved = await asyncio.gather(*(value(v) for v in args), *(value(v) for v in kwargs.values()))
-    return tuple(resolved[: len(args)]), dict(zip(kwargs, resolved[len(args) :], strict=True))
+    return Handle(
+        runtime_id,
+        name,
+        method=method,
+        stream=stream,
+        routing_key=routing_key,
+        priority=priority,
+        multiplexed_model_id=multiplexed_model_id,
+    )

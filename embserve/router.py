@@ -2,8 +2,9 @@
 
 A router belongs to one deployment. It owns the in-flight count of each replica
 (``Replica.ongoing``), never gives a replica more than ``max_ongoing_requests``, keeps the
-requests that find every replica full in a bounded FIFO queue, and raises
-:class:`~embserve.BackPressureError` when that queue is full. What it hands out is a
+requests that find every replica full in a bounded queue (highest ``priority`` first, in arrival
+order within a priority), and raises :class:`~embserve.BackPressureError` when that queue is
+full, unless the arrival outranks a queued request, which it then displaces. What it hands out is a
 :class:`Lease` on one replica slot, given back by :meth:`Lease.release` in one place, once.
 Subclasses only choose among replicas (:meth:`Router.choose`); counting and queueing are shared,
 so a custom router is one method::
@@ -99,14 +100,81 @@ class Lease:
         return let_go
 
 
+_Waiter = tuple["asyncio.Future[Lease]", Request]
+
+
+class _WaitQueue:
+    # Requests waiting for a free replica: a FIFO per priority, highest priority served first.
+    # Priorities in use are few, so a sorted list of them beats a heap and makes both ends
+    # (serve the first, displace the last) cheap.
+
+    __slots__ = ("_by_priority", "_count", "_priorities")
+
+    def __init__(self) -> None:
+        self._by_priority: dict[int, deque[_Waiter]] = {}
+        self._priorities: list[int] = []  # ascending
+        self._count = 0
+
+    def __len__(self) -> int:
+        return self._count
+
+    def push(self, waiter: _Waiter) -> None:
+        priority = waiter[1].priority
+        queue = self._by_priority.get(priority)
+        if queue is None:
+            queue = self._by_priority[priority] = deque()
+            bisect.insort(self._priorities, priority)
+        queue.append(waiter)
+        self._count += 1
+
+    def first(self) -> _Waiter:
+        """The waiter to serve next (the queue is not empty)."""
+        return self._by_priority[self._priorities[-1]][0]
+
+    def pop_first(self) -> _Waiter:
+        return self._pop(self._priorities[-1], last=False)
+
+    def lowest(self) -> int:
+        """The lowest priority waiting (the queue is not empty)."""
+        return self._priorities[0]
+
+    def pop_last_lowest(self) -> _Waiter:
+        """The waiter that would be served last: the newest of the lowest priority."""
+        return self._pop(self._priorities[0], last=True)
+
+    def remove(self, waiter: _Waiter) -> None:
+        priority = waiter[1].priority
+        queue = self._by_priority.get(priority)
+        if queue is None:
+            return
+        with contextlib.suppress(ValueError):
+            queue.remove(waiter)
+            self._count -= 1
+            if not queue:
+                self._drop(priority)
+
+    def _pop(self, priority: int, *, last: bool) -> _Waiter:
+        queue = self._by_priority[priority]
+        waiter = queue.pop() if last else queue.popleft()
+        self._count -= 1
+        if not queue:
+            self._drop(priority)
+        return waiter
+
+    def _drop(self, priority: int) -> None:
+        del self._by_priority[priority]
+        self._priorities.remove(priority)
+
+
 class Router(ABC):
     """Assigns requests to replicas of one deployment.
 
     Contract: every method runs on the runtime's event loop. :meth:`assign` returns a
     :class:`Lease` on a replica whose ``ongoing`` it has already counted; the lease's
-    :meth:`~Lease.release` gives it back. Waiting requests are served in arrival order. A
-    replica removed by :meth:`set_replicas` gets no new request; its in-flight ones finish and
-    are released as usual.
+    :meth:`~Lease.release` gives it back. Waiting requests leave the queue highest
+    ``request.priority`` first, in arrival order within a priority. A replica removed by
+    :meth:`set_replicas` gets no new request; its in-flight ones finish and are released as
+    usual.
     """
 
     def __init__(
@@ -120,8 +188,8 @@ class Router(ABC):
         self.max_queued_requests = max_queued_requests
         self.rng = rng if rng is not None else random.Random()
         self.replicas: list[Replica] = []
-        # Requests waiting for a free replica, in arrival order.
-        self._waiters: deque[tuple[asyncio.Future[Lease], Request]] = deque()
+        # Requests waiting for a free replica.
+        self._waiters = _WaitQueue()
 
     @abstractmethod
     def choose(self, replicas: Sequence[Replica], request: Request) -> Replica | None:
@@ -154,19 +222,26 @@ class Router(ABC):
     async def assign(self, request: Request) -> Lease:
         """A lease for ``request``, waiting in the queue when every replica is full.
 
-        Raises :class:`~embserve.BackPressureError` at once when the queue is full.
+        Raises :class:`~embserve.BackPressureError` at once when the queue is full and no
+        queued request has a lower priority than ``request``; when one has, the newest of the
+        lowest priority leaves the queue with that error instead.
         """
         lease = self.try_assign(request)
         if lease is not None:
             return lease
-        if 0 <= self.max_queued_requests <= len(self._waiters):
-            raise BackPressureError(
-                f"all replicas are busy and {len(self._waiters)} request(s) wait "
-                f"(max_queued_requests={self.max_queued_requests}); retry later or add replicas"
-            )
+        waiters = self._waiters
+        if 0 <= self.max_queued_requests <= len(waiters):
+            if self.max_queued_requests and waiters.lowest() < request.priority:
+                displaced, _ = waiters.pop_last_lowest()
+                if not displaced.done():
+                    displaced.set_exception(
+                        self._full(f"a request of priority {request.priority} took its place")
+                    )
+            else:
+                raise self._full()
         waiter: asyncio.Future[Lease] = asyncio.get_running_loop().create_future()
         entry = (waiter, request)
-        self._waiters.append(entry)
+        waiters.push(entry)
         try:
             return await waiter
         except asyncio.CancelledError:
@@ -174,9 +249,16 @@ class Router(ABC):
                 # Assigned in the same tick we were cancelled: give the slot back.
                 waiter.result().release()
             else:
-                with contextlib.suppress(ValueError):
-                    self._waiters.remove(entry)
+                self._waiters.remove(entry)
             raise
+
+    def _full(self, why: str = "") -> BackPressureError:
+        detail = f"; {why}" if why else ""
+        return BackPressureError(
+            f"all replicas are busy and {len(self._waiters)} request(s) wait "
+            f"(max_queued_requests={self.max_queued_requests}){detail}; retry later or add "
+            "replicas"
+        )
 
     def _give_back(self, replica: Replica) -> None:
         # What Lease.release does, once per lease: the one place a slot is given back.
@@ -193,22 +275,22 @@ class Router(ABC):
         tracebacks.
         """
         while self._waiters:
-            waiter, _ = self._waiters.popleft()
+            waiter, _ = self._waiters.pop_first()
             if not waiter.done():
                 waiter.set_exception(make_error())
 
     def _serve_waiters(self) -> None:
         waiters = self._waiters
         while waiters and self.replicas:
-            waiter, request = waiters[0]
+            waiter, request = waiters.first()
             if waiter.done():  # cancelled while waiting
-                waiters.popleft()
+                waiters.pop_first()
                 continue
             replica = self.choose(self.replicas, request)
             if replica is None:
                 return
             replica.ongoing += 1
-            waiters.popleft()
+            waiters.pop_first()
             waiter.set_result(Lease(self, replica))
 
 

@@ -23,16 +23,10 @@ from embserve.backends import Backend, resolve_backend
 from embserve.clock import Clock
 from embserve.deployment import Application, Deployment
 from embserve.errors import EmbserveError
-from embserve.handle import (
-    Handle,
-    Response,
-    ResponseStream,
-    register_submitter,
-    start_threadsafe,
-    unregister_submitter,
-)
+from embserve.handle import Handle, register_submitter, unregister_submitter
 from embserve.replica import Replica
 from embserve.request import Request
+from embserve.response import Response, ResponseStream, start_threadsafe
 from embserve.status import EndpointStatus, RuntimeStatus
 
 __all__ = ["Runtime"]
