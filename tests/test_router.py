@@ -283,3 +283,53 @@ async def test_a_queued_request_keeps_its_key() -> None:
     assert not waiting.done()
     lease.release()
     assert (await waiting).replica is home
+
+
+@given(priorities=st.lists(st.integers(-3, 3), min_size=1, max_size=30))
+@settings(max_examples=100, deadline=None)
+def test_waiters_leave_highest_priority_first_and_in_arrival_order_within_one(
+    priorities: list[int],
+) -> None:
+    async def scenario() -> list[int]:
+        router = p2c(limit=1)
+        router.set_replicas(slots(1))
+        busy = await router.assign(req())
+        order: list[int] = []
+
+        async def waiter(index: int) -> None:
+            lease = await router.assign(Request("d", priority=priorities[index]))
+            order.append(index)
+            lease.release()
+
+        tasks = [asyncio.ensure_future(waiter(i)) for i in range(len(priorities))]
+        await asyncio.sleep(0)
+        assert router.queued == len(priorities)
+        busy.release()
+        await asyncio.gather(*tasks)
+        return order
+
+    order = asyncio.run(scenario())
+    assert order == sorted(range(len(priorities)), key=lambda i: (-priorities[i], i))
+
+
+@pytest.mark.anyio
+async def test_a_full_queue_takes_a_higher_priority_in_place_of_its_newest_lowest() -> None:
+    router = p2c(limit=1, queued=2)
+    router.set_replicas(slots(1))
+    busy = await router.assign(req())
+    old = asyncio.ensure_future(router.assign(Request("d", priority=0)))
+    new = asyncio.ensure_future(router.assign(Request("d", priority=0)))
+    await asyncio.sleep(0)
+    with pytest.raises(BackPressureError, match="max_queued_requests=2"):
+        await router.assign(Request("d", priority=0))  # no one to displace: refused
+    urgent = asyncio.ensure_future(router.assign(Request("d", priority=5)))
+    await asyncio.sleep(0)
+    with pytest.raises(BackPressureError, match="priority 5 took its place"):
+        await new
+    assert router.queued == 2
+    busy.release()
+    first = await urgent
+    assert not old.done()
+    first.release()
+    (await old).release()
+    assert router.queued == 0

@@ -34,7 +34,14 @@ from embserve_asgi.connection import (
     discard_body,
     iterate,
 )
-from embserve_asgi.requests import BodyTooLarge, ClientGone, RequestSnapshot, read_body
+from embserve_asgi.requests import (
+    ROUTING_HEADERS,
+    BodyTooLarge,
+    ClientGone,
+    RequestSnapshot,
+    apply_routing_headers,
+    read_body,
+)
 from embserve_asgi.responses import (
     chunk_bytes,
     error_response,
@@ -238,6 +245,7 @@ class App:
     async def _http(self, scope: Scope, receive: Receive, send: Send) -> None:
         request_id = ""
         declared: int | None = None
+        options: dict[bytes, bytes] | None = None
         for name, value in scope["headers"]:
             if name == b"x-request-id":
                 request_id = value.decode("latin-1")[:128]
@@ -246,6 +254,9 @@ class App:
                     declared = int(value)
                 except ValueError:
                     declared = -1
+            elif name in ROUTING_HEADERS:
+                options = options or {}
+                options[name] = value
         if not request_id:
             request_id = os.urandom(8).hex()
         if not self._ready:
@@ -269,7 +280,7 @@ class App:
         started = time.perf_counter()
         status = 500
         try:
-            status = await self._serve(route, request_id, declared, scope, receive, send)
+            status = await self._serve(route, request_id, declared, options, scope, receive, send)
         finally:
             metrics.in_flight -= 1
             metrics.finished(status, time.perf_counter() - started)
@@ -279,6 +290,7 @@ class App:
         route: Route,
         request_id: str,
         declared: int | None,
+        options: dict[bytes, bytes] | None,
         scope: Scope,
         receive: Receive,
         send: Send,
@@ -300,6 +312,8 @@ class App:
                 stream=None,  # as the deployment the traffic policy chooses
                 http_method=scope["method"],
             )
+            if options is not None:
+                apply_routing_headers(request, options)
             # Cancelling this task (the client left) cancels the request. On the runtime's own
             # loop the request is served in this task: no task or future per request.
             runtime = self.runtime

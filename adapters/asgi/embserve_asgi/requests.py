@@ -14,8 +14,17 @@ from starlette.requests import Request
 from starlette.types import Message, Receive, Scope
 
 from embserve.errors import HTTPError
+from embserve.request import Request as EmbserveRequest
 
-__all__ = ["BodyTooLarge", "ClientGone", "HTTPRequest", "RequestSnapshot", "read_body"]
+__all__ = [
+    "ROUTING_HEADERS",
+    "BodyTooLarge",
+    "ClientGone",
+    "HTTPRequest",
+    "RequestSnapshot",
+    "apply_routing_headers",
+    "read_body",
+]
 
 
 class BodyTooLarge(Exception):
@@ -174,3 +183,36 @@ class RequestSnapshot:
 
     def __repr__(self) -> str:
         return f"<RequestSnapshot {self.method} {self.path} id={self.request_id}>"
+
+
+#: Headers that set a request's routing options, as ``handle.options(...)`` does: its priority,
+#: routing key and multiplexed model id (``serve_multiplexed_model_id`` is Ray Serve's name).
+ROUTING_HEADERS = frozenset(
+    {
+        b"embserve-priority",
+        b"embserve-routing-key",
+        b"embserve-model-id",
+        b"serve_multiplexed_model_id",
+    }
+)
+_MAX_OPTION_LENGTH = 256
+
+
+def apply_routing_headers(request: EmbserveRequest, headers: dict[bytes, bytes]) -> None:
+    """Set ``request``'s routing options from the :data:`ROUTING_HEADERS` among ``headers``.
+
+    Raises :class:`~embserve.HTTPError` 400 for a value that is not valid.
+    """
+    for name, raw in headers.items():
+        if len(raw) > _MAX_OPTION_LENGTH:
+            raise HTTPError(400, f"header {name.decode()} is longer than {_MAX_OPTION_LENGTH}")
+        value = raw.decode("latin-1").strip()
+        if name == b"embserve-priority":
+            try:
+                request.priority = int(value)
+            except ValueError:
+                raise HTTPError(400, "header embserve-priority must be an integer") from None
+        elif name == b"embserve-routing-key":
+            request.routing_key = value
+        else:
+            request.multiplexed_model_id = value
