@@ -155,6 +155,22 @@ class DeploymentController(RequestPath):
         self._health_task = asyncio.ensure_future(self._health_loop())
         self._configure_autoscaling()
 
+    def wake(self) -> None:
+        """A request arrived while no replica runs: an autoscaled deployment at zero starts one
+        at once (instead of at the autoscaler's next tick), and the request waits for it."""
+        if self._stopping or self._autoscaler is None or self.target_replicas > 0:
+            return
+        if self._autoscaler.policy.max_replicas < 1:
+            return
+        logger.info("deployment %s: a request arrived at zero replicas; starting one", self.name)
+        self.target_replicas = 1
+        self._spawn(self._wake_up())
+
+    async def _wake_up(self) -> None:
+        async with self._update_lock:
+            if not self._stopping and len(self.running) < self.target_replicas:
+                await self._scale_to(self.target_replicas)
+
     def _configure_autoscaling(self) -> None:
         auto = self.config.autoscaling_config
         self._autoscaler = Autoscaler(AutoscalingPolicy.from_config(auto)) if auto else None

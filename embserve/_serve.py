@@ -156,11 +156,18 @@ class RequestPath:
     def _timed_out(self) -> RequestTimeoutError:
         return _timed_out(self.name, self.config)
 
+    def wake(self) -> None:
+        """A request arrived while no replica runs: the lifecycle may start one now."""
+
     async def _lease(self, request: Request) -> Lease:
         # A free replica is found without a coroutine of its own on the usual path.
         self._check_available()
         router = self.router
-        lease = router.try_assign(request) or await router.assign(request)
+        lease = router.try_assign(request)
+        if lease is None:
+            if not self.running:
+                self.wake()
+            lease = await router.assign(request)
         request.lease = lease
         return lease
 

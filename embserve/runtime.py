@@ -313,12 +313,26 @@ class Runtime:
         return Handle(self.id, name)
 
     def delete(self, name: str) -> None:
-        """Remove the endpoint and deployment called ``name``, draining its replicas."""
+        """Remove the endpoint and deployment called ``name``, draining its replicas.
+
+        Refused (:class:`~embserve.EmbserveError`, naming them) while another endpoint's
+        traffic or shadows still point at the deployment.
+        """
         self._blocking(self.delete_async(name))
 
     async def delete_async(self, name: str) -> None:
         """The awaitable twin of :meth:`delete`."""
         await self._ensure_started_async()
+        users = sorted(
+            endpoint.name
+            for endpoint in self._endpoints.values()
+            if endpoint.name != name and name in endpoint.deployments
+        )
+        if users:
+            raise EmbserveError(
+                f"deployment {name!r} still gets traffic from endpoint(s) {users}: move it away "
+                f"first (rt.set_traffic), or delete the endpoint(s)"
+            )
         self._endpoints.pop(name, None)
         controller = self._controllers.pop(name, None)
         if controller is not None:

@@ -135,3 +135,19 @@ async def test_autoscaling_decides_on_the_clock() -> None:
         await until(lambda: len(replica_ids(rt, "flaky")) == 3)
         gate.set()
         await asyncio.gather(*waiting)
+
+
+@pytest.mark.parametrize("start", [{"min_replicas": 0}, {"min_replicas": 0, "initial_replicas": 0}])
+async def test_the_first_request_wakes_a_deployment_at_zero_at_once(start: dict[str, int]) -> None:
+    clock = FakeClock()  # no autoscaler tick ever comes: the request alone must wake it
+    Flaky.healthy, Flaky.starts, Flaky.failing_starts = True, 0, 0
+    config = {"max_replicas": 2, "metrics_interval_s": 10, **start}
+    deployment = embserve.deployment(autoscaling_config=config)(Flaky)
+    async with embserve.Runtime(clock=clock) as rt:
+        handle = await rt.run_async(deployment.bind(), name="flaky")
+        assert rt.status().deployments["flaky"].target_replicas == 0
+        assert Flaky.starts == 0
+        answer = await asyncio.wait_for(asyncio.ensure_future(handle.remote()), 10)
+        assert answer.startswith("flaky#")
+        assert rt.status().deployments["flaky"].target_replicas == 1
+        assert Flaky.starts == 1

@@ -490,3 +490,25 @@ def test_routing_keys_stick_to_replicas_with_consistent_hashing(rt: Runtime) -> 
     assert pickle.loads(pickle.dumps(keyed)) == keyed != handle
     with pytest.raises(TypeError, match="routing_key"):
         handle.options(routing_key=1)  # type: ignore[arg-type]
+
+
+def test_deleting_a_deployment_that_gets_traffic_is_refused() -> None:
+    @embserve.deployment
+    def v1(x: int) -> int:
+        return x
+
+    @embserve.deployment
+    def v2(x: int) -> int:
+        return -x
+
+    with embserve.Runtime() as rt:
+        handle = rt.run(v1.bind(), name="clf")
+        rt.run(v2.bind(), name="clf-v2")
+        rt.set_traffic("clf", {"clf": 0.5}, shadow={"clf-v2": 0.1})
+        with pytest.raises(embserve.EmbserveError, match=r"endpoint\(s\) \['clf'\]"):
+            rt.delete("clf-v2")
+        assert handle.remote(1).result(timeout_s=5) == 1
+        rt.set_traffic("clf", {"clf": 1.0})
+        rt.delete("clf-v2")
+        rt.delete("clf")  # an endpoint goes with its own deployment
+        assert not rt.status().deployments
