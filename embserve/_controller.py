@@ -16,7 +16,7 @@ from typing import Any
 from embserve._serve import RequestPath, with_timeout
 from embserve.autoscaling import Autoscaler, AutoscalingPolicy
 from embserve.backends import Backend
-from embserve.clock import Clock, LoopClock, sleep
+from embserve.clock import Clock, LoopClock, Timer, sleep
 from embserve.deployment import Deployment, DeploymentConfig
 from embserve.errors import DeploymentFailedError, DeploymentUnavailableError, EmbserveError
 from embserve.replica import Replica, ReplicaSpec, ReplicaState
@@ -25,6 +25,8 @@ from embserve.status import DeploymentStatus, ReplicaStatus
 
 logger = logging.getLogger("embserve.runtime")
 
+# How often a replica that is still not running after its start began says why in the log.
+_START_NOTICE_S = 10.0
 # Starting a replica that failed is tried again after 0.1 s, then twice as long each time, up
 # to this.
 _MAX_RESTART_DELAY_S = 10.0
@@ -91,9 +93,26 @@ class DeploymentController(RequestPath):
     async def _start_one(self) -> Replica:
         spec = self._spec()
         self.starting[spec.replica_id] = "starting"
+        began = self.clock.now()
+        timer: list[Timer] = []
+
+        def still_waiting() -> None:
+            # Nothing waits silently: say every so often what the start waits for.
+            reason = self.backend.pending.get(self.name) or "its backend is still starting it"
+            logger.warning(
+                "deployment %s: replica %s is not running after %.0f s: %s",
+                self.name,
+                spec.replica_id,
+                self.clock.now() - began,
+                reason,
+            )
+            timer[:] = [self.clock.call_later(_START_NOTICE_S, still_waiting)]
+
+        timer.append(self.clock.call_later(_START_NOTICE_S, still_waiting))
         try:
             replica = await self.backend.start_replica(spec)
         finally:
+            timer[0].cancel()
             self.starting.pop(spec.replica_id, None)
         if self._stopping:
             await replica.stop()
@@ -249,18 +268,25 @@ class DeploymentController(RequestPath):
     async def _scale_to(self, count: int, *, fail_fast: bool = False) -> None:
         missing = count - len(self.running)
         if missing > 0:
+            started: list[Replica] = []
+
+            async def start_and_route() -> None:
+                # Each replica serves as soon as it runs, not once all its siblings do (one
+                # may wait long for resources).
+                replica = await self._start_one()
+                started.append(replica)
+                self.unavailable = None
+                self._route_to([*self.running, replica])
+
             results = await asyncio.gather(
-                *(self._start_one() for _ in range(missing)), return_exceptions=True
+                *(start_and_route() for _ in range(missing)), return_exceptions=True
             )
-            started = [r for r in results if isinstance(r, Replica)]
             errors = [r for r in results if isinstance(r, BaseException)]
             if errors and fail_fast:
-                await asyncio.gather(*(r.stop() for r in started))
+                self._route_to([r for r in self.running if r not in started])
+                await asyncio.gather(*(self._retire(r) for r in started))
                 self.state, self.message = "UNHEALTHY", str(errors[0])
                 raise errors[0]
-            if started:
-                self.unavailable = None
-            self._route_to([*self.running, *started])
             if errors:
                 self._start_failed(errors[0], 1, 0.1)
                 self._start_replacing(self.message)

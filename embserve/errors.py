@@ -14,6 +14,7 @@ __all__ = [
     "BackPressureError",
     "BackendNotFoundError",
     "DeploymentFailedError",
+    "DeploymentTimeoutError",
     "DeploymentUnavailableError",
     "EmbserveError",
     "HTTPError",
@@ -76,6 +77,14 @@ class DeploymentFailedError(EmbserveError):
 
     def __reduce__(self) -> tuple[object, ...]:
         return (DeploymentFailedError, (str(self), ""))
+
+
+class DeploymentTimeoutError(EmbserveError, TimeoutError):
+    """``rt.run(app, timeout_s=...)`` ran out before every replica was running.
+
+    The message names what is short (which resource, how much is free); the deployment stays
+    and goes on starting, its running replicas serving meanwhile.
+    """
 
 
 class DeploymentUnavailableError(EmbserveError):

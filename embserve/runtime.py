@@ -19,10 +19,11 @@ from embserve._controller import DeploymentController
 from embserve._dispatch import Dispatcher
 from embserve._endpoint import Endpoint
 from embserve._loop import LoopThread, running_loop, stop_runners
+from embserve._serve import with_timeout
 from embserve.backends import Backend, resolve_backend
-from embserve.clock import Clock
+from embserve.clock import Clock, LoopClock
 from embserve.deployment import Application, Deployment
-from embserve.errors import EmbserveError
+from embserve.errors import DeploymentTimeoutError, EmbserveError
 from embserve.handle import Handle, register_submitter, unregister_submitter
 from embserve.replica import Replica
 from embserve.request import Request
@@ -220,15 +221,23 @@ class Runtime:
         name: str | None = None,
         route_prefix: str | None = None,
         wait: bool = True,
+        timeout_s: float | None = None,
     ) -> Handle:
         """Deploy ``app`` (and the deployments it binds) behind an endpoint; return its handle.
 
         ``name`` names the ingress deployment and its endpoint (default: the deployment's name).
         Running a name again updates it: in place when its ``version`` is unchanged, else as a
         rolling update that drops no request. Waits until the replicas run unless ``wait`` is
-        False. Raises :class:`~embserve.DeploymentFailedError` when a constructor fails.
+        False; replicas that run serve requests while their siblings still wait for resources.
+        Raises :class:`~embserve.DeploymentFailedError` when a constructor fails, and
+        :class:`~embserve.DeploymentTimeoutError` (a ``TimeoutError``) naming what is short when
+        ``timeout_s`` passes first; the deployment then stays, and goes on starting.
         """
-        return self._blocking(self.run_async(app, name=name, route_prefix=route_prefix, wait=wait))
+        return self._blocking(
+            self.run_async(
+                app, name=name, route_prefix=route_prefix, wait=wait, timeout_s=timeout_s
+            )
+        )
 
     async def run_async(
         self,
@@ -237,6 +246,7 @@ class Runtime:
         name: str | None = None,
         route_prefix: str | None = None,
         wait: bool = True,
+        timeout_s: float | None = None,
     ) -> Handle:
         """The awaitable twin of :meth:`run`."""
         await self._ensure_started_async()
@@ -244,32 +254,75 @@ class Runtime:
             app = app.bind()
         if not isinstance(app, Application):
             raise TypeError(f"run() takes an Application (Deployment.bind(...)), got {app!r}")
+        if timeout_s is not None and not (isinstance(timeout_s, (int, float)) and timeout_s > 0):
+            raise ValueError(f"timeout_s must be a positive number of seconds, got {timeout_s!r}")
         ingress = name or app.deployment.name
         if route_prefix is not None:
             _check_route_prefix(route_prefix)
             for other in self._endpoints.values():
                 if other.route_prefix == route_prefix and other.name != ingress:
                     raise ValueError(f"route prefix {route_prefix!r} is used by {other.name!r}")
-        handles: dict[int, Handle] = {}
-        for node in app.walk():
-            if id(node) in handles:
-                continue
-            dep_name = ingress if node is app else node.deployment.name
-            args = tuple(_bound(a, handles) for a in node.args)
-            kwargs = {k: _bound(v, handles) for k, v in node.kwargs.items()}
-            deployment = node.deployment
-            if deployment.name != dep_name:
-                deployment = deployment.options(name=dep_name)
-            await self._deploy(deployment, args, kwargs, wait=wait)
-            handles[id(node)] = Handle(self.id, dep_name)
+        work = self._run(app, ingress, route_prefix, wait)
+        if timeout_s is None:
+            return await work
+        task = asyncio.ensure_future(work)
+        clock = self._clock or LoopClock(asyncio.get_running_loop())
+        try:
+            handle: Handle = await with_timeout(clock, asyncio.shield(task), timeout_s)
+        except TimeoutError:
+            if task.done():  # the deploy itself raised it
+                raise
+            self._dispatch.in_background(task, f"deploying {ingress!r}", logging.ERROR)
+            raise self._timed_out(app, ingress, timeout_s) from None
+        return handle
+
+    async def _run(
+        self, app: Application, ingress: str, route_prefix: str | None, wait: bool
+    ) -> Handle:
         endpoint = self._endpoints.get(ingress)
         if endpoint is None:
-            self._endpoints[ingress] = Endpoint(
-                ingress, route_prefix, {ingress: 1.0}, rng=self._rng
-            )
+            # Routed from the start, so that replicas serve as soon as they run.
+            endpoint = Endpoint(ingress, route_prefix, {ingress: 1.0}, rng=self._rng)
+            self._endpoints[ingress] = endpoint
         elif route_prefix is not None:
             endpoint.route_prefix = route_prefix
+        handles: dict[int, Handle] = {}
+        try:
+            for node in app.walk():
+                if id(node) in handles:
+                    continue
+                dep_name = ingress if node is app else node.deployment.name
+                args = tuple(_bound(a, handles) for a in node.args)
+                kwargs = {k: _bound(v, handles) for k, v in node.kwargs.items()}
+                deployment = node.deployment
+                if deployment.name != dep_name:
+                    deployment = deployment.options(name=dep_name)
+                await self._deploy(deployment, args, kwargs, wait=wait)
+                handles[id(node)] = Handle(self.id, dep_name)
+        except BaseException:
+            if ingress not in self._controllers and self._endpoints.get(ingress) is endpoint:
+                del self._endpoints[ingress]
+            raise
         return Handle(self.id, ingress)
+
+    def _timed_out(self, app: Application, ingress: str, timeout_s: float) -> BaseException:
+        names = {ingress if node is app else node.deployment.name for node in app.walk()}
+        status = self.status().deployments
+        short = []
+        for dep_name in sorted(names):
+            deployment = status.get(dep_name)
+            if deployment is None:
+                short.append(f"{dep_name}: not started")
+            elif deployment.running_replicas < deployment.target_replicas:
+                why = f": {deployment.message}" if deployment.message else ""
+                short.append(
+                    f"{dep_name}: {deployment.running_replicas}/{deployment.target_replicas} "
+                    f"replicas running{why}"
+                )
+        return DeploymentTimeoutError(
+            f"{ingress!r} was not running within timeout_s={timeout_s} "
+            f"({'; '.join(short) or 'still starting'}); it goes on starting in the background"
+        )
 
     async def _deploy(
         self,

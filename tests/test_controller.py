@@ -151,3 +151,38 @@ async def test_the_first_request_wakes_a_deployment_at_zero_at_once(start: dict[
         assert answer.startswith("flaky#")
         assert rt.status().deployments["flaky"].target_replicas == 1
         assert Flaky.starts == 1
+
+
+@embserve.deployment(num_replicas=2, resources={"GPU": 1})
+class OnAGpu:
+    def __call__(self) -> str:
+        return embserve.get_replica_context().replica_id
+
+
+async def test_placement_that_cannot_finish_times_out_and_says_what_is_short(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    clock = FakeClock()
+    backend = embserve.backends.LocalBackend(resources={"GPU": 1}, gpu_ids=["0"])
+    async with embserve.Runtime(backend, clock=clock) as rt:
+        run = asyncio.ensure_future(rt.run_async(OnAGpu.bind(), name="gpu", timeout_s=30))
+        await until(lambda: "gpu" in rt.status().deployments)
+        await until(lambda: rt.status().deployments["gpu"].running_replicas == 1)
+        handle = rt.get_handle("gpu")
+        assert (await handle.remote()).startswith("gpu#")  # the one that runs serves meanwhile
+        await clock.advance(10)
+        notices = [r for r in caplog.records if "is not running after 10 s" in r.getMessage()]
+        assert notices and "GPU" in notices[0].getMessage()
+        await clock.advance(20)
+        with pytest.raises(embserve.DeploymentTimeoutError, match=r"gpu: 1/2 replicas.*GPU"):
+            await run
+        assert issubclass(embserve.DeploymentTimeoutError, TimeoutError)
+        assert rt.status().deployments["gpu"].target_replicas == 2  # left in place
+        assert (await handle.remote()).startswith("gpu#")
+
+
+async def test_a_demand_that_can_never_fit_fails_at_once() -> None:
+    backend = embserve.backends.LocalBackend(resources={"GPU": 1}, gpu_ids=["0"])
+    async with embserve.Runtime(backend) as rt:
+        with pytest.raises(embserve.DeploymentFailedError, match="cannot be placed"):
+            await rt.run_async(OnAGpu.options(resources={"GPU": 2}).bind(), timeout_s=30)
