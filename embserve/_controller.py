@@ -13,12 +13,13 @@ import logging
 from collections.abc import Awaitable
 from typing import Any
 
+from embserve._rollout import roll_out
 from embserve._serve import RequestPath, with_timeout
 from embserve.autoscaling import Autoscaler, AutoscalingPolicy
 from embserve.backends import Backend
 from embserve.clock import Clock, LoopClock, Timer, sleep
 from embserve.deployment import Deployment, DeploymentConfig
-from embserve.errors import DeploymentFailedError, DeploymentUnavailableError, EmbserveError
+from embserve.errors import DeploymentUnavailableError, EmbserveError
 from embserve.replica import Replica, ReplicaSpec, ReplicaState
 from embserve.router import Router, make_router
 from embserve.status import DeploymentStatus, ReplicaStatus
@@ -73,9 +74,11 @@ class DeploymentController(RequestPath):
         self._replacing: asyncio.Task[None] | None = None
         self._autoscaler: Autoscaler | None = None
         self._autoscale_task: asyncio.Task[None] | None = None
-        self._update_lock = asyncio.Lock()
+        self.update_lock = asyncio.Lock()
         self._stopping = False
         self.unavailable = None
+        #: Why the last update failed, until one succeeds (status shows it).
+        self.failed_update: str | None = None
 
     # -- replicas -------------------------------------------------------------------------
 
@@ -90,7 +93,7 @@ class DeploymentController(RequestPath):
             runtime_id=self.runtime_id,
         )
 
-    async def _start_one(self) -> Replica:
+    async def start_one(self) -> Replica:
         spec = self._spec()
         self.starting[spec.replica_id] = "starting"
         began = self.clock.now()
@@ -119,14 +122,14 @@ class DeploymentController(RequestPath):
             raise EmbserveError(f"deployment {self.name!r} was stopped while a replica started")
         return replica
 
-    def _route_to(self, replicas: list[Replica]) -> None:
+    def route_to(self, replicas: list[Replica]) -> None:
         self.running = replicas
         self.router.set_replicas(replicas)
 
-    async def _retire(self, replica: Replica, *, drain: bool = True) -> None:
+    async def retire(self, replica: Replica, *, drain: bool = True) -> None:
         """Take ``replica`` out of routing, let its requests finish, and stop it."""
         if replica in self.running:
-            self._route_to([r for r in self.running if r is not replica])
+            self.route_to([r for r in self.running if r is not replica])
         if replica.state is ReplicaState.STOPPED:
             return
         replica.state = ReplicaState.DRAINING
@@ -149,7 +152,7 @@ class DeploymentController(RequestPath):
             replica.state = ReplicaState.STOPPED
             self.leaving.remove(replica)
 
-    def _spawn(self, coro: Awaitable[Any]) -> None:
+    def spawn(self, coro: Awaitable[Any]) -> None:
         task: asyncio.Task[Any] = asyncio.ensure_future(coro)
         self._tasks.add(task)
         task.add_done_callback(self._task_done)
@@ -169,10 +172,10 @@ class DeploymentController(RequestPath):
         With ``keep_trying`` (a deploy nobody waits for) a failure is logged and the start
         retried with backoff instead, requests failing at once meanwhile.
         """
-        async with self._update_lock:
-            await self._scale_to(self.target_replicas, fail_fast=not keep_trying)
+        async with self.update_lock:
+            await self.scale_to(self.target_replicas, fail_fast=not keep_trying)
         self._health_task = asyncio.ensure_future(self._health_loop())
-        self._configure_autoscaling()
+        self.configure_autoscaling()
 
     def wake(self) -> None:
         """A request arrived while no replica runs: an autoscaled deployment at zero starts one
@@ -183,14 +186,14 @@ class DeploymentController(RequestPath):
             return
         logger.info("deployment %s: a request arrived at zero replicas; starting one", self.name)
         self.target_replicas = 1
-        self._spawn(self._wake_up())
+        self.spawn(self._wake_up())
 
     async def _wake_up(self) -> None:
-        async with self._update_lock:
+        async with self.update_lock:
             if not self._stopping and len(self.running) < self.target_replicas:
-                await self._scale_to(self.target_replicas)
+                await self.scale_to(self.target_replicas)
 
-    def _configure_autoscaling(self) -> None:
+    def configure_autoscaling(self) -> None:
         auto = self.config.autoscaling_config
         self._autoscaler = Autoscaler(AutoscalingPolicy.from_config(auto)) if auto else None
         if self._autoscaler is not None and self._autoscale_task is None:
@@ -204,8 +207,8 @@ class DeploymentController(RequestPath):
             now = self.clock.now()
             autoscaler.observe(now, sum(r.ongoing for r in self.running) + self.router.queued)
             wanted = autoscaler.decide(now, self.target_replicas)
-            if wanted != self.target_replicas and not self._update_lock.locked():
-                async with self._update_lock:
+            if wanted != self.target_replicas and not self.update_lock.locked():
+                async with self.update_lock:
                     logger.info(
                         "autoscaling %s from %d to %d replicas",
                         self.name,
@@ -213,59 +216,27 @@ class DeploymentController(RequestPath):
                         wanted,
                     )
                     self.target_replicas = wanted
-                    await self._scale_to(wanted)
+                    await self.scale_to(wanted)
         self._autoscale_task = None
 
     async def update(
         self, deployment: Deployment, init_args: tuple[Any, ...], init_kwargs: dict[str, Any]
     ) -> None:
-        """Apply a new version: reconfigure in place when ``version`` is unchanged (and set),
-        else a rolling update in which each new replica runs before an old one drains."""
-        async with self._update_lock:
-            old_config = self.config
-            in_place = (
-                deployment.config.version is not None
-                and deployment.config.version == old_config.version
-            )
-            self.deployment = deployment
-            self.config = deployment.config
-            self.init_args, self.init_kwargs = init_args, init_kwargs
-            self.deployment_changed(deployment)
-            auto = self.config.autoscaling_config
-            if auto and old_config.autoscaling_config:
-                # Keep the size the autoscaler reached, within the new bounds.
-                policy = AutoscalingPolicy.from_config(auto)
-                self.target_replicas = min(
-                    max(self.target_replicas, policy.min_replicas), policy.max_replicas
-                )
-            else:
-                self.target_replicas = self.config.initial_replicas
-            self.router.max_ongoing_requests = self.config.ongoing_limit
-            self.router.max_queued_requests = self.config.max_queued_requests
-            self.state = "UPDATING"
-            if in_place:
-                if self.config.user_config != old_config.user_config:
-                    await asyncio.gather(
-                        *(r.reconfigure(self.config.user_config) for r in self.running)
-                    )
-                await self._scale_to(self.target_replicas, fail_fast=True)
-                self._configure_autoscaling()
-                return
-            old = list(self.running)
-            for index in range(max(len(old), self.target_replicas)):
-                if index < self.target_replicas:
-                    try:
-                        replica = await self._start_one()
-                    except DeploymentFailedError as exc:
-                        self.state, self.message = "UNHEALTHY", str(exc)
-                        raise
-                    self._route_to([*self.running, replica])
-                if index < len(old):
-                    self._spawn(self._retire(old[index]))
-            self.state, self.message = "HEALTHY", ""
-            self._configure_autoscaling()
+        """Apply a new version (see :func:`embserve._rollout.roll_out`)."""
+        await roll_out(self, deployment, init_args, init_kwargs)
 
-    async def _scale_to(self, count: int, *, fail_fast: bool = False) -> None:
+    def use(
+        self, deployment: Deployment, init_args: tuple[Any, ...], init_kwargs: dict[str, Any]
+    ) -> None:
+        """Make ``deployment`` the template that new replicas (and replacements) start from."""
+        self.deployment = deployment
+        self.config = deployment.config
+        self.init_args, self.init_kwargs = init_args, init_kwargs
+        self.deployment_changed(deployment)
+        self.router.max_ongoing_requests = self.config.ongoing_limit
+        self.router.max_queued_requests = self.config.max_queued_requests
+
+    async def scale_to(self, count: int, *, fail_fast: bool = False) -> None:
         missing = count - len(self.running)
         if missing > 0:
             started: list[Replica] = []
@@ -273,29 +244,29 @@ class DeploymentController(RequestPath):
             async def start_and_route() -> None:
                 # Each replica serves as soon as it runs, not once all its siblings do (one
                 # may wait long for resources).
-                replica = await self._start_one()
+                replica = await self.start_one()
                 started.append(replica)
                 self.unavailable = None
-                self._route_to([*self.running, replica])
+                self.route_to([*self.running, replica])
 
             results = await asyncio.gather(
                 *(start_and_route() for _ in range(missing)), return_exceptions=True
             )
             errors = [r for r in results if isinstance(r, BaseException)]
             if errors and fail_fast:
-                self._route_to([r for r in self.running if r not in started])
-                await asyncio.gather(*(self._retire(r) for r in started))
+                self.route_to([r for r in self.running if r not in started])
+                await asyncio.gather(*(self.retire(r) for r in started))
                 self.state, self.message = "UNHEALTHY", str(errors[0])
                 raise errors[0]
             if errors:
                 self._start_failed(errors[0], 1, 0.1)
-                self._start_replacing(self.message)
+                self.start_replacing(self.message)
                 return
         elif missing < 0:
             leaving = self.running[count:]
-            self._route_to(self.running[:count])  # out of routing now, drained in the background
+            self.route_to(self.running[:count])  # out of routing now, drained in the background
             for replica in leaving:
-                self._spawn(self._retire(replica))
+                self.spawn(self.retire(replica))
         self.state, self.message = "HEALTHY", ""
 
     # -- failures -------------------------------------------------------------------------
@@ -305,12 +276,12 @@ class DeploymentController(RequestPath):
         if replica not in self.running:
             return
         replica.message = reason
-        self._route_to([r for r in self.running if r is not replica])
+        self.route_to([r for r in self.running if r is not replica])
         replica.state = ReplicaState.STOPPED
-        self._spawn(replica.stop())
-        self._start_replacing(reason)
+        self.spawn(replica.stop())
+        self.start_replacing(reason)
 
-    def _start_replacing(self, reason: str) -> None:
+    def start_replacing(self, reason: str) -> None:
         self.state, self.message = "UPDATING", f"replacing a replica: {reason}"
         if self._replacing is None or self._replacing.done():
             self._replacing = asyncio.ensure_future(self._replace())
@@ -322,7 +293,7 @@ class DeploymentController(RequestPath):
         attempt = 0
         while not self._stopping and len(self.running) < self.target_replicas:
             try:
-                replica = await self._start_one()
+                replica = await self.start_one()
             except Exception as exc:
                 attempt += 1
                 self._start_failed(exc, attempt, delay)
@@ -331,7 +302,7 @@ class DeploymentController(RequestPath):
                 continue
             attempt, delay = 0, 0.1
             self.unavailable = None
-            self._route_to([*self.running, replica])
+            self.route_to([*self.running, replica])
         if not self._stopping:
             self.state, self.message = "HEALTHY", ""
 
@@ -375,9 +346,9 @@ class DeploymentController(RequestPath):
                     logger.warning("replica %s %s", replica.replica_id, reason)
                     if replica in self.running:
                         replica.message = reason
-                        self._route_to([r for r in self.running if r is not replica])
-                        self._spawn(self._retire(replica))
-                        self._start_replacing(reason)
+                        self.route_to([r for r in self.running if r is not replica])
+                        self.spawn(self.retire(replica))
+                        self.start_replacing(reason)
 
     def _health_timed_out(self) -> BaseException:
         return TimeoutError(
@@ -393,7 +364,7 @@ class DeploymentController(RequestPath):
                 task.cancel()
         self.state = "DELETING"
         self.router.fail_waiters(lambda: EmbserveError(reason))
-        await asyncio.gather(*(self._retire(r) for r in list(self.running)))
+        await asyncio.gather(*(self.retire(r) for r in list(self.running)))
         for task in list(self._tasks):
             task.cancel()
         loops = [t for t in (self._health_task, self._autoscale_task) if t is not None]
@@ -411,13 +382,17 @@ class DeploymentController(RequestPath):
             ReplicaStatus(r.replica_id, r.state, r.message, r.ongoing, dict(r.info))
             for r in (*self.running, *self.leaving)
         ]
-        message = self.message
+        state, message = self.state, self.message
         pending = self.backend.pending.get(self.name)
         if pending and self.starting:
             message = pending
+        if self.failed_update is not None and state != "DELETING":
+            # Until an update succeeds, the deployment says its last one failed.
+            state = "UNHEALTHY"
+            message = self.failed_update if not message else f"{self.failed_update}; {message}"
         return DeploymentStatus(
             name=self.name,
-            state=self.state,
+            state=state,
             message=message,
             target_replicas=self.target_replicas,
             replicas=tuple(replicas),

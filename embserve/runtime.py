@@ -333,6 +333,7 @@ class Runtime:
         wait: bool,
     ) -> None:
         controller = self._controllers.get(deployment.name)
+        created = controller is None
         if controller is None:
             controller = DeploymentController(
                 deployment,
@@ -353,7 +354,9 @@ class Runtime:
         try:
             await work
         except BaseException:
-            if controller.state == "UNHEALTHY" and not controller.running:
+            if created and not controller.running:
+                # A first deploy that failed leaves nothing behind; a failed update keeps
+                # the deployment, replaced from its last good version.
                 self._controllers.pop(deployment.name, None)
                 await controller.stop(f"deployment {deployment.name!r} failed to start")
             raise

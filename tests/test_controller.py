@@ -186,3 +186,62 @@ async def test_a_demand_that_can_never_fit_fails_at_once() -> None:
     async with embserve.Runtime(backend) as rt:
         with pytest.raises(embserve.DeploymentFailedError, match="cannot be placed"):
             await rt.run_async(OnAGpu.options(resources={"GPU": 2}).bind(), timeout_s=30)
+
+
+def gpu_model(version: str, fail: bool = False, replicas: int = 2) -> embserve.Deployment:
+    class Model:
+        def __init__(self) -> None:
+            if fail:
+                raise OSError("the new weights are corrupt")
+
+        async def __call__(self) -> str:
+            return version
+
+    return embserve.deployment(
+        name="model",
+        num_replicas=replicas,
+        resources={"GPU": 1},
+        version=version,
+        graceful_shutdown_timeout_s=5,
+    )(Model)
+
+
+async def test_a_rolling_update_with_every_gpu_taken_drops_no_request() -> None:
+    backend = embserve.backends.LocalBackend(resources={"GPU": 2}, gpu_ids=["0", "1"])
+    async with embserve.Runtime(backend) as rt:
+        handle = await rt.run_async(gpu_model("v1").bind())
+        answers: list[str] = []
+        stop = asyncio.Event()
+
+        async def caller() -> None:
+            while not stop.is_set():
+                answers.append(await handle.remote())
+                await asyncio.sleep(0)
+
+        callers = [asyncio.ensure_future(caller()) for _ in range(16)]
+        await until(lambda: len(answers) > 100)
+        await asyncio.wait_for(rt.run_async(gpu_model("v2").bind()), 30)
+        seen = len(answers)
+        await until(lambda: len(answers) > seen + 100)
+        stop.set()
+        await asyncio.gather(*callers)  # any failed request would raise here
+        assert answers[-1] == "v2" and "v1" in answers
+        status = rt.status().deployments["model"]
+        assert status.version == "v2" and status.running_replicas == 2
+
+
+@pytest.mark.parametrize("replicas", [1, 2])
+async def test_a_failed_update_keeps_the_last_good_version_for_replacements(replicas: int) -> None:
+    gpus = [str(i) for i in range(replicas)]
+    backend = embserve.backends.LocalBackend(resources={"GPU": replicas}, gpu_ids=gpus)
+    async with embserve.Runtime(backend) as rt:
+        handle = await rt.run_async(gpu_model("v1", replicas=replicas).bind())
+        failing = gpu_model("v2", fail=True, replicas=replicas)
+        with pytest.raises(embserve.DeploymentFailedError, match="corrupt"):
+            await asyncio.wait_for(rt.run_async(failing.bind()), 30)
+        status = rt.status().deployments["model"]
+        assert status.state == "UNHEALTHY"
+        assert "update to v2 failed" in status.message and "version v1" in status.message
+        assert status.version == "v1"
+        await until(lambda: rt.status().deployments["model"].running_replicas == replicas)
+        assert {await handle.remote() for _ in range(20)} == {"v1"}
