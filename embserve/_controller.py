@@ -374,8 +374,12 @@ class DeploymentController(RequestPath):
 
     def status(self) -> DeploymentStatus:
         """A snapshot of this deployment."""
+        allocating = self.backend.allocating
+        pending = self.backend.pending.get(self.name, "")
         replicas = [
-            ReplicaStatus(rid, ReplicaState.STARTING, message)
+            ReplicaStatus(rid, ReplicaState.PENDING_ALLOCATION, pending or message)
+            if rid in allocating
+            else ReplicaStatus(rid, ReplicaState.STARTING, message)
             for rid, message in self.starting.items()
         ]
         replicas += [
@@ -383,7 +387,6 @@ class DeploymentController(RequestPath):
             for r in (*self.running, *self.leaving)
         ]
         state, message = self.state, self.message
-        pending = self.backend.pending.get(self.name)
         if pending and self.starting:
             message = pending
         if self.failed_update is not None and state != "DELETING":

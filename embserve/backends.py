@@ -52,6 +52,8 @@ class Backend(ABC):
         self.on_replica_died: ReplicaDied = _ignore_death
         #: Why replicas of a deployment wait, keyed by deployment name (for status).
         self.pending: dict[str, str] = {}
+        #: The ids of replicas waiting for resources (status shows them PENDING_ALLOCATION).
+        self.allocating: set[str] = set()
 
     @classmethod
     def from_address(cls, address: str) -> Backend:

@@ -139,7 +139,14 @@ class LocalBackend(Backend):
                 self.pool = built
         pool = self.pool
         owner = spec.replica_id
-        allocation = await acquire(pool, owner, demand, group=spec.deployment, pending=self.pending)
+        allocation = await acquire(
+            pool,
+            owner,
+            demand,
+            group=spec.deployment,
+            pending=self.pending,
+            allocating=self.allocating,
+        )
         context = ReplicaContext(
             spec.deployment,
             spec.replica_id,

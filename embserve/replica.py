@@ -21,8 +21,10 @@ __all__ = ["Replica", "ReplicaSpec", "ReplicaState", "Request"]
 
 
 class ReplicaState(str, enum.Enum):
-    """Where a replica is in its life: STARTING → RUNNING → DRAINING → STOPPED."""
+    """Where a replica is in its life (Ray Serve's names): PENDING_ALLOCATION (waiting for
+    resources) → STARTING (its constructor runs) → RUNNING → DRAINING → STOPPED."""
 
+    PENDING_ALLOCATION = "PENDING_ALLOCATION"
     STARTING = "STARTING"
     RUNNING = "RUNNING"
     DRAINING = "DRAINING"

@@ -322,12 +322,14 @@ async def acquire(
     *,
     group: str,
     pending: dict[str, str],
+    allocating: set[str] | None = None,
 ) -> Allocation:
     """Allocate ``demand`` from ``pool``, waiting while it does not fit.
 
     While it waits, ``pending[group]`` says which resource is short (the backend's status
-    message). Raises :class:`~embserve.DeploymentFailedError` when the demand cannot fit even on
-    an idle machine. Cancelling the wait leaves nothing allocated.
+    message) and ``owner`` is in ``allocating`` (status shows it ``PENDING_ALLOCATION``).
+    Raises :class:`~embserve.DeploymentFailedError` when the demand cannot fit even on an idle
+    machine. Cancelling the wait leaves nothing allocated.
     """
     impossible = pool.never_fits(demand)
     if impossible is not None:
@@ -350,6 +352,8 @@ async def acquire(
         pending[group] = f"waiting for resources: {reason}"
 
     pool.wait(owner, demand, group=group, grant=grant, notify=notify)
+    if allocating is not None:
+        allocating.add(owner)
     try:
         return await granted
     except asyncio.CancelledError:
@@ -357,6 +361,8 @@ async def acquire(
             pool.release(owner)
         raise
     finally:
+        if allocating is not None:
+            allocating.discard(owner)
         reason = pool.waiting().get(group)
         if reason is None:
             pending.pop(group, None)

@@ -170,6 +170,8 @@ async def test_placement_that_cannot_finish_times_out_and_says_what_is_short(
         await until(lambda: rt.status().deployments["gpu"].running_replicas == 1)
         handle = rt.get_handle("gpu")
         assert (await handle.remote()).startswith("gpu#")  # the one that runs serves meanwhile
+        states = sorted(r.state.value for r in rt.status().deployments["gpu"].replicas)
+        assert states == ["PENDING_ALLOCATION", "RUNNING"]
         await clock.advance(10)
         notices = [r for r in caplog.records if "is not running after 10 s" in r.getMessage()]
         assert notices and "GPU" in notices[0].getMessage()

@@ -81,6 +81,7 @@ class ProcessBackend(Backend):
             spec.config.resources,
             group=spec.deployment,
             pending=self.pending,
+            allocating=self.allocating,
         )
         replica = ProcessReplica(spec, self, allocation)
         self._replicas.add(replica)
