@@ -28,6 +28,7 @@ from embserve.errors import (
     remote_traceback,
 )
 from embserve.handle import Handle, Response, ResponseStream
+from embserve.multiplex import get_multiplexed_model_id, multiplexed
 from embserve.replica import ReplicaState
 from embserve.request import Request, RequestContext, get_request_context
 from embserve.runtime import Runtime
@@ -66,8 +67,10 @@ __all__ = [
     "batch",
     "deployment",
     "get_handle",
+    "get_multiplexed_model_id",
     "get_replica_context",
     "get_request_context",
+    "multiplexed",
     "remote_traceback",
     "run",
     "shutdown",

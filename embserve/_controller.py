@@ -20,6 +20,7 @@ from embserve.backends import Backend
 from embserve.clock import Clock, LoopClock, Timer, sleep
 from embserve.deployment import Deployment, DeploymentConfig
 from embserve.errors import DeploymentUnavailableError, EmbserveError
+from embserve.multiplex import max_models_of
 from embserve.replica import Replica, ReplicaSpec, ReplicaState
 from embserve.router import Router, make_router
 from embserve.status import DeploymentStatus, ReplicaStatus
@@ -62,6 +63,7 @@ class DeploymentController(RequestPath):
             max_ongoing_requests=self.config.ongoing_limit,
             max_queued_requests=self.config.max_queued_requests,
         )
+        self.router.max_models_per_replica = max_models_of(deployment.target)
         self.target_replicas = self.config.initial_replicas
         self.running: list[Replica] = []  # in routing
         self.leaving: list[Replica] = []  # draining, out of routing
@@ -235,6 +237,7 @@ class DeploymentController(RequestPath):
         self.deployment_changed(deployment)
         self.router.max_ongoing_requests = self.config.ongoing_limit
         self.router.max_queued_requests = self.config.max_queued_requests
+        self.router.max_models_per_replica = max_models_of(deployment.target)
 
     async def scale_to(self, count: int, *, fail_fast: bool = False) -> None:
         missing = count - len(self.running)

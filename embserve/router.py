@@ -26,7 +26,7 @@ import contextlib
 import hashlib
 import random
 from abc import ABC, abstractmethod
-from collections import deque
+from collections import OrderedDict, deque
 from collections.abc import Callable, Sequence
 
 from embserve.errors import BackPressureError
@@ -188,6 +188,12 @@ class Router(ABC):
         self.max_queued_requests = max_queued_requests
         self.rng = rng if rng is not None else random.Random()
         self.replicas: list[Replica] = []
+        #: Models a replica keeps (a multiplexed deployment's ``max_num_models_per_replica``);
+        #: 0 when the deployment multiplexes none.
+        self.max_models_per_replica = 0
+        # The models each replica was last sent, most recent last: the replica's own LRU cache
+        # as this router made it, so a request goes where its model already is.
+        self._models: dict[str, OrderedDict[str, None]] = {}
         # Requests waiting for a free replica.
         self._waiters = _WaitQueue()
 
@@ -207,13 +213,20 @@ class Router(ABC):
     def set_replicas(self, replicas: Sequence[Replica]) -> None:
         """Route to exactly ``replicas`` from now on, and serve waiters that now fit."""
         self.replicas = list(replicas)
+        if self._models:
+            ids = {r.replica_id for r in self.replicas}
+            for gone in [rid for rid in self._models if rid not in ids]:
+                del self._models[gone]
         self._serve_waiters()
 
     def try_assign(self, request: Request) -> Lease | None:
         """A lease for ``request`` if a replica has room and nobody waits before it; else None."""
         if self._waiters or not self.replicas:
             return None
-        replica = self.choose(self.replicas, request)
+        if request.multiplexed_model_id and self.max_models_per_replica:
+            replica = self._choose_for_model(request)
+        else:
+            replica = self.choose(self.replicas, request)
         if replica is None:
             return None
         replica.ongoing += 1
@@ -252,6 +265,36 @@ class Router(ABC):
                 self._waiters.remove(entry)
             raise
 
+    def _choose_for_model(self, request: Request) -> Replica | None:
+        # The least loaded replica with room that holds the request's model; else the one with
+        # room holding the fewest models (it loads it without evicting another, if it can);
+        # the router's own choice only when every replica with room is full of models.
+        model = request.multiplexed_model_id
+        limit = self.max_ongoing_requests
+        models = self._models
+        holder: Replica | None = None
+        roomiest: Replica | None = None
+        fewest = self.max_models_per_replica
+        for replica in self.replicas:
+            if replica.ongoing >= limit:
+                continue
+            held = models.get(replica.replica_id)
+            count = len(held) if held is not None else 0
+            if held is not None and model in held:
+                if holder is None or replica.ongoing < holder.ongoing:
+                    holder = replica
+            elif count < fewest:
+                roomiest, fewest = replica, count
+        best = holder or roomiest or self.choose(self.replicas, request)
+        if best is None:
+            return None
+        held = models.setdefault(best.replica_id, OrderedDict())
+        held[model] = None
+        held.move_to_end(model)
+        while len(held) > self.max_models_per_replica:
+            held.popitem(last=False)
+        return best
+
     def _full(self, why: str = "") -> BackPressureError:
         detail = f"; {why}" if why else ""
         return BackPressureError(
@@ -286,7 +329,10 @@ class Router(ABC):
             if waiter.done():  # cancelled while waiting
                 waiters.pop_first()
                 continue
-            replica = self.choose(self.replicas, request)
+            if request.multiplexed_model_id and self.max_models_per_replica:
+                replica = self._choose_for_model(request)
+            else:
+                replica = self.choose(self.replicas, request)
             if replica is None:
                 return
             replica.ongoing += 1

@@ -68,6 +68,22 @@ class Model:
         return asyncio.current_task() is not None
 
 
+@embserve.deployment(num_replicas=2)
+class Models:
+    def __init__(self) -> None:
+        self.loads: dict[str, int] = {}
+
+    @embserve.multiplexed(max_num_models_per_replica=2)
+    async def get_model(self, model_id: str) -> str:
+        self.loads[model_id] = self.loads.get(model_id, 0) + 1
+        return model_id
+
+    async def __call__(self) -> tuple[str, int]:
+        model_id = embserve.get_multiplexed_model_id()
+        await self.get_model(model_id)
+        return embserve.get_replica_context().replica_id, self.loads[model_id]
+
+
 @embserve.deployment(request_timeout_s=60)
 class Timed:
     def __init__(self, tokenizer: embserve.Handle) -> None:
@@ -141,3 +157,14 @@ def test_calls_made_in_a_replica_inherit_its_deadline(runtime: embserve.Runtime)
     outer, inner = timed.remote().result(timeout_s=30)
     assert outer is not None and inner is not None
     assert abs(outer - inner) < 1.0  # the same deadline, carried as time left across processes
+
+
+def test_multiplexed_models_load_once_per_replica(runtime: embserve.Runtime) -> None:
+    handle = runtime.run(Models.bind(), name="models")
+    homes: dict[str, set[str]] = {}
+    for index in range(24):
+        model_id = f"m{index % 3}"
+        replica, loads = handle.options(multiplexed_model_id=model_id).remote().result(30)
+        assert loads == 1  # loaded once, every later request a hit
+        homes.setdefault(model_id, set()).add(replica)
+    assert all(len(replicas) == 1 for replicas in homes.values()), homes
