@@ -68,7 +68,7 @@ async def test_a_load_that_fails_caches_nothing() -> None:
 
 def test_the_loader_must_be_async() -> None:
     with pytest.raises(TypeError, match="async method"):
-        embserve.multiplexed(lambda self, model_id: None)  # type: ignore[arg-type,return-value]
+        embserve.multiplexed(lambda self, model_id: None)  # type: ignore[type-var]
     with pytest.raises(ValueError, match="max_num_models_per_replica"):
         embserve.multiplexed(max_num_models_per_replica=0)
 
