@@ -36,12 +36,14 @@ class Dispatcher:
         self.closed = False
         self.background: set[asyncio.Future[Any]] = set()
 
-    def controller(self, target: str) -> tuple[DeploymentController, list[str]]:
+    def controller(
+        self, target: str, routing_key: str | None = None
+    ) -> tuple[DeploymentController, list[str]]:
         """The deployment serving the next request to ``target``, and its shadows."""
         endpoint = self.endpoints.get(target)
         shadows: list[str] = []
         if endpoint is not None:
-            name = endpoint.pick()
+            name = endpoint.pick(routing_key)
             if endpoint.shadow:
                 shadows = endpoint.shadow_targets()
         else:
@@ -97,7 +99,7 @@ class Dispatcher:
     ) -> DeploymentController | ResponseStream:
         # The traffic policy's choice, and what depends on the deployment it chose: the HTTP
         # methods it answers, whether the request streams. Shadows get their copies here.
-        controller, shadows = self.controller(request.target)
+        controller, shadows = self.controller(request.target, request.routing_key)
         if request.http_method is not None:
             controller.check_http_method(request.http_method)
         if request.stream is None:
@@ -121,7 +123,7 @@ class Dispatcher:
         """Serve one streaming request (shadows get no copy of streams)."""
         if has_responses(request.args, request.kwargs):
             request.args, request.kwargs = await resolve_responses(request.args, request.kwargs)
-        controller, _ = self.controller(request.target)
+        controller, _ = self.controller(request.target, request.routing_key)
         async for item in controller.stream(request):
             yield item
 

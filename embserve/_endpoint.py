@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import bisect
+import hashlib
 import itertools
 import math
 import random
@@ -71,14 +72,27 @@ class Endpoint:
         """Every deployment this endpoint may send a request or a shadow copy to."""
         return set(self.traffic) | set(self.shadow)
 
-    def pick(self) -> str:
-        """The deployment that serves the next request."""
+    def pick(self, routing_key: str | None = None) -> str:
+        """The deployment that serves the next request.
+
+        A request with a routing key always goes to the same deployment while the weights
+        stay (its key hashes to a fixed point of the weight line), so a sticky session keeps
+        its version as well as its replica during a split.
+        """
         if self._single is not None:
             return self._single
-        index = bisect.bisect_right(self._cumulative, self.rng.random())
+        point = self.rng.random() if routing_key is None else _unit_hash(routing_key)
+        index = bisect.bisect_right(self._cumulative, point)
         return self._targets[min(index, len(self._targets) - 1)]
 
     def shadow_targets(self) -> list[str]:
         """The deployments that get a copy of the next request."""
         rng = self.rng
         return [name for name, share in self.shadow.items() if rng.random() < share]
+
+
+def _unit_hash(key: str) -> float:
+    # A point in [0, 1) for ``key``, the same in every process and run (BLAKE2b, not the salted
+    # built-in hash), and independent of the router's ring hash of the same key.
+    digest = hashlib.blake2b(key.encode(), digest_size=8, person=b"embserve-split").digest()
+    return int.from_bytes(digest, "big") / 2**64

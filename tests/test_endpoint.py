@@ -92,3 +92,14 @@ def test_set_traffic_splits_and_shadows_through_the_runtime() -> None:
         assert {handle.remote(i).result(timeout_s=5) for i in range(20)} == {"v2"}
         with pytest.raises(KeyError, match="not running"):
             rt.set_traffic("clf", {"nope": 1})
+
+
+@given(keys=st.lists(st.text(min_size=1, max_size=12), min_size=50, max_size=200, unique=True))
+@settings(max_examples=30, deadline=None)
+def test_a_routing_key_keeps_its_version_during_a_split(keys: list[str]) -> None:
+    endpoint = Endpoint("clf", None, {"v1": 0.5, "v2": 0.5}, rng=random.Random(0))
+    first = {key: endpoint.pick(key) for key in keys}
+    assert all(endpoint.pick(key) == version for key, version in first.items() for _ in range(3))
+    other = Endpoint("clf", None, {"v1": 0.5, "v2": 0.5}, rng=random.Random(1))
+    assert all(other.pick(key) == version for key, version in first.items())  # any process
+    assert set(first.values()) == {"v1", "v2"}  # keys are still split

@@ -76,3 +76,28 @@ def test_routing_key_and_model_id_headers() -> None:
         bad = client.get("/sticky", headers={"embserve-priority": "high"})
         assert bad.status_code == 400
         assert "embserve-priority must be an integer" in bad.json()["error"]
+
+
+@embserve.deployment
+def version_a(request: Request) -> str:
+    return "a"
+
+
+@embserve.deployment
+def version_b(request: Request) -> str:
+    return "b"
+
+
+def test_a_routing_key_keeps_one_version_during_a_split() -> None:
+    with embserve.Runtime() as rt:
+        rt.run(version_a.bind(), name="split", route_prefix="/split")
+        rt.run(version_b.bind(), name="split-b")
+        rt.set_traffic("split", {"split": 0.5, "split-b": 0.5})
+        with hypercorn_server(rt.asgi_app()) as url, httpx.Client(base_url=url) as client:
+            versions: dict[str, set[str]] = {}
+            for index in range(80):
+                key = f"user-{index % 16}"
+                answer = client.get("/split", headers={"embserve-routing-key": key}).text
+                versions.setdefault(key, set()).add(answer)
+    assert all(len(seen) == 1 for seen in versions.values()), versions
+    assert set().union(*versions.values()) == {"a", "b"}
