@@ -175,7 +175,18 @@ class DeploymentController(RequestPath):
         retried with backoff instead, requests failing at once meanwhile.
         """
         async with self.update_lock:
-            await self.scale_to(self.target_replicas, fail_fast=not keep_trying)
+            began = self.clock.now()
+            target = self.target_replicas
+            logger.info("starting %d replica(s) of %r", target, self.name)
+            await self.scale_to(target, fail_fast=not keep_trying)
+            if len(self.running) >= target:
+                logger.info(
+                    "%r ready: %d/%d in %.1f s",
+                    self.name,
+                    len(self.running),
+                    target,
+                    self.clock.now() - began,
+                )
         self._health_task = asyncio.ensure_future(self._health_loop())
         self.configure_autoscaling()
 

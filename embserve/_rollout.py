@@ -69,6 +69,14 @@ async def roll_out(
         else:
             controller.target_replicas = controller.config.initial_replicas
         controller.state = "UPDATING"
+        began = controller.clock.now()
+        logger.info(
+            "updating %r%s: %d replica(s)%s",
+            controller.name,
+            f" to version {deployment.config.version}" if deployment.config.version else "",
+            controller.target_replicas,
+            " in place" if in_place else ", one at a time",
+        )
         if in_place:
             user_config = controller.config.user_config
             if user_config != old_config.user_config:
@@ -79,6 +87,13 @@ async def roll_out(
         controller.state, controller.message = "HEALTHY", ""
         controller.failed_update = None
         controller.configure_autoscaling()
+        logger.info(
+            "%r ready: %d/%d in %.1f s",
+            controller.name,
+            len(controller.running),
+            controller.target_replicas,
+            controller.clock.now() - began,
+        )
 
 
 async def _replace_one_by_one(controller: DeploymentController, last_good: _LastGood) -> None:

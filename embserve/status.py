@@ -64,9 +64,57 @@ class RuntimeStatus:
     endpoints: Mapping[str, EndpointStatus]
 
     def to_dict(self) -> dict[str, Any]:
-        """The snapshot as plain JSON-ready data."""
+        """The snapshot as plain JSON-ready data (the machine form; ``str()`` is for people)."""
         plain: dict[str, Any] = _plain(dataclasses.asdict(self))
         return plain
+
+    def __str__(self) -> str:
+        """A table a person can read: one line per deployment and per replica (≤ 120 wide)."""
+        lines = [_fit(f"backend: {self.backend}")]
+        if not self.deployments:
+            lines.append("no deployments")
+        for name in sorted(self.deployments):
+            lines.extend(_deployment_lines(self.deployments[name]))
+        for name in sorted(self.endpoints):
+            endpoint = self.endpoints[name]
+            route = endpoint.route_prefix or "(no route)"
+            traffic = ", ".join(f"{d} {share:.0%}" for d, share in endpoint.traffic.items())
+            shadow = ", ".join(f"{d} {share:.0%}" for d, share in endpoint.shadow.items())
+            extra = f"; shadow {shadow}" if shadow else ""
+            lines.append(_fit(f"endpoint {name} {route} -> {traffic}{extra}"))
+        return "\n".join(lines)
+
+
+_WIDTH = 120
+
+
+def _fit(line: str) -> str:
+    return line if len(line) <= _WIDTH else line[: _WIDTH - 3] + "..."
+
+
+def _deployment_lines(status: DeploymentStatus) -> list[str]:
+    version = f" v{status.version}" if status.version else ""
+    queued = f", {status.queued_requests} queued" if status.queued_requests else ""
+    head = (
+        f"{status.name}{version}  {status.state}  "
+        f"{status.running_replicas}/{status.target_replicas} running{queued}"
+    )
+    if status.message:
+        head += f"  ({status.message.splitlines()[0]})"
+    lines = [_fit(head)]
+    for replica in status.replicas:
+        where = str(replica.info.get("worker", "")) if replica.info else ""
+        gpus = replica.info.get("gpu_ids") if replica.info else None
+        if gpus:
+            where += f" gpu {','.join(map(str, gpus))}"
+        row = (
+            f"  {replica.replica_id:<24} {replica.state.value:<18} {where:<28} "
+            f"{replica.ongoing_requests} in flight"
+        )
+        if replica.message:
+            row += f"  ({replica.message.splitlines()[0]})"
+        lines.append(_fit(row.rstrip()))
+    return lines
 
 
 def _plain(value: Any) -> Any:

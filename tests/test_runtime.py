@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import pickle
 import threading
 import time
@@ -512,3 +513,28 @@ def test_deleting_a_deployment_that_gets_traffic_is_refused() -> None:
         rt.delete("clf-v2")
         rt.delete("clf")  # an endpoint goes with its own deployment
         assert not rt.status().deployments
+
+
+def test_status_reads_as_a_table_and_start_up_says_when_it_is_ready(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    @embserve.deployment(num_replicas=2, version="3")
+    def table(x: int) -> int:
+        return x
+
+    with caplog.at_level(logging.INFO, "embserve"), embserve.Runtime() as rt:
+        rt.run(table.bind(), route_prefix="/table")
+        text = str(rt.status())
+    lines = text.splitlines()
+    assert lines[0] == "backend: local"
+    assert lines[1].split() == ["table", "v3", "HEALTHY", "2/2", "running"]
+    assert [line.split()[:2] for line in lines[2:4]] == [
+        ["table#0", "RUNNING"],
+        ["table#1", "RUNNING"],
+    ]
+    assert "0 in flight" in lines[2]
+    assert lines[4] == "endpoint table /table -> table 100%"
+    assert all(len(line) <= 120 for line in lines)
+    messages = [r.getMessage() for r in caplog.records]
+    assert "starting 2 replica(s) of 'table'" in messages
+    assert any(m.startswith("'table' ready: 2/2 in ") for m in messages)
