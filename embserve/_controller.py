@@ -316,6 +316,7 @@ class DeploymentController(RequestPath):
                 continue
             attempt, delay = 0, 0.1
             self.unavailable = None
+            self.metrics.restarts += 1
             self.route_to([*self.running, replica])
         if not self._stopping:
             self.state, self.message = "HEALTHY", ""

@@ -115,6 +115,7 @@ class Dispatcher:
             shadow = self.controllers.get(name)
             if shadow is None:
                 continue
+            shadow.metrics.shadow_requests += 1
             copy = shadow.start(request.copy())
             self.background.add(copy)
             copy.add_done_callback(functools.partial(self._done, f"a shadow request to {name!r}"))

@@ -16,12 +16,15 @@ import inspect
 import logging
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import Future, ThreadPoolExecutor
+from time import perf_counter
 from typing import Any
 
 from embserve._loop import running_loop
-from embserve.batching import close_batchers
+from embserve.batching import batch_sizes, close_batchers
 from embserve.context import ReplicaContext, reset_replica_context, set_replica_context
 from embserve.errors import DeploymentFailedError, attach_traceback, format_traceback
+from embserve.metrics import Histogram, ReplicaStats
+from embserve.multiplex import model_loads
 from embserve.replica import ReplicaSpec
 from embserve.request import Request, reset_current_request, set_current_request
 
@@ -90,6 +93,7 @@ class ReplicaHost:
         self._instance: Any = None
         self._methods: dict[str, tuple[Callable[..., Any], _Kind]] = {}
         self._in_threads: set[Future[Any]] = set()
+        self._execution: dict[str, Histogram] = {}
 
     async def start(self) -> None:
         """Construct the user object and apply ``user_config``.
@@ -153,6 +157,7 @@ class ReplicaHost:
             args = _materialize(args)
         token = set_replica_context(self.context)
         current = set_current_request(request)
+        began = perf_counter()
         try:
             if kind is _Kind.ASYNC:
                 return await fn(*args, **request.kwargs)
@@ -168,8 +173,21 @@ class ReplicaHost:
             attach_traceback(exc)
             raise
         finally:
+            execution = self._execution.get(method)
+            if execution is None:
+                execution = self._execution[method] = Histogram()
+            execution.observe(perf_counter() - began)
             reset_current_request(current)
             reset_replica_context(token)
+
+    def stats(self) -> ReplicaStats:
+        """What this replica measured: execution times, batch sizes, model loads."""
+        replica_id = self.spec.replica_id
+        return ReplicaStats(
+            execution={m: (list(h.counts), h.sum) for m, h in self._execution.items()},
+            batch_sizes=batch_sizes(replica_id),
+            model_loads=model_loads(replica_id),
+        )
 
     async def stream(self, request: Request) -> AsyncIterator[Any]:
         """Run a generator method, yielding its items; sync generators step in the thread pool."""

@@ -14,17 +14,20 @@ import asyncio
 import inspect
 import sys
 from collections.abc import AsyncIterator, Awaitable, Callable
+from time import perf_counter
 from typing import Any
 
 from embserve._loop import start_task
 from embserve.clock import Clock
 from embserve.deployment import Deployment, DeploymentConfig
 from embserve.errors import (
+    BackPressureError,
     DeploymentUnavailableError,
     MethodNotAllowedError,
     ReplicaDiedError,
     RequestTimeoutError,
 )
+from embserve.metrics import DeploymentMetrics
 from embserve.replica import Replica
 from embserve.request import Request
 from embserve.router import Lease, Router
@@ -53,6 +56,8 @@ class RequestPath:
     unavailable: str | None
 
     def __init__(self, deployment: Deployment) -> None:
+        #: What the runtime measured of this deployment's requests.
+        self.metrics = DeploymentMetrics()
         self._streams: dict[str, bool] = {}
         self._http_methods = http_methods_of(deployment.target)
 
@@ -92,14 +97,15 @@ class RequestPath:
         first step run at once.
         """
         loop = asyncio.get_running_loop()
+        began = perf_counter()
         if self._watched(request):
-            return start_task(loop, self._serve(request))
+            return start_task(loop, self._serve(request, began))
         lease = self.router.try_assign(request)
         if lease is None:
-            return start_task(loop, self._attempts(request))
-        sent = self._send(request, lease, loop)
+            return start_task(loop, self._attempts(request, None, began))
+        sent = self._send(request, lease, loop, began)
         if sent is None:
-            return start_task(loop, self._attempts(request, lease))
+            return start_task(loop, self._attempts(request, lease, began))
         return sent
 
     def serve(self, request: Request) -> Awaitable[Any]:
@@ -110,14 +116,15 @@ class RequestPath:
         it). What a caller on the runtime's loop uses (the ASGI adapter); cancelling the caller
         cancels the request.
         """
+        began = perf_counter()
         if self._watched(request):
-            return self._serve(request)
+            return self._serve(request, began)
         lease = self.router.try_assign(request)
         if lease is not None:
-            sent = self._send(request, lease, asyncio.get_running_loop())
+            sent = self._send(request, lease, asyncio.get_running_loop(), began)
             if sent is not None:
                 return sent
-        return self._attempts(request, lease)
+        return self._attempts(request, lease, began)
 
     def _watched(self, request: Request) -> bool:
         # Sets the request's deadline; true when something must watch the request (a deadline,
@@ -133,7 +140,7 @@ class RequestPath:
         )
 
     def _send(
-        self, request: Request, lease: Lease, loop: asyncio.AbstractEventLoop
+        self, request: Request, lease: Lease, loop: asyncio.AbstractEventLoop, began: float
     ) -> _Sent | None:
         # The fast path: the replica's answer settles the future and releases the lease.
         replica = lease.replica
@@ -144,14 +151,22 @@ class RequestPath:
         withdraw = replica.send(request, future)
         if withdraw is None:
             return None
-        future.sent(lease, withdraw)
+        future.sent(lease, withdraw, self.metrics, began)
         return future
 
-    async def _serve(self, request: Request) -> Any:
+    async def _serve(self, request: Request, began: float) -> Any:
         if request.deadline is None:
-            return await self._attempts(request)
+            return await self._attempts(request, None, began)
         left = request.deadline - self.clock.now()
-        return await with_timeout(self.clock, self._attempts(request), left, self._timed_out)
+        try:
+            result = await with_timeout(
+                self.clock, self._attempts(request, None, None), left, self._timed_out
+            )
+        except BaseException as exc:
+            self.metrics.finished(outcome_of(exc), perf_counter() - began)
+            raise
+        self.metrics.finished("ok", perf_counter() - began)
+        return result
 
     def _timed_out(self) -> RequestTimeoutError:
         return _timed_out(self.name, self.config)
@@ -167,53 +182,74 @@ class RequestPath:
         if lease is None:
             if not self.running:
                 self.wake()
+            waited = perf_counter()
             lease = await router.assign(request)
+            self.metrics.queue_wait.observe(perf_counter() - waited)
         request.lease = lease
         return lease
 
-    async def _attempts(self, request: Request, lease: Lease | None = None) -> Any:
-        # ``lease``: one the router already gave this request.
+    async def _attempts(self, request: Request, lease: Lease | None, began: float | None) -> Any:
+        # ``lease``: one the router already gave this request. ``began``: when the request
+        # started, for its metrics (None: the caller counts it).
         retries = unstarted = 0
-        while True:
-            if lease is None:
-                lease = await self._lease(request)
-            replica = lease.replica
-            try:
-                return await replica.call(request)
-            except ReplicaDiedError as exc:
-                if exc.started:
-                    if retries >= self.config.max_retries:
-                        raise
-                    retries += 1
+        try:
+            while True:
+                if lease is None:
+                    lease = await self._lease(request)
+                replica = lease.replica
+                try:
+                    result = await replica.call(request)
+                except ReplicaDiedError as exc:
+                    if exc.started:
+                        if retries >= self.config.max_retries:
+                            raise
+                        retries += 1
+                    else:
+                        unstarted += 1
+                        if unstarted > _MAX_UNSTARTED_RETRIES:
+                            raise
+                        self.replica_died(replica, str(exc))
                 else:
-                    unstarted += 1
-                    if unstarted > _MAX_UNSTARTED_RETRIES:
-                        raise
-                    self.replica_died(replica, str(exc))
-            finally:
-                lease.release()
-                request.lease = lease = None
+                    if began is not None:
+                        self.metrics.finished("ok", perf_counter() - began)
+                    return result
+                finally:
+                    lease.release()
+                    request.lease = lease = None
+        except BaseException as exc:
+            if began is not None:
+                self.metrics.finished(outcome_of(exc), perf_counter() - began)
+            raise
 
     async def stream(self, request: Request) -> AsyncIterator[Any]:
         """Serve one streaming request; retried only until its first item."""
         unstarted = 0
-        while True:
-            lease = await self._lease(request)
-            replica = lease.replica
-            first = True
-            try:
-                async for item in replica.stream(request):
-                    first = False
-                    yield item
-                return
-            except ReplicaDiedError as exc:
-                if not first or exc.started or unstarted >= _MAX_UNSTARTED_RETRIES:
-                    raise
-                unstarted += 1
-                self.replica_died(replica, str(exc))
-            finally:
-                lease.release()
-                request.lease = None
+        began = perf_counter()
+        outcome = "cancelled"  # a consumer that stops reading closes the stream
+        try:
+            while True:
+                lease = await self._lease(request)
+                replica = lease.replica
+                first = True
+                try:
+                    async for item in replica.stream(request):
+                        first = False
+                        yield item
+                    outcome = "ok"
+                    return
+                except ReplicaDiedError as exc:
+                    if not first or exc.started or unstarted >= _MAX_UNSTARTED_RETRIES:
+                        raise
+                    unstarted += 1
+                    self.replica_died(replica, str(exc))
+                finally:
+                    lease.release()
+                    request.lease = None
+        except Exception as exc:
+            outcome = outcome_of(exc)
+            raise
+        finally:
+            self.metrics.finished(outcome, perf_counter() - began)
 
 
 class _Sent(asyncio.Future):  # type: ignore[type-arg]
@@ -221,25 +257,37 @@ class _Sent(asyncio.Future):  # type: ignore[type-arg]
     # and releases the lease at once, with no callback left for a later loop turn; cancelling it
     # withdraws the request (the replica may hold the lease until its work really ended).
 
-    __slots__ = ("_lease", "_withdraw")
+    __slots__ = ("_began", "_lease", "_metrics", "_withdraw")
 
-    def sent(self, lease: Lease, withdraw: Callable[[], None]) -> None:
+    def sent(
+        self,
+        lease: Lease,
+        withdraw: Callable[[], None],
+        metrics: DeploymentMetrics,
+        began: float,
+    ) -> None:
         self._lease = lease
         self._withdraw = withdraw
+        self._metrics = metrics
+        self._began = began
 
     def set_result(self, result: Any) -> None:
         super().set_result(result)
         self._lease.release()
+        self._metrics.finished("ok", perf_counter() - self._began)
 
     def set_exception(self, exception: type | BaseException) -> None:
         super().set_exception(exception)
         self._lease.release()
+        error = exception if isinstance(exception, BaseException) else exception()
+        self._metrics.finished(outcome_of(error), perf_counter() - self._began)
 
     def cancel(self, msg: Any = None) -> bool:
         if not super().cancel(msg):
             return False
         self._withdraw()
         self._lease.release()
+        self._metrics.finished("cancelled", perf_counter() - self._began)
         return True
 
 
@@ -288,6 +336,17 @@ def _timed_out(name: str, config: DeploymentConfig) -> RequestTimeoutError:
             f"request_timeout_s={config.request_timeout_s}"
         )
     return RequestTimeoutError(f"request to {name!r} did not finish before its deadline")
+
+
+def outcome_of(error: BaseException) -> str:
+    """How a request that raised ``error`` ended, as ``embserve_requests`` counts it."""
+    if isinstance(error, asyncio.CancelledError):
+        return "cancelled"
+    if isinstance(error, RequestTimeoutError):
+        return "timeout"
+    if isinstance(error, (BackPressureError, DeploymentUnavailableError)):
+        return "rejected"
+    return "error"
 
 
 def is_generator_method(target: Any, method: str) -> bool:

@@ -51,6 +51,7 @@ __all__ = [
     "FixedPolicy",
     "batch",
     "batch_capacity",
+    "batch_sizes",
     "close_batchers",
     "live_batchers",
 ]
@@ -114,6 +115,19 @@ def close_batchers(replica_id: str) -> list[asyncio.Future[None]]:
     if not batchers:
         return []
     return [asyncio.ensure_future(b.close()) for b in list(batchers) if not b.closed]
+
+
+def batch_sizes(replica_id: str) -> dict[str, dict[int, int]]:
+    """How many batches of each size the batchers of replica ``replica_id`` ran, by method."""
+    sizes: dict[str, dict[int, int]] = {}
+    for batcher in list(_replica_batchers.get(replica_id, ())):
+        metrics = getattr(batcher, "metrics", None)
+        if isinstance(metrics, BatchMetrics):
+            name = getattr(batcher, "name", "batched").rsplit(".", 1)[-1]
+            merged = sizes.setdefault(name, {})
+            for size, count in metrics.batch_sizes.items():
+                merged[size] = merged.get(size, 0) + count
+    return sizes
 
 
 def _keep_replica_batcher(replica_id: str, batcher: Batcher[Any, Any]) -> None:

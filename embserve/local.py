@@ -16,6 +16,7 @@ from embserve._host import ReplicaHost
 from embserve.backends import Backend
 from embserve.context import ReplicaContext
 from embserve.errors import ReplicaDiedError
+from embserve.metrics import ReplicaStats
 from embserve.replica import Replica, ReplicaSpec, ReplicaState
 from embserve.request import Request
 from embserve.resources import ResourcePool, acquire, build_pool
@@ -68,6 +69,9 @@ class LocalReplica(Replica):
         self._check_alive()
         async for item in self.host.stream(request):
             yield item
+
+    async def stats(self) -> ReplicaStats | None:
+        return self.host.stats()
 
     async def check_health(self) -> None:
         self._check_alive()

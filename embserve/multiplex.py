@@ -21,15 +21,33 @@ from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Iterator
 from typing import Any, TypeVar, overload
 
+from embserve.context import get_replica_context
 from embserve.request import current_request
 
-__all__ = ["get_multiplexed_model_id", "max_models_of", "multiplexed"]
+__all__ = ["get_multiplexed_model_id", "max_models_of", "model_loads", "multiplexed"]
 
 logger = logging.getLogger("embserve.multiplex")
 
 DEFAULT_MAX_MODELS_PER_REPLICA = 3
 
 Loader = TypeVar("Loader", bound=Callable[..., Awaitable[Any]])
+
+
+# Models loaded, by replica id (what the replica's metrics report as embserve_model_loads).
+_loads: dict[str, int] = {}
+
+
+def model_loads(replica_id: str) -> int:
+    """How many models replica ``replica_id`` has loaded."""
+    return _loads.get(replica_id, 0)
+
+
+def _count_load() -> None:
+    try:
+        replica_id = get_replica_context().replica_id
+    except RuntimeError:
+        replica_id = ""
+    _loads[replica_id] = _loads.get(replica_id, 0) + 1
 
 
 def get_multiplexed_model_id() -> str:
@@ -135,6 +153,7 @@ async def _load(
         model = await load(owner, model_id)
     finally:
         del cache.loading[model_id]
+    _count_load()
     models = cache.models
     models[model_id] = model
     while len(models) > cache.limit:

@@ -15,6 +15,7 @@ from collections.abc import AsyncIterator, Callable, Mapping
 from typing import Any
 
 from embserve.deployment import DeploymentConfig
+from embserve.metrics import ReplicaStats
 from embserve.request import Request
 
 __all__ = ["Replica", "ReplicaSpec", "ReplicaState", "Request"]
@@ -94,6 +95,11 @@ class Replica(ABC):
     @abstractmethod
     def stream(self, request: Request) -> AsyncIterator[Any]:
         """Run a generator method and yield its items as they come."""
+
+    async def stats(self) -> ReplicaStats | None:
+        """What the replica measured itself (execution times, batch sizes, model loads), or
+        None when it cannot say (the default)."""
+        return None
 
     @abstractmethod
     async def check_health(self) -> None:

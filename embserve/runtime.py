@@ -25,6 +25,7 @@ from embserve.clock import Clock, LoopClock
 from embserve.deployment import Application, Deployment
 from embserve.errors import DeploymentTimeoutError, EmbserveError
 from embserve.handle import Handle, register_submitter, unregister_submitter
+from embserve.metrics import ReplicaStats, exposition
 from embserve.replica import Replica
 from embserve.request import Request
 from embserve.response import Response, ResponseStream, start_threadsafe
@@ -33,6 +34,8 @@ from embserve.status import EndpointStatus, RuntimeStatus
 __all__ = ["Runtime"]
 
 logger = logging.getLogger("embserve.runtime")
+# How long a metrics scrape waits for one replica's own figures.
+_STATS_TIMEOUT_S = 2.0
 T = TypeVar("T")
 
 
@@ -436,6 +439,39 @@ class Runtime:
                 for name, e in list(self._endpoints.items())
             },
         )
+
+    def metrics(self) -> str:
+        """This runtime's metrics in the Prometheus text format (what ``/-/metrics`` serves).
+
+        Families: ``embserve_requests`` (by outcome), ``embserve_request_duration_seconds``,
+        ``embserve_queue_wait_seconds``, ``embserve_execution_seconds``,
+        ``embserve_ongoing_requests``, ``embserve_queued_requests``, ``embserve_replicas`` (by
+        state), ``embserve_batch_size``, ``embserve_shadow_requests``,
+        ``embserve_replica_restarts``, ``embserve_model_loads``. Needs ``prometheus-client``.
+        """
+        return self._blocking(self.metrics_async())
+
+    async def metrics_async(self) -> str:
+        """The awaitable twin of :meth:`metrics`."""
+        await self._ensure_started_async()
+        controllers = list(self._controllers.values())
+        replicas = [(c.name, r) for c in controllers for r in c.running]
+
+        async def stats_of(replica: Replica) -> ReplicaStats | None:
+            try:
+                return await asyncio.wait_for(replica.stats(), _STATS_TIMEOUT_S)
+            except Exception:  # a replica that cannot answer now is left out of this scrape
+                logger.debug("no stats from replica %s", replica.replica_id, exc_info=True)
+                return None
+
+        answers = await asyncio.gather(*(stats_of(r) for _, r in replicas))
+        per_replica = {
+            (deployment, replica.replica_id): stats
+            for (deployment, replica), stats in zip(replicas, answers, strict=True)
+            if stats is not None
+        }
+        text = exposition(self.status(), {c.name: c.metrics for c in controllers}, per_replica)
+        return text.decode()
 
     def routes(self) -> dict[str, str]:
         """The HTTP routes: route prefix → endpoint name. Safe from any thread.
