@@ -75,7 +75,9 @@ def connect(request: pytest.FixtureRequest) -> Iterator[Connect]:
             DeploymentConfig(max_ongoing_requests=8, **options),
             runtime_id=RUNTIME_ID,
         )
-        server = ReplicaServer(replica_end, worker="test-worker", info={"where": "here"})
+        server = ReplicaServer(
+            replica_end, worker="test-worker", info={"where": "here"}, gpu_ids=("7",)
+        )
         serving: Awaitable[None]
         if thread is not None:
             serving = asyncio.wrap_future(

@@ -94,10 +94,11 @@ class Model:
         a += 1  # arrays arrive writable, in memory of their own
         return a
 
-    def context(self) -> tuple[str, str | None, str, Any]:
+    def context(self) -> tuple[str, str | None, str, Any, tuple[str, ...]]:
         request = embserve.get_request_context()
         replica = embserve.get_replica_context()
-        return request.request_id, request.routing_key, replica.worker, replica.extra["where"]
+        where = replica.extra["where"]
+        return request.request_id, request.routing_key, replica.worker, where, replica.gpu_ids
 
     async def count(self, n: int) -> AsyncIterator[int]:
         try:
