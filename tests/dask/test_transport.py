@@ -101,6 +101,20 @@ async def test_arrays_travel_as_frames_of_their_own_without_a_copy(ends: _Ends) 
     assert value.flags.writeable and not np.shares_memory(value, array)
 
 
+async def test_a_write_that_waits_keeps_the_order_of_what_is_sent_after_it(ends: _Ends) -> None:
+    # distributed serializes a message over 10 MiB in a thread: the write waits for it.
+    array = np.ones(3_000_000, dtype=np.float64)  # 24 MB
+    ends.sender.send(10, 1, encode(array))
+    if ends.sender.comm.peer_address.startswith("tcp://"):
+        assert ends.sender._writing  # still under way (an in-process comm does not serialize)
+    for ident in range(2, 10):
+        ends.sender.send(10, ident, encode(ident))
+    await eventually(lambda: len(ends.received) == 9)
+    assert [ident for _, ident, _ in ends.received] == list(range(1, 10))
+    np.testing.assert_array_equal(decode(ends.received[0][2]), array)
+    assert len(ends.writes) == 2  # the large one, then what waited behind it, together
+
+
 async def test_the_end_of_the_comm_is_reported_once_and_later_sends_do_nothing(
     ends: _Ends,
 ) -> None:
