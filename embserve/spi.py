@@ -14,9 +14,13 @@ inside without breaking it:
 - replicas in other processes: the remote-replica protocol over a :class:`Transport` — the
   runtime's side is :class:`RemoteReplica`, the replica's side :class:`ReplicaServer`, with
   :class:`SocketTransport` for a connected socket and :func:`memory_pair` for tests; a backend
-  brings its own transport for anything else (see the Dask backend's comm transport);
+  brings its own transport for anything else (see the Dask backend's comm transport), called
+  back through :data:`OnMessage` and :data:`OnClosed`;
 - the codecs a transport carries: :func:`encode` and :func:`decode` (pickle protocol 5, numpy
-  buffers out of band), :data:`Frame`.
+  buffers out of band), :data:`Frame`;
+- :func:`spawn_task`: run a coroutine's first step at once, as a task only if it waits (what
+  a transport whose writes are coroutines needs to keep :meth:`Transport.send` synchronous and
+  cheap).
 
 A third-party backend registers its class in the ``embserve.backends`` entry-point group.
 """
@@ -24,6 +28,7 @@ A third-party backend registers its class in the ``embserve.backends`` entry-poi
 from __future__ import annotations
 
 from embserve._host import ReplicaHost
+from embserve._loop import spawn_task
 from embserve._remote import (
     STREAM_WINDOW,
     MemoryTransport,
@@ -35,6 +40,7 @@ from embserve._remote import (
     memory_pair,
 )
 from embserve._remote.codec import Frame, decode, encode
+from embserve._remote.transport import OnClosed, OnMessage
 from embserve.backends import Backend, ReplicaDied
 from embserve.context import ReplicaContext
 from embserve.replica import Replica, ReplicaSpec, ReplicaState
@@ -47,6 +53,8 @@ __all__ = [
     "Backend",
     "Frame",
     "MemoryTransport",
+    "OnClosed",
+    "OnMessage",
     "RemoteReplica",
     "Replica",
     "ReplicaContext",
@@ -65,4 +73,5 @@ __all__ = [
     "encode",
     "encode_start",
     "memory_pair",
+    "spawn_task",
 ]

@@ -25,6 +25,7 @@ from embserve._remote.messages import (
     ENDED,
     HEALTH,
     MORE,
+    NOTICE,
     OK,
     RECONFIGURE,
     START,
@@ -118,6 +119,7 @@ class RemoteReplica(Replica):
             SUB_MORE: forwarder.more,
             STARTED: self._on_started,
             START_FAILED: self._on_start_failed,
+            NOTICE: self._on_notice,
         }
         transport.start(self._on_message, self._on_closed)
 
@@ -217,6 +219,21 @@ class RemoteReplica(Replica):
                 f"{type(error).__name__}: {error}"
             )
         self._started.set_exception(failure)
+
+    def _on_notice(self, ident: int, frames: list[Frame]) -> None:
+        try:
+            value = decode(frames)
+        except Exception:  # a notice this process cannot read: the replica itself is fine
+            logger.exception("replica %s sent a notice that cannot be read", self.replica_id)
+            return
+        self.on_notice(value)
+
+    def on_notice(self, value: Any) -> None:
+        """The replica's side sent ``value`` unasked (``NOTICE``; see
+        :meth:`ReplicaServer.notify <embserve._remote.server.ReplicaServer.notify>`). Ignored by
+        default; a backend whose replicas say things of their own (a Dask worker closing)
+        overrides this. Runs on the runtime's loop, in the order the notices were sent."""
+        logger.debug("replica %s sent a notice: %r", self.replica_id, value)
 
     def _on_closed(self, reason: str) -> None:
         if not self._closed.done():

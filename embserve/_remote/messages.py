@@ -24,8 +24,12 @@ Caller → replica:
 - ``SUB_OK`` / ``SUB_ERR`` / ``SUB_ITEM`` / ``SUB_END``: the answers to the replica's submits.
 
 Replica → caller: ``STARTED``, ``START_FAILED``, ``OK``, ``ERR``, ``ITEM``, ``END``,
-``ENDED``; and ``SUBMIT`` / ``SUBMIT_STREAM`` (a handle call made inside the replica: its target
-and wire form), ``SUB_CANCEL`` and ``SUB_MORE`` (the same credit window, the other way).
+``ENDED``; ``SUBMIT`` / ``SUBMIT_STREAM`` (a handle call made inside the replica: its target
+and wire form), ``SUB_CANCEL`` and ``SUB_MORE`` (the same credit window, the other way); and
+``NOTICE`` (ident 0): something the replica's side tells its caller unasked (a value, no
+answer), which the caller hands to :meth:`RemoteReplica.on_notice
+<embserve._remote.caller.RemoteReplica.on_notice>`, e.g. that the machine it runs on is
+closing.
 """
 
 from __future__ import annotations
@@ -54,6 +58,7 @@ SUB_OK = 19
 SUB_ERR = 20
 SUB_ITEM = 21
 SUB_END = 22
+NOTICE = 23
 
 #: Each kind's name, by code (for logs).
 NAMES = (
@@ -80,6 +85,7 @@ NAMES = (
     "sub_err",
     "sub_item",
     "sub_end",
+    "notice",
 )
 
 #: Items a stream may send ahead of what its reader took; the reader grants more as it reads

@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import functools
-from collections.abc import Callable, Coroutine, Mapping
+from collections.abc import Callable, Coroutine, Mapping, Sequence
 from typing import Any
 
 from embserve._host import ReplicaHost
@@ -29,6 +29,7 @@ from embserve._remote.messages import (
     HEALTH,
     ITEM,
     MORE,
+    NOTICE,
     OK,
     RECONFIGURE,
     START,
@@ -62,14 +63,22 @@ class ReplicaServer:
             (``context.worker``), e.g. a process id or a worker address.
         info: what the replica tells the caller about itself once started (``STARTED``),
             added to its context's ``extra`` too.
+        gpu_ids: the GPUs this process sees, for its context's ``gpu_ids``, when this side
+            knows them better than the caller does (None: the caller's context says).
     """
 
     def __init__(
-        self, transport: Transport, *, worker: str = "", info: Mapping[str, Any] | None = None
+        self,
+        transport: Transport,
+        *,
+        worker: str = "",
+        info: Mapping[str, Any] | None = None,
+        gpu_ids: Sequence[str] | None = None,
     ) -> None:
         self._transport = transport
         self._worker = worker
         self._info = dict(info or {})
+        self._gpu_ids = None if gpu_ids is None else tuple(gpu_ids)
         self.host: ReplicaHost | None = None
         # Requests whose task is running: the task, and its request (health checks have none).
         self._work: dict[int, tuple[asyncio.Future[None], Request | None]] = {}
@@ -113,6 +122,13 @@ class ReplicaServer:
             if self._runtime_id and find_submitter(self._runtime_id) is submitter:
                 unregister_submitter(self._runtime_id)
 
+    def notify(self, value: Any) -> None:
+        """Tell the caller ``value`` unasked (``NOTICE``; its
+        :meth:`~embserve._remote.caller.RemoteReplica.on_notice` gets it), e.g. that the
+        machine this replica runs on is closing. Runs on the server's loop; does nothing once
+        the connection is closed. Raises what pickling ``value`` raises."""
+        self._transport.send(NOTICE, 0, encode(value))
+
     def stop(self) -> None:
         """Stop serving (the caller asked, or it is gone)."""
         if self._done is not None and not self._done.done():
@@ -143,6 +159,7 @@ class ReplicaServer:
             context = dataclasses.replace(
                 context,
                 worker=self._worker or context.worker,
+                gpu_ids=context.gpu_ids if self._gpu_ids is None else self._gpu_ids,
                 extra={**context.extra, **self._info},
             )
             if spec.runtime_id:

@@ -107,7 +107,7 @@ def test_replicas_serve_over_tls(tls_cluster: Any) -> None:
         workers = {handle.where.remote().result(timeout_s=10) for _ in range(10)}
         assert workers and all(w.startswith("tls://") for w in workers)
         replica = rt._controllers["double"].running[0]
-        assert replica.peer.comm.peer_address.startswith("tls://")
+        assert replica._transport.comm.peer_address.startswith("tls://")
 
 
 def test_a_plain_tcp_connection_is_refused(tls_cluster: Any) -> None:

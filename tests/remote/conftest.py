@@ -1,7 +1,8 @@
 """Fixtures of the remote-protocol tests: a caller and a replica server over each transport.
 
 Every test runs a RemoteReplica against a ReplicaServer over an in-memory pair on one loop, an
-in-memory pair across two loops in two threads, and a real socket pair.
+in-memory pair across two loops in two threads, a real socket pair, and the Dask backend's comm
+transport over an in-process ``distributed.comm`` pair (``inproc://``) and a loopback TCP one.
 """
 
 from __future__ import annotations
@@ -12,6 +13,11 @@ import socket
 from collections.abc import AsyncIterator, Awaitable, Iterator
 from typing import Any
 
+# Before the user code in tests.remote.parts is defined: importing distributed installs tblib's
+# pickling of every exception class that exists then (rebuilding even those whose constructor
+# wants other arguments), and the suite's Unrebuildable must stay a class it does not know,
+# whichever tests ran in this process before.
+import distributed  # noqa: F401
 import pytest
 
 from embserve._loop import LoopThread
@@ -32,6 +38,7 @@ from tests.remote.parts import (
     Ends,
     FakeRuntime,
     Model,
+    comm_pair,
     state,
 )
 
@@ -44,7 +51,7 @@ def fresh_state() -> Iterator[None]:
     state.release.set()
 
 
-@pytest.fixture(params=["memory", "memory-threads", "socket"])
+@pytest.fixture(params=["memory", "memory-threads", "socket", "dask-inproc", "dask-tcp"])
 def connect(request: pytest.FixtureRequest) -> Iterator[Connect]:
     """Connects a RemoteReplica of ``target`` to a ReplicaServer over the transport under test."""
     kind = request.param
@@ -64,6 +71,12 @@ def connect(request: pytest.FixtureRequest) -> Iterator[Connect]:
         if kind == "socket":
             here, there = socket.socketpair()
             caller_end, replica_end = SocketTransport(here), SocketTransport(there)
+        elif kind.startswith("dask-"):
+            from embserve_dask._transport import CommTransport
+
+            address = "inproc://" if kind == "dask-inproc" else "tcp://127.0.0.1:0"
+            here_comm, there_comm = await comm_pair(address)
+            caller_end, replica_end = CommTransport(here_comm), CommTransport(there_comm)
         else:
             caller_end, replica_end = memory_pair(loop, replica_loop)
         spec = ReplicaSpec(
@@ -75,7 +88,9 @@ def connect(request: pytest.FixtureRequest) -> Iterator[Connect]:
             DeploymentConfig(max_ongoing_requests=8, **options),
             runtime_id=RUNTIME_ID,
         )
-        server = ReplicaServer(replica_end, worker="test-worker", info={"where": "here"})
+        server = ReplicaServer(
+            replica_end, worker="test-worker", info={"where": "here"}, gpu_ids=("7",)
+        )
         serving: Awaitable[None]
         if thread is not None:
             serving = asyncio.wrap_future(

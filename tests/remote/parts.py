@@ -94,10 +94,11 @@ class Model:
         a += 1  # arrays arrive writable, in memory of their own
         return a
 
-    def context(self) -> tuple[str, str | None, str, Any]:
+    def context(self) -> tuple[str, str | None, str, Any, tuple[str, ...]]:
         request = embserve.get_request_context()
         replica = embserve.get_replica_context()
-        return request.request_id, request.routing_key, replica.worker, replica.extra["where"]
+        where = replica.extra["where"]
+        return request.request_id, request.routing_key, replica.worker, where, replica.gpu_ids
 
     async def count(self, n: int) -> AsyncIterator[int]:
         try:
@@ -253,3 +254,24 @@ def spy(transport: Transport) -> list[tuple[int, list[Frame]]]:
 def call(method: str, *args: Any, **fields: Any) -> Request:
     """A request for ``method`` of the deployment under test."""
     return Request("model", method, args, {}, fields.pop("request_id", "req-1"), **fields)
+
+
+async def comm_pair(address: str) -> tuple[Any, Any]:
+    """Both ends of one ``distributed.comm`` connection, handshakes done, on the running loop:
+    the one that connected to a listener on ``address``, and the one it accepted."""
+    from distributed.comm import core as comm_core
+
+    listen: Any = comm_core.listen
+    connect: Any = comm_core.connect
+    accepted: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+
+    async def on_comm(comm: Any) -> None:
+        accepted.set_result(comm)
+
+    listener = listen(address, on_comm, deserialize=True)
+    await listener.start()
+    try:
+        connected = await connect(listener.contact_address, timeout=10)
+        return connected, await asyncio.wait_for(accepted, 10)
+    finally:
+        listener.stop()

@@ -42,7 +42,9 @@ async def test_start_reports_the_replica_and_calls_return_results(connect: Conne
 async def test_the_request_context_reaches_user_code(connect: Connect) -> None:
     async with connect() as ends:
         request = call("context", request_id="abc-123", routing_key="user-7")
-        assert await ends.replica.call(request) == ("abc-123", "user-7", "test-worker", "here")
+        # Where it runs, as the replica's side says: its worker, its info, the GPUs it sees.
+        context = await ends.replica.call(request)
+        assert context == ("abc-123", "user-7", "test-worker", "here", ("7",))
 
 
 async def test_health_checks_and_reconfigure(connect: Connect) -> None:
@@ -131,3 +133,20 @@ async def test_withdrawing_a_sent_call_cancels_it(connect: Connect) -> None:
         await eventually(lambda: state.cancelled == 1)
         assert not future.done()  # the caller that withdrew it cancels it itself
         await eventually(lambda: not ends.replica._pending.calls)  # type: ignore[union-attr]
+
+
+# -- notices -------------------------------------------------------------------------------
+
+
+async def test_notices_from_the_replica_side_reach_the_callers_hook(connect: Connect) -> None:
+    async with connect() as ends:
+        # Ignored by default: the replica goes on serving.
+        ends.replica_loop.call_soon_threadsafe(ends.server.notify, "unheard")
+        assert await ends.replica.call(call("add", 1, 1)) == 2
+        notices: list[object] = []
+        ends.replica.on_notice = notices.append  # type: ignore[method-assign,assignment]
+        for notice in ({"draining": True}, "second"):
+            ends.replica_loop.call_soon_threadsafe(ends.server.notify, notice)
+        await eventually(lambda: len(notices) == 2)
+        assert notices == [{"draining": True}, "second"]  # in order, as values
+        assert await ends.replica.call(call("add", 2, 2)) == 4

@@ -53,11 +53,13 @@ _lock = threading.Lock()
 _supervisors: dict[str, set[_Supervisor]] = {}  # worker address -> replicas running there
 
 
-def serve_replica(spec: bytes, replica_id: str, topic: str, devices: Sequence[str]) -> str:
+def serve_replica(replica_id: str, topic: str, devices: Sequence[str]) -> str:
     """The Dask task of one replica: runs until the replica's process exits.
 
+    The replica's spec does not pass through the task (nor the scheduler): the runtime sends it
+    straight to the replica's process once connected, which unpickles it there.
+
     Args:
-        spec: the pickled :class:`~embserve.replica.ReplicaSpec`, unpickled only in the child.
         replica_id: the replica's id.
         topic: the Dask event topic the runtime listens on for the replica's address.
         devices: the positions, among this worker's GPUs, of the GPUs the replica holds.
@@ -71,7 +73,7 @@ def serve_replica(spec: bytes, replica_id: str, topic: str, devices: Sequence[st
     with _lock:
         _supervisors.setdefault(worker.address, set()).add(supervisor)
     try:
-        supervisor.run(spec, devices)
+        supervisor.run(devices)
     finally:
         with _lock:
             _supervisors.get(worker.address, set()).discard(supervisor)
@@ -143,7 +145,7 @@ class _Supervisor:
         self._pending: list[tuple[Any, ...]] = []  # notices sent before the child started
         self._announced = False
 
-    def run(self, spec: bytes, devices: Sequence[str]) -> None:
+    def run(self, devices: Sequence[str]) -> None:
         """Start the child, announce its address, and wait for it to exit (this thread)."""
         worker = self.worker
         total = {k: float(v) for k, v in worker.state.total_resources.items()}
@@ -172,7 +174,6 @@ class _Supervisor:
         pipe = Connection(ours.detach())
         settings = {
             "replica_id": self.replica_id,
-            "spec": spec,
             "listen": _listen_address(worker.address),
             "security": worker.security,
             "worker": worker.address,

@@ -22,14 +22,19 @@ import uuid
 from collections.abc import Mapping
 from typing import Any, ClassVar
 
-import cloudpickle
 from distributed.comm import core as comm_core
 
-from embserve.backends import Backend
-from embserve.errors import DeploymentFailedError, EmbserveError, ReplicaDiedError
-from embserve.replica import Replica, ReplicaSpec
-from embserve.resources import Allocation, ResourcePool
-from embserve_dask._protocol import Peer, pack
+from embserve.errors import DeploymentFailedError
+from embserve.spi import (
+    Allocation,
+    Backend,
+    Replica,
+    ReplicaContext,
+    ReplicaSpec,
+    ResourcePool,
+    encode_start,
+)
+from embserve_dask._transport import CommTransport
 from embserve_dask._worker import serve_replica
 from embserve_dask.replica import DaskReplica
 
@@ -264,11 +269,9 @@ class DaskBackend(Backend):
             self._spawn(self._dismiss(msg["address"]))
 
     async def _dismiss(self, address: str) -> None:
+        # A replica's process serves the first runtime that connects, and ends with its comm.
         comm = await connect(address, timeout=self._connect_timeout_s, **self._connection_args())
-        try:
-            await comm.write({"op": "exit", "id": -1, **pack(None)})
-        finally:
-            await comm.close()
+        comm.abort()
 
     def _connection_args(self) -> dict[str, Any]:
         args: dict[str, Any] = self.client.security.get_connection_args("client")
@@ -367,22 +370,19 @@ class DaskBackend(Backend):
             for k, v in spec.config.resources.items()
             if v > 0 and (k != "CPU" or "CPU" in declared)
         }
-        try:
-            # Pickled here, so the worker never imports user code: only the replica's process,
-            # started with its devices chosen, unpickles it.
-            blob = cloudpickle.dumps(spec, protocol=5)
-        except Exception as exc:
-            raise DeploymentFailedError(
-                f"deployment {spec.deployment!r} cannot be sent to a Dask worker: "
-                f"{type(exc).__name__}: {exc}"
-            ) from exc
+        # Pickled here, before anything starts (a deployment that cannot be sent fails whole),
+        # and sent straight to the replica's process: the worker never imports user code, and
+        # only the replica's process, started with its devices chosen, unpickles it.
+        context = ReplicaContext(
+            spec.deployment, spec.replica_id, extra={"resources": dict(spec.config.resources)}
+        )
+        start = encode_start(spec, context)
         allocation = self._hold(address, spec)
         hello: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
         self._hellos[spec.replica_id] = hello
         self._starting_on[spec.replica_id] = address
         future = self.client.submit(
             serve_replica,
-            blob,
             spec.replica_id,
             self._topic,
             allocation.gpu_ids,
@@ -393,6 +393,7 @@ class DaskBackend(Backend):
             pure=False,
         )
         ended = asyncio.ensure_future(_outcome(future))
+        replica: DaskReplica | None = None
         try:
             await asyncio.wait([hello, ended], return_when=asyncio.FIRST_COMPLETED)  # type: ignore[type-var]
             if not hello.done():
@@ -407,16 +408,28 @@ class DaskBackend(Backend):
                 )
             except OSError as exc:
                 raise _WorkerGone(f"cannot reach replica {spec.replica_id}: {exc}") from None
-            peer = Peer(comm, _refuse, _refuse_stream, name=f"replica {spec.replica_id}")
-            reader = asyncio.ensure_future(peer.run())
+            replica = DaskReplica(spec, address, future, self._replica_gone)
+            # Known before it runs, so that Dask's news of its worker reaches it while starting.
+            self._replicas[spec.replica_id] = replica
+            replica.connect(CommTransport(comm))
             try:
-                info = await peer.request("start")
-            except ReplicaDiedError:
-                raise _WorkerGone(f"replica {spec.replica_id} died while starting") from None
-            except BaseException:
-                peer.abort("the replica failed to start")
+                await replica.start(start)
+            except DeploymentFailedError:
+                if replica.draining or address in self._removed:
+                    # Its worker left or began closing meanwhile: another one is tried.
+                    if replica.draining and address in self._workers:
+                        self._closing.add(address)
+                    raise _WorkerGone(address) from None
                 raise
+            if replica.dead_reason is not None:  # lost as its start was answered
+                raise DeploymentFailedError(
+                    f"replica {spec.replica_id} was lost as it started: {replica.dead_reason}"
+                )
         except BaseException:
+            if replica is not None:
+                self._replicas.pop(spec.replica_id, None)
+                replica.stopping = True  # nobody is told of the death of what never ran
+                replica.lose("it failed to start")
             self._release(address, spec.replica_id)
             self._spawn(self._cancel(future))
             raise
@@ -424,8 +437,6 @@ class DaskBackend(Backend):
             ended.cancel()
             self._hellos.pop(spec.replica_id, None)
             self._starting_on.pop(spec.replica_id, None)
-        replica = DaskReplica(spec, peer, info, future, self._replica_gone, reader)
-        self._replicas[spec.replica_id] = replica
         return replica
 
     async def _cancel(self, future: Any) -> None:
@@ -456,11 +467,3 @@ async def _outcome(future: Any) -> str:
     except Exception as exc:
         return f"{type(exc).__name__}: {exc}"
     return "the task returned"
-
-
-async def _refuse(op: str, value: Any) -> Any:
-    raise EmbserveError(f"a replica that has not started sent {op!r}")
-
-
-def _refuse_stream(op: str, value: Any) -> Any:
-    raise EmbserveError(f"a replica that has not started sent {op!r}")
