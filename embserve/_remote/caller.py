@@ -31,6 +31,7 @@ from embserve._remote.messages import (
     START,
     START_FAILED,
     STARTED,
+    STATS,
     STOP,
     STREAM,
     SUB_CANCEL,
@@ -44,6 +45,7 @@ from embserve._remote.transport import Transport
 from embserve.context import ReplicaContext
 from embserve.errors import DeploymentFailedError, ReplicaDiedError
 from embserve.handle import Submitter, find_submitter
+from embserve.metrics import ReplicaStats
 from embserve.replica import Replica, ReplicaSpec, ReplicaState
 from embserve.request import Request
 
@@ -171,6 +173,10 @@ class RemoteReplica(Replica):
 
     async def reconfigure(self, user_config: Any) -> None:
         await self._alive().call(RECONFIGURE, user_config)
+
+    async def stats(self) -> ReplicaStats | None:
+        stats = await self._alive().call(STATS, None)
+        return stats if isinstance(stats, ReplicaStats) else None
 
     async def stop(self) -> None:
         """Ask the replica to stop and wait (a while) until it closed its end."""

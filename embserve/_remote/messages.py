@@ -16,6 +16,8 @@ Caller → replica:
   answered by one ``OK`` or ``ERR``; a stream by ``ITEM``\\ s and one ``END`` or ``ERR``, the
   replica sending at most :data:`STREAM_WINDOW` items beyond what ``MORE`` granted.
 - ``HEALTH`` (no payload) / ``RECONFIGURE`` (the user config): answered by ``OK`` or ``ERR``.
+- ``STATS`` (no payload): answered by ``OK`` with the replica's own
+  :class:`~embserve.metrics.ReplicaStats` (execution times, batch sizes, model loads).
 - ``CANCEL``: the caller gave up on a request. Always answered by exactly one ``ENDED`` once the
   request's work really ended (sync user code in a thread runs on after it was cancelled), so
   that the caller can hold the request's router lease until then.
@@ -59,6 +61,7 @@ SUB_ERR = 20
 SUB_ITEM = 21
 SUB_END = 22
 NOTICE = 23
+STATS = 24
 
 #: Each kind's name, by code (for logs).
 NAMES = (
@@ -86,6 +89,7 @@ NAMES = (
     "sub_item",
     "sub_end",
     "notice",
+    "stats",
 )
 
 #: Items a stream may send ahead of what its reader took; the reader grants more as it reads

@@ -35,6 +35,7 @@ from embserve._remote.messages import (
     START,
     START_FAILED,
     STARTED,
+    STATS,
     STOP,
     STREAM,
     SUB_END,
@@ -99,6 +100,7 @@ class ReplicaServer:
             CALL: self._on_call,
             STREAM: self._on_stream,
             HEALTH: self._on_health,
+            STATS: self._on_stats,
             RECONFIGURE: self._on_reconfigure,
             CANCEL: self._on_cancel,
             MORE: self._on_more,
@@ -197,6 +199,12 @@ class ReplicaServer:
             self._spawn(ident, self._answer(ident, self.host.check_health()), None)
         else:
             self._transport.send(ERR, ident, encode_error(RuntimeError("not started")))
+
+    def _on_stats(self, ident: int, frames: list[Frame]) -> None:
+        if self.host is None:
+            self._transport.send(ERR, ident, encode_error(RuntimeError("not started")))
+            return
+        self._transport.send(OK, ident, encode(self.host.stats()))
 
     def _on_reconfigure(self, ident: int, frames: list[Frame]) -> None:
         if self.host is None:

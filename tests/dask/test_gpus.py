@@ -125,6 +125,8 @@ def test_half_gpu_replicas_share_devices_two_by_two_and_a_fifth_waits(
     message = wait_for(lambda: runtime.status().deployments["more"].message)
     assert "GPU=0.5" in message and "most free on any worker is 0" in message, message
     assert not _running(runtime, "more")
+    states = [r.state.value for r in runtime.status().deployments["more"].replicas]
+    assert states == ["PENDING_ALLOCATION"]
     runtime.delete("more")
 
 

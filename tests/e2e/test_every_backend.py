@@ -168,3 +168,20 @@ def test_multiplexed_models_load_once_per_replica(runtime: embserve.Runtime) -> 
         assert loads == 1  # loaded once, every later request a hit
         homes.setdefault(model_id, set()).add(replica)
     assert all(len(replicas) == 1 for replicas in homes.values()), homes
+
+
+def test_metrics_reach_the_runtime_from_its_replicas(
+    runtime: embserve.Runtime, model: embserve.Handle
+) -> None:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    responses = [model.batched.remote(i) for i in range(8)]
+    assert [r.result(timeout_s=30) for r in responses] == [10 * i for i in range(8)]
+    counts: dict[str, float] = {}
+    for family in text_string_to_metric_families(runtime.metrics()):
+        for sample in family.samples:
+            if sample.labels.get("deployment") == "model" and sample.name.endswith("_count"):
+                counts[sample.name] = counts.get(sample.name, 0) + sample.value
+    assert counts["embserve_batch_size_count"] >= 2  # batches measured inside the replicas
+    assert counts["embserve_execution_seconds_count"] >= 8
+    assert counts["embserve_request_duration_seconds_count"] >= 8

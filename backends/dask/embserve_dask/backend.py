@@ -322,9 +322,16 @@ class DaskBackend(Backend):
     async def start_replica(self, spec: ReplicaSpec) -> Replica:
         """Place the replica on a worker that fits it and return it RUNNING.
 
-        Waits, with the reason in ``pending``, while no worker has the free resources; tries
-        another worker when the chosen one leaves before the replica runs.
+        Waits, with the reason in ``pending`` (and the replica in ``allocating``), while no
+        worker has the free resources; tries another worker when the chosen one leaves before
+        the replica runs.
         """
+        try:
+            return await self._place_and_launch(spec)
+        finally:
+            self.allocating.discard(spec.replica_id)
+
+    async def _place_and_launch(self, spec: ReplicaSpec) -> Replica:
         while True:
             client_status = getattr(self.client, "status", "running")
             if client_status != "running":
@@ -336,6 +343,7 @@ class DaskBackend(Backend):
                 address, reason = self._place(spec)
             if address is None:
                 self.pending[spec.deployment] = reason
+                self.allocating.add(spec.replica_id)
                 assert self._changed is not None
                 changed = self._changed
                 try:
@@ -345,6 +353,7 @@ class DaskBackend(Backend):
                     await self._refresh_workers()
                 continue
             self.pending.pop(spec.deployment, None)
+            self.allocating.discard(spec.replica_id)
             try:
                 replica: DaskReplica = await self._launch(spec, address)
             except _WorkerGone:
