@@ -22,6 +22,7 @@ from embserve.request import Request
 from embserve.response import ResponseStream, has_responses, resolve_responses
 
 logger = logging.getLogger("embserve.runtime")
+_NO_SHADOWS: list[str] = []  # shared, never changed: most requests have no shadow
 
 
 class Dispatcher:
@@ -41,7 +42,7 @@ class Dispatcher:
     ) -> tuple[DeploymentController, list[str]]:
         """The deployment serving the next request to ``target``, and its shadows."""
         endpoint = self.endpoints.get(target)
-        shadows: list[str] = []
+        shadows = _NO_SHADOWS
         if endpoint is not None:
             name = endpoint.pick(routing_key)
             if endpoint.shadow:
@@ -66,7 +67,10 @@ class Dispatcher:
         if has_responses(request.args, request.kwargs):
             return start_task(loop, self._resolve_and_serve(request))
         try:
-            route = self._route(request, loop)
+            controller, shadows = self.controller(request.target, request.routing_key)
+            if request.http_method is None and request.stream is not None and not shadows:
+                return controller.start(request)  # the usual handle call: nothing to decide
+            route = self._decide(request, controller, shadows, loop)
         except EmbserveError as exc:
             failed: asyncio.Future[Any] = loop.create_future()
             failed.set_exception(exc)
@@ -97,9 +101,19 @@ class Dispatcher:
     def _route(
         self, request: Request, loop: asyncio.AbstractEventLoop
     ) -> DeploymentController | ResponseStream:
-        # The traffic policy's choice, and what depends on the deployment it chose: the HTTP
-        # methods it answers, whether the request streams. Shadows get their copies here.
+        # The traffic policy's choice, and what depends on the deployment it chose.
         controller, shadows = self.controller(request.target, request.routing_key)
+        return self._decide(request, controller, shadows, loop)
+
+    def _decide(
+        self,
+        request: Request,
+        controller: DeploymentController,
+        shadows: list[str],
+        loop: asyncio.AbstractEventLoop,
+    ) -> DeploymentController | ResponseStream:
+        # What depends on the deployment chosen: the HTTP methods it answers, whether the
+        # request streams. Shadows get their copies here.
         if request.http_method is not None:
             controller.check_http_method(request.http_method)
         if request.stream is None:

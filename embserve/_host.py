@@ -23,7 +23,7 @@ from embserve._loop import running_loop
 from embserve.batching import batch_sizes, close_batchers
 from embserve.context import ReplicaContext, reset_replica_context, set_replica_context
 from embserve.errors import DeploymentFailedError, attach_traceback, format_traceback
-from embserve.metrics import Histogram, ReplicaStats
+from embserve.metrics import PENDING_MAX, Histogram, ReplicaStats
 from embserve.multiplex import model_loads
 from embserve.replica import ReplicaSpec
 from embserve.request import Request, reset_current_request, set_current_request
@@ -91,7 +91,7 @@ class ReplicaHost:
             initargs=(context,),
         )
         self._instance: Any = None
-        self._methods: dict[str, tuple[Callable[..., Any], _Kind]] = {}
+        self._methods: dict[str, tuple[Callable[..., Any], _Kind, Histogram]] = {}
         self._in_threads: set[Future[Any]] = set()
         self._execution: dict[str, Histogram] = {}
 
@@ -126,7 +126,7 @@ class ReplicaHost:
                     format_traceback(exc),
                 ) from None
 
-    def _resolve(self, name: str) -> tuple[Callable[..., Any], _Kind]:
+    def _resolve(self, name: str) -> tuple[Callable[..., Any], _Kind, Histogram]:
         if not inspect.isclass(self.spec.target):
             if name != "__call__":
                 raise AttributeError(
@@ -139,7 +139,10 @@ class ReplicaHost:
                 raise AttributeError(
                     f"deployment {self.spec.deployment!r} has no public method {name!r}"
                 )
-        entry = (fn, _kind_of(fn))
+        execution = self._execution.get(name)
+        if execution is None:
+            execution = self._execution[name] = Histogram()
+        entry = (fn, _kind_of(fn), execution)
         self._methods[name] = entry
         return entry
 
@@ -151,7 +154,7 @@ class ReplicaHost:
         the replica's slot stays taken, as its thread is.
         """
         method = request.method
-        fn, kind = self._methods.get(method) or self._resolve(method)
+        fn, kind, execution = self._methods.get(method) or self._resolve(method)
         args = request.args
         if args:
             args = _materialize(args)
@@ -173,10 +176,10 @@ class ReplicaHost:
             attach_traceback(exc)
             raise
         finally:
-            execution = self._execution.get(method)
-            if execution is None:
-                execution = self._execution[method] = Histogram()
-            execution.observe(perf_counter() - began)
+            pending = execution.pending  # execution.observe(), without a call of its own
+            pending.append(perf_counter() - began)
+            if len(pending) >= PENDING_MAX:
+                execution.flush()
             reset_current_request(current)
             reset_replica_context(token)
 
@@ -192,7 +195,7 @@ class ReplicaHost:
     async def stream(self, request: Request) -> AsyncIterator[Any]:
         """Run a generator method, yielding its items; sync generators step in the thread pool."""
         method, args, kwargs = request.method, request.args, request.kwargs
-        fn, kind = self._methods.get(method) or self._resolve(method)
+        fn, kind, _ = self._methods.get(method) or self._resolve(method)
         if args:
             args = _materialize(args)
         if kind is _Kind.ASYNC_GEN:

@@ -58,13 +58,15 @@ class RequestPath:
     def __init__(self, deployment: Deployment) -> None:
         #: What the runtime measured of this deployment's requests.
         self.metrics = DeploymentMetrics()
-        self._streams: dict[str, bool] = {}
-        self._http_methods = http_methods_of(deployment.target)
+        self.deployment_changed(deployment)
 
     def deployment_changed(self, deployment: Deployment) -> None:
-        """Forget what was learnt about the previous version's methods."""
-        self._streams = {}
+        """Forget what was learnt about the previous version's methods and options."""
+        self._streams: dict[str, bool] = {}
         self._http_methods = http_methods_of(deployment.target)
+        config = deployment.config
+        # Every request needs watching (a task of its own): a timeout or retries.
+        self._always_watched = bool(config.request_timeout_s is not None or config.max_retries)
 
     def replica_died(self, replica: Replica, reason: str) -> None:
         """A replica vanished under a request: stop routing to it (the lifecycle's part)."""
@@ -98,15 +100,16 @@ class RequestPath:
         """
         loop = asyncio.get_running_loop()
         began = perf_counter()
-        if self._watched(request):
+        if self._always_watched or request.deadline is not None or self.unavailable is not None:
             return start_task(loop, self._serve(request, began))
         lease = self.router.try_assign(request)
         if lease is None:
             return start_task(loop, self._attempts(request, None, began))
-        sent = self._send(request, lease, loop, began)
-        if sent is None:
-            return start_task(loop, self._attempts(request, lease, began))
-        return sent
+        if type(lease.replica).send is not _NO_SEND:
+            sent = self._send(request, lease, loop, began)
+            if sent is not None:
+                return sent
+        return start_task(loop, self._attempts(request, lease, began))
 
     def serve(self, request: Request) -> Awaitable[Any]:
         """Serve ``request`` in the calling task: :meth:`start`'s path, driven by the caller.
@@ -117,7 +120,7 @@ class RequestPath:
         cancels the request.
         """
         began = perf_counter()
-        if self._watched(request):
+        if self._always_watched or request.deadline is not None or self.unavailable is not None:
             return self._serve(request, began)
         lease = self.router.try_assign(request)
         if lease is not None:
@@ -125,19 +128,6 @@ class RequestPath:
             if sent is not None:
                 return sent
         return self._attempts(request, lease, began)
-
-    def _watched(self, request: Request) -> bool:
-        # Sets the request's deadline; true when something must watch the request (a deadline,
-        # retries, a deployment that fails its requests), which a sent future cannot do.
-        config = self.config
-        timeout = config.request_timeout_s
-        if timeout is not None:
-            deadline = self.clock.now() + timeout
-            if request.deadline is None or deadline < request.deadline:
-                request.deadline = deadline
-        return bool(
-            config.max_retries or request.deadline is not None or self.unavailable is not None
-        )
 
     def _send(
         self, request: Request, lease: Lease, loop: asyncio.AbstractEventLoop, began: float
@@ -155,6 +145,13 @@ class RequestPath:
         return future
 
     async def _serve(self, request: Request, began: float) -> Any:
+        # A request that needs watching: a deadline (the deployment's request_timeout_s, or
+        # its caller's), retries, or a deployment that fails its requests at once.
+        timeout = self.config.request_timeout_s
+        if timeout is not None:
+            deadline = self.clock.now() + timeout
+            if request.deadline is None or deadline < request.deadline:
+                request.deadline = deadline
         if request.deadline is None:
             return await self._attempts(request, None, began)
         left = request.deadline - self.clock.now()
@@ -196,6 +193,8 @@ class RequestPath:
             while True:
                 if lease is None:
                     lease = await self._lease(request)
+                else:
+                    request.lease = lease
                 replica = lease.replica
                 try:
                     result = await replica.call(request)

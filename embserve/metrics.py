@@ -46,8 +46,8 @@ DURATION_BUCKETS = (
 #: Bounds of the batch size histogram, in items.
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
 
-# Observations kept before they are put in their buckets.
-_PENDING_MAX = 512
+#: Observations a histogram keeps before it puts them in their buckets.
+PENDING_MAX = 512
 
 #: How a request ended (the ``outcome`` label of ``embserve_requests``).
 OUTCOMES = ("ok", "error", "timeout", "rejected", "cancelled")
@@ -61,23 +61,26 @@ class Histogram:
     its bucket at once.
     """
 
-    __slots__ = ("_counts", "_pending", "_sum", "bounds")
+    __slots__ = ("_counts", "_sum", "bounds", "pending")
 
     def __init__(self, bounds: Sequence[float] = DURATION_BUCKETS) -> None:
         self.bounds = tuple(bounds)
         self._counts = [0] * (len(self.bounds) + 1)  # the last: above every bound
         self._sum = 0.0
-        self._pending: list[float] = []
+        #: Observations not yet in their buckets. A hot path appends to it and calls
+        #: :meth:`flush` once it holds :data:`PENDING_MAX` (what :meth:`observe` does).
+        self.pending: list[float] = []
 
     def observe(self, value: float) -> None:
         """Count one observation."""
-        pending = self._pending
+        pending = self.pending
         pending.append(value)
-        if len(pending) >= _PENDING_MAX:
-            self._flush()
+        if len(pending) >= PENDING_MAX:
+            self.flush()
 
-    def _flush(self) -> None:
-        pending, self._pending = self._pending, []
+    def flush(self) -> None:
+        """Put the pending observations in their buckets."""
+        pending, self.pending = self.pending, []
         counts, bounds = self._counts, self.bounds
         where = bisect.bisect_left
         for value in pending:
@@ -87,13 +90,13 @@ class Histogram:
     @property
     def counts(self) -> list[int]:
         """Observations per bucket (not cumulated), the last above every bound."""
-        self._flush()
+        self.flush()
         return self._counts
 
     @property
     def sum(self) -> float:
         """The sum of the observations."""
-        self._flush()
+        self.flush()
         return self._sum
 
     def add(self, counts: Sequence[int], total: float) -> None:
@@ -115,7 +118,7 @@ class Histogram:
 
     def buckets(self) -> list[tuple[str, float]]:
         """Cumulative ``(upper bound, count)`` pairs as Prometheus writes them, +Inf last."""
-        self._flush()
+        self.flush()
         pairs: list[tuple[str, float]] = []
         running = 0
         for bound, count in zip(self.bounds, self._counts, strict=False):
@@ -144,7 +147,10 @@ class DeploymentMetrics:
     def finished(self, outcome: str, duration_s: float) -> None:
         """One request ended with ``outcome`` after ``duration_s`` (queueing included)."""
         self.requests[outcome] += 1
-        self.duration.observe(duration_s)
+        pending = self.duration.pending  # observe(), without a call of its own
+        pending.append(duration_s)
+        if len(pending) >= PENDING_MAX:
+            self.duration.flush()
 
 
 @dataclasses.dataclass

@@ -180,11 +180,8 @@ def get_request_context() -> RequestContext:
 current_request = _current.get
 
 
-def set_current_request(request: Request | None) -> contextvars.Token[Request | None]:
-    """Make ``request`` the one the running code serves (used by replica hosts)."""
-    return _current.set(request)
-
-
-def reset_current_request(token: contextvars.Token[Request | None]) -> None:
-    """Undo :func:`set_current_request`."""
-    _current.reset(token)
+#: Make a request the one the running code serves (used by replica hosts); returns the token
+#: for :data:`reset_current_request`. The context variable's own methods: no frame of ours.
+set_current_request = _current.set
+#: Undo :data:`set_current_request`.
+reset_current_request = _current.reset
