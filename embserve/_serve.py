@@ -27,7 +27,7 @@ from embserve.errors import (
     ReplicaDiedError,
     RequestTimeoutError,
 )
-from embserve.metrics import DeploymentMetrics
+from embserve.metrics import PENDING_MAX, DeploymentMetrics
 from embserve.replica import Replica
 from embserve.request import Request
 from embserve.router import Lease, Router
@@ -209,8 +209,13 @@ class RequestPath:
                             raise
                         self.replica_died(replica, str(exc))
                 else:
-                    if began is not None:
-                        self.metrics.finished("ok", perf_counter() - began)
+                    if began is not None:  # metrics.finished("ok", ...), inlined: hot path
+                        metrics = self.metrics
+                        metrics.requests["ok"] += 1
+                        pending = metrics.duration.pending
+                        pending.append(perf_counter() - began)
+                        if len(pending) >= PENDING_MAX:
+                            metrics.duration.flush()
                     return result
                 finally:
                     lease.release()

@@ -12,15 +12,24 @@ outcome, state; never a request id.
 
 from __future__ import annotations
 
+import asyncio
 import bisect
 import dataclasses
+import logging
 from collections.abc import Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
+    from embserve._serve import RequestPath
+    from embserve.replica import Replica
     from embserve.status import RuntimeStatus
 
-__all__ = ["DeploymentMetrics", "Histogram", "ReplicaStats", "exposition"]
+__all__ = ["DeploymentMetrics", "Histogram", "ReplicaStats", "exposition", "scrape"]
+
+logger = logging.getLogger("embserve.metrics")
+
+# How long a scrape waits for one replica's own figures.
+STATS_TIMEOUT_S = 2.0
 
 #: Bounds of the duration histograms, in seconds: from a fast in-process call to a slow model.
 DURATION_BUCKETS = (
@@ -170,6 +179,27 @@ class ReplicaStats:
 
 
 # -- the text exposition --------------------------------------------------------------------
+
+
+async def scrape(status: RuntimeStatus, deployments: Sequence[RequestPath]) -> str:
+    """The Prometheus text of a runtime: its deployments' figures and those their running
+    replicas measured (asked for at once; one that cannot answer is left out of this one)."""
+    replicas = [(d.name, r) for d in deployments for r in d.running]
+
+    async def stats_of(replica: Replica) -> ReplicaStats | None:
+        try:
+            return await asyncio.wait_for(replica.stats(), STATS_TIMEOUT_S)
+        except Exception:
+            logger.debug("no stats from replica %s", replica.replica_id, exc_info=True)
+            return None
+
+    answers = await asyncio.gather(*(stats_of(r) for _, r in replicas))
+    per_replica = {
+        (deployment, replica.replica_id): stats
+        for (deployment, replica), stats in zip(replicas, answers, strict=True)
+        if stats is not None
+    }
+    return exposition(status, {d.name: d.metrics for d in deployments}, per_replica).decode()
 
 
 def exposition(

@@ -16,16 +16,16 @@ from types import TracebackType
 from typing import Any, TypeVar
 
 from embserve._controller import DeploymentController
+from embserve._deploy import Deployer
 from embserve._dispatch import Dispatcher
 from embserve._endpoint import Endpoint
 from embserve._loop import LoopThread, running_loop, stop_runners
-from embserve._serve import with_timeout
 from embserve.backends import Backend, resolve_backend
-from embserve.clock import Clock, LoopClock
+from embserve.clock import Clock
 from embserve.deployment import Application, Deployment
-from embserve.errors import DeploymentTimeoutError, EmbserveError
+from embserve.errors import EmbserveError
 from embserve.handle import Handle, register_submitter, unregister_submitter
-from embserve.metrics import ReplicaStats, exposition
+from embserve.metrics import scrape
 from embserve.replica import Replica
 from embserve.request import Request
 from embserve.response import Response, ResponseStream, start_threadsafe
@@ -34,8 +34,7 @@ from embserve.status import EndpointStatus, RuntimeStatus
 __all__ = ["Runtime"]
 
 logger = logging.getLogger("embserve.runtime")
-# How long a metrics scrape waits for one replica's own figures.
-_STATS_TIMEOUT_S = 2.0
+
 T = TypeVar("T")
 
 
@@ -78,6 +77,15 @@ class Runtime:
         self._controllers: dict[str, DeploymentController] = {}
         self._endpoints: dict[str, Endpoint] = {}
         self._dispatch = Dispatcher(self._endpoints, self._controllers)
+        self._deployer = Deployer(
+            self.id,
+            self._controllers,
+            self._endpoints,
+            self._dispatch,
+            lambda: self.backend,
+            rng=self._rng,
+            clock=clock,
+        )
 
     # -- lifecycle ------------------------------------------------------------------------
 
@@ -257,112 +265,9 @@ class Runtime:
             app = app.bind()
         if not isinstance(app, Application):
             raise TypeError(f"run() takes an Application (Deployment.bind(...)), got {app!r}")
-        if timeout_s is not None and not (isinstance(timeout_s, (int, float)) and timeout_s > 0):
-            raise ValueError(f"timeout_s must be a positive number of seconds, got {timeout_s!r}")
-        ingress = name or app.deployment.name
-        if route_prefix is not None:
-            _check_route_prefix(route_prefix)
-            for other in self._endpoints.values():
-                if other.route_prefix == route_prefix and other.name != ingress:
-                    raise ValueError(f"route prefix {route_prefix!r} is used by {other.name!r}")
-        work = self._run(app, ingress, route_prefix, wait)
-        if timeout_s is None:
-            return await work
-        task = asyncio.ensure_future(work)
-        clock = self._clock or LoopClock(asyncio.get_running_loop())
-        try:
-            handle: Handle = await with_timeout(clock, asyncio.shield(task), timeout_s)
-        except TimeoutError:
-            if task.done():  # the deploy itself raised it
-                raise
-            self._dispatch.in_background(task, f"deploying {ingress!r}", logging.ERROR)
-            raise self._timed_out(app, ingress, timeout_s) from None
-        return handle
-
-    async def _run(
-        self, app: Application, ingress: str, route_prefix: str | None, wait: bool
-    ) -> Handle:
-        endpoint = self._endpoints.get(ingress)
-        if endpoint is None:
-            # Routed from the start, so that replicas serve as soon as they run.
-            endpoint = Endpoint(ingress, route_prefix, {ingress: 1.0}, rng=self._rng)
-            self._endpoints[ingress] = endpoint
-        elif route_prefix is not None:
-            endpoint.route_prefix = route_prefix
-        handles: dict[int, Handle] = {}
-        try:
-            for node in app.walk():
-                if id(node) in handles:
-                    continue
-                dep_name = ingress if node is app else node.deployment.name
-                args = tuple(_bound(a, handles) for a in node.args)
-                kwargs = {k: _bound(v, handles) for k, v in node.kwargs.items()}
-                deployment = node.deployment
-                if deployment.name != dep_name:
-                    deployment = deployment.options(name=dep_name)
-                await self._deploy(deployment, args, kwargs, wait=wait)
-                handles[id(node)] = Handle(self.id, dep_name)
-        except BaseException:
-            if ingress not in self._controllers and self._endpoints.get(ingress) is endpoint:
-                del self._endpoints[ingress]
-            raise
-        return Handle(self.id, ingress)
-
-    def _timed_out(self, app: Application, ingress: str, timeout_s: float) -> BaseException:
-        names = {ingress if node is app else node.deployment.name for node in app.walk()}
-        status = self.status().deployments
-        short = []
-        for dep_name in sorted(names):
-            deployment = status.get(dep_name)
-            if deployment is None:
-                short.append(f"{dep_name}: not started")
-            elif deployment.running_replicas < deployment.target_replicas:
-                why = f": {deployment.message}" if deployment.message else ""
-                short.append(
-                    f"{dep_name}: {deployment.running_replicas}/{deployment.target_replicas} "
-                    f"replicas running{why}"
-                )
-        return DeploymentTimeoutError(
-            f"{ingress!r} was not running within timeout_s={timeout_s} "
-            f"({'; '.join(short) or 'still starting'}); it goes on starting in the background"
+        return await self._deployer.run(
+            app, name or app.deployment.name, route_prefix, wait=wait, timeout_s=timeout_s
         )
-
-    async def _deploy(
-        self,
-        deployment: Deployment,
-        args: tuple[Any, ...],
-        kwargs: dict[str, Any],
-        *,
-        wait: bool,
-    ) -> None:
-        controller = self._controllers.get(deployment.name)
-        created = controller is None
-        if controller is None:
-            controller = DeploymentController(
-                deployment,
-                args,
-                kwargs,
-                backend=self.backend,
-                runtime_id=self.id,
-                clock=self._clock,
-            )
-            controller.router.rng = self._rng
-            self._controllers[deployment.name] = controller
-            work = controller.deploy(keep_trying=not wait)
-        else:
-            work = controller.update(deployment, args, kwargs)
-        if not wait:
-            self._dispatch.in_background(work, f"deploying {deployment.name!r}", logging.ERROR)
-            return
-        try:
-            await work
-        except BaseException:
-            if created and not controller.running:
-                # A first deploy that failed leaves nothing behind; a failed update keeps
-                # the deployment, replaced from its last good version.
-                self._controllers.pop(deployment.name, None)
-                await controller.stop(f"deployment {deployment.name!r} failed to start")
-            raise
 
     def get_handle(self, name: str) -> Handle:
         """A handle to the endpoint or deployment called ``name``."""
@@ -454,24 +359,7 @@ class Runtime:
     async def metrics_async(self) -> str:
         """The awaitable twin of :meth:`metrics`."""
         await self._ensure_started_async()
-        controllers = list(self._controllers.values())
-        replicas = [(c.name, r) for c in controllers for r in c.running]
-
-        async def stats_of(replica: Replica) -> ReplicaStats | None:
-            try:
-                return await asyncio.wait_for(replica.stats(), _STATS_TIMEOUT_S)
-            except Exception:  # a replica that cannot answer now is left out of this scrape
-                logger.debug("no stats from replica %s", replica.replica_id, exc_info=True)
-                return None
-
-        answers = await asyncio.gather(*(stats_of(r) for _, r in replicas))
-        per_replica = {
-            (deployment, replica.replica_id): stats
-            for (deployment, replica), stats in zip(replicas, answers, strict=True)
-            if stats is not None
-        }
-        text = exposition(self.status(), {c.name: c.metrics for c in controllers}, per_replica)
-        return text.decode()
+        return await scrape(self.status(), list(self._controllers.values()))
 
     def routes(self) -> dict[str, str]:
         """The HTTP routes: route prefix → endpoint name. Safe from any thread.
@@ -541,17 +429,6 @@ class Runtime:
 
     def __repr__(self) -> str:
         return f"Runtime(id={self.id!r}, backend={self._backend_spec!r})"
-
-
-def _check_route_prefix(prefix: str) -> None:
-    if not isinstance(prefix, str) or not prefix.startswith("/"):
-        raise ValueError(f"route_prefix must start with '/', got {prefix!r}")
-
-
-def _bound(value: Any, handles: dict[int, Handle]) -> Any:
-    if isinstance(value, Application):
-        return handles[id(value)]
-    return value
 
 
 # Runtimes with a thread of their own, stopped at exit so no replica outlives the interpreter.
