@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
+import math
 import pickle
 from collections.abc import MutableMapping
 from typing import Any, cast
 
 import httpx
+import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -17,8 +20,9 @@ from starlette.requests import Request
 
 import embserve
 from embserve_asgi.app import App
-from embserve_asgi.requests import BodyTooLarge, RequestSnapshot
-from embserve_asgi.responses import error_response, to_response
+from embserve_asgi.requests import BodyTimeout, BodyTooLarge, RequestSnapshot
+from embserve_asgi.responses import Cancelled, error_response, json_bytes, render, to_response
+from tests.http_inputs import BAD_JSON, GOOD_JSON
 
 json_values = st.recursive(
     st.none()
@@ -89,15 +93,84 @@ def test_materialized_request_answers_bad_json_with_400() -> None:
     assert caught.value.status == 400
 
 
+def _parsed(body: bytes) -> Any:
+    snapshot = RequestSnapshot(method="POST", path="/", query_string=b"", headers=[], body=body)
+    return asyncio.run(snapshot.__embserve_materialize__().json())
+
+
+@pytest.mark.parametrize(("name", "body"), BAD_JSON, ids=[name for name, _ in BAD_JSON])
+def test_what_python_parses_but_json_forbids_is_400(name: str, body: bytes) -> None:
+    with pytest.raises(embserve.HTTPError) as caught:
+        _parsed(body)
+    assert caught.value.status == 400
+    assert "JSON" in caught.value.detail or "UTF-8" in caught.value.detail
+
+
+@pytest.mark.parametrize(("body", "value"), GOOD_JSON)
+def test_json_near_the_limits_still_parses(body: bytes, value: Any) -> None:
+    assert _parsed(body) == value
+
+
+def test_what_json_cannot_hold_is_rendered_as_null_and_u_fffd() -> None:
+    value = {
+        "nan": math.nan,
+        "inf": [math.inf, -math.inf, 1.5],
+        "array": np.array([1.0, np.nan]),
+        "text": "lone \ud800 and a pair \ud83d\ude00",
+    }
+    assert json.loads(json_bytes(value)) == {
+        "nan": None,
+        "inf": [None, None, 1.5],
+        "array": [1.0, None],
+        "text": "lone \ufffd and a pair \U0001f600",
+    }
+    assert json_bytes(math.nan) == b"null"
+    assert render("x\udfff") == ("x\ufffd".encode(), b"text/plain; charset=utf-8")
+    cycle: list[Any] = [math.nan]
+    cycle.append(cycle)
+    with pytest.raises(ValueError, match="Circular"):
+        json_bytes(cycle)
+
+
+SECRET = "postgres://admin:hunter2@db"
+
+
+@pytest.mark.parametrize(
+    "exc",
+    [
+        embserve.DeploymentUnavailableError(f"'m' has no running replica ({SECRET})"),
+        embserve.DeploymentFailedError(f"the constructor raised {SECRET}", f"Traceback\n{SECRET}"),
+        embserve.ReplicaDiedError(f"replica r1 died: health check failed: {SECRET}"),
+        embserve.EmbserveError(SECRET),
+        ValueError(SECRET),
+    ],
+)
+def test_error_bodies_hold_no_exception_text_which_goes_to_the_log(
+    exc: Exception, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.DEBUG, logger="embserve.http")
+    response = error_response(exc, "rid-7", "ep")
+    body = json.loads(bytes(response.body))
+    assert set(body) == {"error", "request_id"} and body["request_id"] == "rid-7"
+    assert SECRET not in bytes(response.body).decode()
+    assert response.status_code in (500, 503)
+    logged = [r for r in caplog.records if "rid-7" in r.getMessage()]
+    assert len(logged) == 1
+    assert SECRET in logging.Formatter().format(logged[0])  # the traceback, if any, with it
+
+
 @pytest.mark.parametrize(
     ("exc", "status", "retry_after"),
     [
         (embserve.HTTPError(404, "gone"), 404, None),
         (HTTPException(422, "bad"), 422, None),
         (BodyTooLarge(10), 413, None),
+        (BodyTimeout(0.5), 408, None),
         (embserve.BackPressureError("full", retry_after_s=2.5), 503, "3"),
         (embserve.ReplicaDiedError("died"), 503, "1"),
+        (embserve.DeploymentUnavailableError("none"), 503, "1"),
         (embserve.RequestTimeoutError("slow"), 504, None),
+        (Cancelled(), 503, "1"),
         (ValueError("private"), 500, None),
     ],
 )
@@ -154,6 +227,12 @@ def test_app_checks_its_arguments() -> None:
         App({"/a": cast(Any, "not an app")})
     with pytest.raises(ValueError, match="max_body_size"):
         App(max_body_size=-1)
+    with pytest.raises(ValueError, match="body_timeout_s"):
+        App(body_timeout_s=0)
+    with pytest.raises(TypeError, match="body_timeout_s"):
+        App(body_timeout_s=cast(Any, "30"))
+    assert App(body_timeout_s=None).body_timeout_s is None
+    assert App().body_timeout_s == 30.0
 
 
 @embserve.deployment
@@ -189,7 +268,7 @@ class Broken:
     """Cannot start."""
 
     def __init__(self) -> None:
-        raise RuntimeError("no model file")
+        raise RuntimeError(f"no model file at {SECRET}")
 
     def __call__(self, request: Request) -> str:
         return "never"
@@ -216,6 +295,23 @@ async def test_lifespan_starts_and_stops_the_owned_runtime() -> None:
     with pytest.raises(embserve.EmbserveError):
         await app.runtime.run_async(ok.bind())  # shut down with the lifespan
     assert await _lifespan(App({"/broken": Broken.bind()})) == ["lifespan.startup.failed"]
+
+
+@pytest.mark.anyio
+async def test_a_start_that_fails_on_first_request_tells_the_client_nothing_of_it(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    app = App({"/broken": Broken.bind()})  # mounted: no lifespan, started by the first request
+    async with httpx.AsyncClient(
+        transport=httpx.ASGITransport(app=app), base_url="http://t"
+    ) as http:
+        response = await http.get("/broken", headers={"x-request-id": "first-1"})
+    assert response.status_code == 503
+    assert response.json() == {
+        "error": "the service is unavailable; retry later",
+        "request_id": "first-1",
+    }
+    assert any("first-1" in r.getMessage() and SECRET in r.getMessage() for r in caplog.records)
 
 
 @pytest.mark.anyio

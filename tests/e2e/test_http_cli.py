@@ -20,6 +20,8 @@ from pathlib import Path
 import httpx
 import pytest
 
+from tests.e2e.servers import raw_exchange
+
 ROOT = Path(__file__).resolve().parents[2]
 EMBSERVE = Path(sys.executable).with_name("embserve")
 
@@ -123,6 +125,40 @@ def test_sigterm_drains_in_flight_requests(tmp_path: Path) -> None:
         out, _ = process.communicate(timeout=30)
         assert process.returncode == 0, out
         assert "embserve: stopped" in out
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.communicate()
+
+
+def test_body_and_graceful_timeouts_from_the_command_line(tmp_path: Path) -> None:
+    (tmp_path / "slow_service.py").write_text(SLOW_APP)
+    command = [str(EMBSERVE), "run", "slow_service.py:app", "--port", "0"]
+    options = ["--body-timeout", "0.3", "--graceful-timeout", "0.3", "--keep-alive-timeout", "2"]
+    process, url, _ = start(command + options, tmp_path)
+    try:
+        port = int(url.rsplit(":", 1)[1])
+        started = time.monotonic()
+        raw, closed = raw_exchange(
+            port, b"POST /slow HTTP/1.1\r\nHost: t\r\nContent-Length: 9\r\n\r\nabc", timeout_s=10
+        )
+        assert raw.startswith(b"HTTP/1.1 408 ") and closed
+        assert time.monotonic() - started < 5
+        with httpx.Client(base_url=url, timeout=20) as http, ThreadPoolExecutor(1) as pool:
+            pending = pool.submit(
+                http.get, "/slow", params={"s": "30"}, headers={"x-request-id": "cli-1"}
+            )
+            deadline = time.monotonic() + 10
+            while 'embserve_http_requests_in_flight{endpoint="slow"} 1.0' not in (
+                http.get("/-/metrics").text
+            ):
+                assert time.monotonic() < deadline, "the request never started"
+            process.send_signal(signal.SIGTERM)
+            answer = pending.result(20)
+        assert answer.status_code == 503
+        assert answer.json()["request_id"] == "cli-1"
+        out, _ = process.communicate(timeout=30)
+        assert process.returncode == 0, out
     finally:
         if process.poll() is None:
             process.kill()

@@ -4,6 +4,10 @@
 ``/-/routes``, ``/-/status`` (``Runtime.status()`` as JSON) and ``/-/metrics`` (Prometheus text).
 Metrics are plain counters on the request path; they become Prometheus families only when
 scraped, so serving a request costs a few integer additions.
+
+The pages are unauthenticated, so they show states and counts but none of the status's free
+text: a deployment's or replica's ``message`` may quote a user exception (a constructor that
+raised, a failed health check). ``rt.status()`` and the log keep the messages.
 """
 
 from __future__ import annotations
@@ -120,7 +124,7 @@ def admin_response(
             }
         )
     if path == "status":
-        return _json(runtime.status().to_dict())
+        return _json(_without_messages(runtime.status().to_dict()))
     if path == "metrics":
         return Response(
             prometheus_text(metrics), media_type="text/plain; version=0.0.4; charset=utf-8"
@@ -140,8 +144,16 @@ def _healthz(runtime: Runtime, routes: Mapping[str, str], *, started: bool) -> R
             deployment = status.deployments.get(target)
             if deployment is None or deployment.running_replicas == 0:
                 state = deployment.state if deployment is not None else "missing"
-                detail = f": {deployment.message}" if deployment and deployment.message else ""
-                why.append(f"{prefix} ({target}) has no running replica [{state}]{detail}")
+                why.append(f"{prefix} ({target}) has no running replica [{state}]")
     if why:
         return _json({"status": "unavailable", "why": why}, 503)
     return _json({"status": "ok", "routes": len(routes)})
+
+
+def _without_messages(status: dict[str, Any]) -> dict[str, Any]:
+    # The status as rt.status() gives it, less the free-text messages (see the module docstring).
+    for deployment in status["deployments"].values():
+        deployment.pop("message", None)
+        for replica in deployment["replicas"]:
+            replica.pop("message", None)
+    return status

@@ -36,6 +36,7 @@ from embserve_asgi.connection import (
 )
 from embserve_asgi.requests import (
     ROUTING_HEADERS,
+    BodyTimeout,
     BodyTooLarge,
     ClientGone,
     RequestSnapshot,
@@ -43,6 +44,7 @@ from embserve_asgi.requests import (
     read_body,
 )
 from embserve_asgi.responses import (
+    Cancelled,
     chunk_bytes,
     error_response,
     is_stream,
@@ -58,6 +60,7 @@ __all__ = ["App"]
 T = TypeVar("T")
 
 DEFAULT_MAX_BODY_SIZE = 16 * 1024 * 1024
+DEFAULT_BODY_TIMEOUT_S = 30.0
 ROUTE_REFRESH_S = 1.0
 
 
@@ -71,6 +74,8 @@ class App:
             ``route_prefix`` are served too. The caller starts and stops it.
         backend: the backend of the runtime the App owns (``"local"``, ``"process"``, ...).
         max_body_size: larger request bodies are refused with 413 before they are read whole.
+        body_timeout_s: a request body must arrive whole within this many seconds of the
+            request's start, else 408 and the connection closes (None: no limit).
         admin: serve ``/-/healthz``, ``/-/routes``, ``/-/status`` and ``/-/metrics``.
 
     A deployment limits the HTTP methods it answers with an ``http_methods`` attribute on its
@@ -84,6 +89,7 @@ class App:
         runtime: Runtime | None = None,
         backend: str | Backend | None = "local",
         max_body_size: int = DEFAULT_MAX_BODY_SIZE,
+        body_timeout_s: float | None = DEFAULT_BODY_TIMEOUT_S,
         admin: bool = True,
     ) -> None:
         if isinstance(max_body_size, bool) or not isinstance(max_body_size, int):
@@ -104,6 +110,21 @@ class App:
         self._routes_at = -ROUTE_REFRESH_S
         self._metrics: dict[str, EndpointMetrics] = {}
         self._watchers = DisconnectWatchers()
+        self.body_timeout_s = body_timeout_s
+
+    @property
+    def body_timeout_s(self) -> float | None:
+        """Seconds a request body may take to arrive whole (None: no limit)."""
+        return self._watchers.body_timeout_s
+
+    @body_timeout_s.setter
+    def body_timeout_s(self, value: float | None) -> None:
+        if value is not None:
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise TypeError(f"body_timeout_s must be a number or None, got {value!r}")
+            if not value > 0:  # NaN too
+                raise ValueError(f"body_timeout_s must be > 0, got {value}")
+        self._watchers.body_timeout_s = value
 
     # -- lifecycle ------------------------------------------------------------------------
 
@@ -262,8 +283,7 @@ class App:
         if not self._ready:
             try:
                 await self.startup()
-            except Exception as exc:
-                logger.exception("embserve App failed to start")
+            except Exception as exc:  # logged by error_response, with the request id
                 await error_response(exc, request_id)(scope, receive, send)
                 return
         path = route_path(scope)
@@ -297,14 +317,24 @@ class App:
     ) -> int:
         """Serve one request to ``route``; returns the status code sent (499: client gone)."""
         watch: DisconnectWatch | None = None
+        responding = False
         try:
             if declared == -1:
                 raise HTTPError(400, "Content-Length is not a number")
             if declared is not None and declared > self.max_body_size:
                 raise BodyTooLarge(self.max_body_size)
-            body = await read_body(receive, self.max_body_size)
-            snapshot = RequestSnapshot.from_scope(scope, body, request_id)
+            # Watched from here on: the shared timer enforces the body deadline, then listens
+            # for the client leaving. Neither costs a request that is answered quickly.
             watch = self._watchers.watch(receive)
+            try:
+                body = await read_body(receive, self.max_body_size)
+            except asyncio.CancelledError:
+                if not watch.expired:
+                    raise
+                _uncancel()
+                raise BodyTimeout(self._watchers.body_timeout_s or 0.0) from None
+            watch.reading = False
+            snapshot = RequestSnapshot.from_scope(scope, body, request_id)
             request = Request(
                 route.endpoint,
                 args=(snapshot,),
@@ -321,6 +351,7 @@ class App:
                 result = await runtime.call_async(request)
             else:
                 result = await runtime.submit(request)
+            responding = True
             if isinstance(result, ResponseStream):
                 return await self._stream(result, request_id, watch, send)
             if is_stream(result):
@@ -330,11 +361,21 @@ class App:
                 return await send_plain(send, result, request_id)
             response = to_response(result, request_id)
         except asyncio.CancelledError:
-            if watch is None or not watch.gone:
-                raise
-            _uncancel()
-            return 499
+            if watch is not None and watch.gone:
+                _uncancel()
+                return 499
+            if watch is not None:
+                watch.close()
+            # Cancelled by the server (its graceful timeout ran out at shutdown) or by a host
+            # app: answer, if nothing is sent yet, then let the cancellation go on.
+            if not responding:
+                await _send_quietly(
+                    error_response(Cancelled(), request_id, route.endpoint), scope, receive, send
+                )
+            raise
         except ClientGone:
+            if watch is not None:
+                watch.close()
             return 499
         except Exception as exc:
             if watch is not None:
@@ -344,7 +385,9 @@ class App:
             response = error_response(exc, request_id, route.endpoint)
             if isinstance(exc, BodyTooLarge):
                 await response(scope, receive, send)
-                await discard_body(receive)
+                # Bounded in time as well as size: a client may stop sending at any point.
+                with contextlib.suppress(asyncio.TimeoutError):
+                    await asyncio.wait_for(discard_body(receive), self.body_timeout_s)
                 return 413
         await response(scope, receive, send)
         status: int = response.status_code
@@ -404,6 +447,13 @@ class App:
 
     def __repr__(self) -> str:
         return f"<embserve App runtime={self.runtime.id} routes={sorted(self._route_table)}>"
+
+
+async def _send_quietly(response: Response, scope: Scope, receive: Receive, send: Send) -> None:
+    # The connection may be going away with the server; the answer is then lost, and that
+    # must not hide why the request ended.
+    with contextlib.suppress(Exception):
+        await response(scope, receive, send)
 
 
 def _uncancel() -> None:

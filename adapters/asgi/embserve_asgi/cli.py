@@ -62,22 +62,27 @@ def _import(name: str) -> ModuleType:
     return importlib.import_module(name)
 
 
-def as_app(value: Any, backend: str | None) -> App:
-    """An :class:`App` for whatever ``module:attr`` named."""
-    if isinstance(value, App):
-        if backend is not None:
-            value.set_backend(backend)
-        return value
+def as_app(value: Any, backend: str | None, body_timeout_s: float | None = None) -> App:
+    """An :class:`App` for whatever ``module:attr`` named (options given override the App's)."""
     if isinstance(value, Deployment):
         value = value.bind()
+    app: App
     if isinstance(value, Application):
-        return App({"/": value}, backend=backend or "local")
-    if isinstance(value, Runtime):
-        return App(runtime=value)
-    raise SystemExit(
-        "embserve run: expected an embserve App, Application or Runtime, "
-        f"got {type(value).__name__}"
-    )
+        app = App({"/": value}, backend=backend or "local")
+    elif isinstance(value, Runtime):
+        app = App(runtime=value)
+    elif isinstance(value, App):
+        app = value
+        if backend is not None:
+            app.set_backend(backend)
+    else:
+        raise SystemExit(
+            "embserve run: expected an embserve App, Application or Runtime, "
+            f"got {type(value).__name__}"
+        )
+    if body_timeout_s is not None:
+        app.body_timeout_s = body_timeout_s
+    return app
 
 
 def describe(app: App, url: str) -> str:
@@ -106,34 +111,68 @@ def main(argv: Sequence[str] | None = None) -> int:
     run.add_argument("--host", default="127.0.0.1")
     run.add_argument("--port", type=int, default=8000)
     run.add_argument("--backend", default=None, help="local (default), process, dask://host:port")
-    run.add_argument("--graceful-timeout", type=float, default=30.0, metavar="SECONDS")
+    run.add_argument(
+        "--graceful-timeout",
+        type=float,
+        default=30.0,
+        metavar="SECONDS",
+        help="at shutdown, in-flight requests get this long to finish, then 503 (default 30)",
+    )
+    run.add_argument(
+        "--body-timeout",
+        type=_positive,
+        default=None,
+        metavar="SECONDS",
+        help="a request body must arrive within this, else 408 (default: the App's, 30)",
+    )
+    run.add_argument(
+        "--keep-alive-timeout",
+        type=_positive,
+        default=5.0,
+        metavar="SECONDS",
+        help="close connections idle this long, or still sending headers (default 5)",
+    )
+    run.add_argument(
+        "--read-timeout",
+        type=_positive,
+        default=None,
+        metavar="SECONDS",
+        help="close connections that send nothing this long, even mid-request (default: never)",
+    )
     run.add_argument("--access-log", action="store_true")
     args = parser.parse_args(argv)
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-    app = as_app(load(args.target), args.backend)
+    app = as_app(load(args.target), args.backend, args.body_timeout)
     sock = bind(args.host, args.port)
     host, port = sock.getsockname()[:2]
     shown = f"[{host}]" if ":" in host else host
     print(describe(app, f"http://{shown}:{port}"), flush=True)
-    asyncio.run(_serve(app, sock, args.graceful_timeout, args.access_log))
+    options = {
+        "graceful_timeout_s": args.graceful_timeout,
+        "keep_alive_timeout_s": args.keep_alive_timeout,
+        "read_timeout_s": args.read_timeout,
+        "access_log": args.access_log,
+    }
+    asyncio.run(_serve(app, sock, options))
     print("embserve: stopped", flush=True)
     return 0
 
 
-async def _serve(app: App, sock: Any, graceful_timeout_s: float, access_log: bool) -> None:
+def _positive(text: str) -> float:
+    value = float(text)
+    if not value > 0:  # NaN too
+        raise argparse.ArgumentTypeError(f"must be a number of seconds > 0, got {text!r}")
+    return value
+
+
+async def _serve(app: App, sock: Any, options: dict[str, Any]) -> None:
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(signum, stop.set)
     try:
-        await serve(
-            app,
-            sock,
-            shutdown_trigger=stop.wait,
-            graceful_timeout_s=graceful_timeout_s,
-            access_log=access_log,
-        )
+        await serve(app, sock, shutdown_trigger=stop.wait, **options)
     finally:
         for signum in (signal.SIGINT, signal.SIGTERM):
             loop.remove_signal_handler(signum)

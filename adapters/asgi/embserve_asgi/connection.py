@@ -12,16 +12,33 @@ from starlette.types import Message, Receive
 __all__ = ["DisconnectWatch", "DisconnectWatchers", "abandon", "discard_body", "iterate"]
 
 # A request answered within one or two of these never pays for a task that listens for the
-# client leaving; slower ones are cancelled at most about twice this long after it left.
+# client leaving; slower ones are cancelled at most about twice this long after it left. Body
+# deadlines are enforced at these ticks too.
 DISCONNECT_WATCH_DELAY_S = 0.01
 # Past the size limit, at most this much more of a refused body is read and dropped.
 DISCARD_LIMIT = 8 * 1024 * 1024
 
 
 class DisconnectWatch:
-    """Cancels the task serving one request when its client disconnects."""
+    """Watches one request: its body deadline while the body is read, then its client leaving.
 
-    __slots__ = ("_owner", "_reader", "_receive", "_task", "closed", "gone", "seen")
+    While ``reading`` the request body, the owner's timer cancels the task serving the request
+    once the body is overdue (``expired``); afterwards, it cancels the task when the client
+    disconnects (``gone``). Either way the task sees ``CancelledError`` and answers by the flag.
+    """
+
+    __slots__ = (
+        "_owner",
+        "_reader",
+        "_receive",
+        "_task",
+        "closed",
+        "deadline",
+        "expired",
+        "gone",
+        "reading",
+        "seen",
+    )
 
     def __init__(self, owner: DisconnectWatchers, receive: Receive) -> None:
         self._owner = owner
@@ -31,6 +48,9 @@ class DisconnectWatch:
         self.closed = False
         self.gone = False
         self.seen = False
+        self.reading = True
+        self.expired = False
+        self.deadline = 0.0  # set by the first tick that sees the body still being read
 
     def listen(self) -> None:
         """Start listening for the client leaving (a task reading ``receive``)."""
@@ -46,6 +66,15 @@ class DisconnectWatch:
             self.close()
             self._task.cancel()
 
+    def expire(self) -> None:
+        """The body is overdue: stop reading it (cancel the task that waits for it)."""
+        # Only called while `reading`, which the task clears in the same step as its last
+        # receive() returns: the cancellation always lands in that receive(), never later.
+        if self._task is not None:
+            self.expired = True
+            self.close()
+            self._task.cancel()
+
     def close(self) -> None:
         """Stop watching: the request is answered."""
         if self.closed:
@@ -57,20 +86,24 @@ class DisconnectWatch:
 
 
 class DisconnectWatchers:
-    """Starts listening for disconnects only on requests that have run a little while.
+    """The one timer of an App that enforces body deadlines and notices clients leaving.
 
-    Listening costs a task per request, and most requests are answered before it could matter.
-    One timer for all requests in flight (not one each) finds those seen by two of its ticks.
+    Both cost a request nothing unless it lasts: one timer for all requests in flight (not one
+    each) ticks while any is. A body still being read at a tick gets its deadline then (so a
+    deadline is ``body_timeout_s`` plus up to a tick); a request seen by two ticks after its body
+    starts listening for a disconnect (a task reading ``receive``): most requests are answered
+    before that could matter.
     """
 
-    __slots__ = ("active", "timer")
+    __slots__ = ("active", "body_timeout_s", "timer")
 
-    def __init__(self) -> None:
+    def __init__(self, body_timeout_s: float | None = None) -> None:
         self.active: set[DisconnectWatch] = set()
         self.timer: asyncio.TimerHandle | None = None
+        self.body_timeout_s = body_timeout_s
 
     def watch(self, receive: Receive) -> DisconnectWatch:
-        """Watch one request; it is listened for only if it runs past a tick or two."""
+        """Watch one request, from before its body is read; see :class:`DisconnectWatch`."""
         watch = DisconnectWatch(self, receive)
         self.active.add(watch)
         if self.timer is None:
@@ -80,13 +113,22 @@ class DisconnectWatchers:
 
     def _tick(self) -> None:
         self.timer = None
+        loop = asyncio.get_running_loop()
+        now = loop.time()
         for watch in list(self.active):
-            if watch.seen:
+            if watch.reading:
+                if self.body_timeout_s is None:
+                    continue
+                if not watch.deadline:
+                    watch.deadline = now + self.body_timeout_s
+                elif now >= watch.deadline:
+                    watch.expire()
+            elif watch.seen:
                 watch.listen()
             else:
                 watch.seen = True
         if self.active:
-            self.timer = asyncio.get_running_loop().call_later(DISCONNECT_WATCH_DELAY_S, self._tick)
+            self.timer = loop.call_later(DISCONNECT_WATCH_DELAY_S, self._tick)
 
 
 async def abandon(items: Any) -> None:

@@ -8,6 +8,8 @@ it back into a Starlette :class:`~starlette.requests.Request` just before user c
 from __future__ import annotations
 
 import json
+import math
+import re
 from typing import Any
 
 from starlette.requests import Request
@@ -17,12 +19,15 @@ from embserve.errors import HTTPError
 from embserve.request import Request as EmbserveRequest
 
 __all__ = [
+    "MAX_JSON_DEPTH",
     "ROUTING_HEADERS",
+    "BodyTimeout",
     "BodyTooLarge",
     "ClientGone",
     "HTTPRequest",
     "RequestSnapshot",
     "apply_routing_headers",
+    "parse_json",
     "read_body",
 ]
 
@@ -33,6 +38,14 @@ class BodyTooLarge(Exception):
     def __init__(self, limit: int) -> None:
         super().__init__(f"the request body is larger than {limit} bytes")
         self.limit = limit
+
+
+class BodyTimeout(Exception):
+    """The request body did not arrive within the App's ``body_timeout_s`` (HTTP 408)."""
+
+    def __init__(self, timeout_s: float) -> None:
+        super().__init__(f"the request body did not arrive within {timeout_s:g} s")
+        self.timeout_s = timeout_s
 
 
 class ClientGone(Exception):
@@ -65,19 +78,107 @@ async def read_body(receive: Receive, limit: int) -> bytes:
     return b"".join(chunks)
 
 
+#: Request bodies nested deeper than this (arrays and objects) are refused by
+#: :func:`parse_json`. Far above what real documents use, far below what would exhaust Python's
+#: recursion limit when the value is parsed, or rendered again in a response.
+MAX_JSON_DEPTH = 200
+
+_INFINITY = math.inf
+# Everything but the bytes that open or close arrays, objects and strings (and the backslash,
+# which escapes a quote): what is left tells how deep a document is nested.
+_NOT_STRUCTURE = bytes(b for b in range(256) if b not in b'[]{}"\\')
+# A \uD800-\uDFFF escape: a surrogate, which is only valid JSON text as half of a pair.
+_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not a JSON number")
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if value == _INFINITY or value == -_INFINITY:
+        raise ValueError(f"the number {text[:20]}... does not fit in a double")
+    return value
+
+
+def _nesting(body: bytes) -> int:
+    """How deep ``body`` nests arrays and objects (brackets inside strings do not count)."""
+    depth = deepest = 0
+    in_string = escaped = False
+    for byte in body.translate(None, _NOT_STRUCTURE):
+        if in_string:
+            if escaped:
+                escaped = False
+            elif byte == 0x5C:  # backslash
+                escaped = True
+            elif byte == 0x22:  # quote
+                in_string = False
+        elif byte == 0x22:
+            in_string = True
+        elif byte in b"[{":
+            depth += 1
+            deepest = max(deepest, depth)
+        elif byte in b"]}":
+            depth -= 1
+    return deepest
+
+
+def _has_surrogate(value: Any) -> bool:
+    if isinstance(value, str):
+        return _SURROGATE.search(value) is not None
+    if isinstance(value, list):
+        return any(_has_surrogate(item) for item in value)
+    if isinstance(value, dict):
+        return any(_has_surrogate(k) or _has_surrogate(v) for k, v in value.items())
+    return False
+
+
+def parse_json(body: bytes) -> Any:
+    """``body`` decoded as strict JSON (RFC 8259, I-JSON's limits on numbers and strings).
+
+    Python's parser accepts more than JSON: ``NaN``, ``Infinity``, numbers too large for a
+    double (``1e999`` becomes ``inf``) and lone surrogates (``"\\ud800"``), all of which a
+    handler could not send back as JSON either. Those, a body that is not UTF-8, and one nested
+    deeper than :data:`MAX_JSON_DEPTH` raise ``embserve.HTTPError(400)`` saying what is wrong.
+    """
+    # Cheap checks first (C-speed counts and searches); the slower exact ones run only when
+    # these say they might find something.
+    if body.count(b"[") + body.count(b"{") > MAX_JSON_DEPTH and _nesting(body) > MAX_JSON_DEPTH:
+        raise HTTPError(400, f"the request body is JSON nested deeper than {MAX_JSON_DEPTH}")
+    try:
+        text = body.decode("utf-8")
+    except UnicodeDecodeError:
+        raise HTTPError(400, "the request body is not UTF-8 text, so not JSON") from None
+    try:
+        value = json.loads(text, parse_constant=_no_constant, parse_float=_finite_float)
+    except json.JSONDecodeError as exc:
+        raise HTTPError(400, f"the request body is not valid JSON: {exc}") from None
+    except ValueError as exc:  # a constant or number refused above, an int of > 4300 digits
+        raise HTTPError(400, f"the request body is not valid JSON: {exc}") from None
+    except RecursionError:  # nested within the limit, but called with the stack nearly full
+        raise HTTPError(400, "the request body is JSON nested too deeply") from None
+    if _SURROGATE_ESCAPE.search(body) is not None and _has_surrogate(value):
+        raise HTTPError(400, "the request body is not valid JSON: it holds a lone surrogate")
+    return value
+
+
 class HTTPRequest(Request):
     """The Starlette request a deployment receives.
 
-    It is a :class:`starlette.requests.Request` whose :meth:`json` answers a body that is not
-    JSON with HTTP 400 rather than a server error.
+    It is a :class:`starlette.requests.Request` whose :meth:`json` parses strict JSON and
+    answers a body that is not with HTTP 400 rather than a server error.
     """
 
     async def json(self) -> Any:
-        """The body decoded as JSON; raises ``embserve.HTTPError(400)`` when it is not JSON."""
-        try:
-            return await super().json()
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise HTTPError(400, f"the request body is not valid JSON: {exc}") from None
+        """The body decoded as JSON; raises ``embserve.HTTPError(400)`` when it is not JSON.
+
+        See :func:`parse_json` for what is refused beyond Python's own parser.
+        """
+        if not hasattr(self, "_json"):
+            self._json = parse_json(await self.body())
+        return self._json
 
 
 class RequestSnapshot:

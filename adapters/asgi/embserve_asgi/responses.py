@@ -2,7 +2,9 @@
 
 Return values: ``dict``, ``list``, numbers, ``None``, numpy arrays and dataclasses become JSON;
 ``str`` text; ``bytes`` an octet-stream; a Starlette ``Response`` goes out as it is; generators
-are streamed (see :func:`is_stream`). Errors follow one table (see :func:`error_response`).
+are streamed (see :func:`is_stream`). What JSON cannot hold is mended rather than failed on:
+``NaN`` and infinities become ``null`` (as JavaScript's ``JSON.stringify`` does) and lone
+surrogates in strings become U+FFFD. Errors follow one table (see :func:`error_response`).
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from starlette.types import Send
 
 from embserve.errors import (
     BackPressureError,
+    DeploymentUnavailableError,
     EmbserveError,
     HTTPError,
     MethodNotAllowedError,
@@ -27,9 +30,18 @@ from embserve.errors import (
     RequestTimeoutError,
     remote_traceback,
 )
-from embserve_asgi.requests import BodyTooLarge
+from embserve_asgi.requests import BodyTimeout, BodyTooLarge
 
-__all__ = ["error_response", "is_stream", "json_bytes", "render", "send_plain", "to_response"]
+__all__ = [
+    "Cancelled",
+    "error_response",
+    "is_stream",
+    "json_bytes",
+    "render",
+    "send_plain",
+    "to_response",
+    "utf8",
+]
 
 logger = logging.getLogger("embserve.http")
 
@@ -58,8 +70,54 @@ _encode = json.JSONEncoder(
 
 
 def json_bytes(value: Any) -> bytes:
-    """``value`` as compact UTF-8 JSON (numpy values and dataclasses included)."""
-    return _encode(value).encode("utf-8")
+    """``value`` as compact UTF-8 JSON (numpy values and dataclasses included).
+
+    ``NaN`` and infinities are sent as ``null``, lone surrogates as U+FFFD (see the module's
+    docstring); other values JSON cannot hold raise ``TypeError``.
+    """
+    try:
+        return _encode(value).encode("utf-8")
+    except ValueError:  # a non-finite float, or a lone surrogate (UnicodeEncodeError)
+        pass
+    # The slow path, taken only by values that need mending.
+    return utf8(_encode_finite(_finite(value, set())))
+
+
+def utf8(text: str) -> bytes:
+    """``text`` as UTF-8, any lone surrogate in it replaced by U+FFFD."""
+    try:
+        return text.encode("utf-8")
+    except UnicodeEncodeError:
+        # Through UTF-16 a surrogate pair (two str characters) becomes the character it stands
+        # for, and a lone surrogate the replacement character.
+        mended = text.encode("utf-16-le", "surrogatepass").decode("utf-16-le", "replace")
+        return mended.encode("utf-8")
+
+
+def _finite(value: Any, path: set[int]) -> Any:
+    """``value`` with every non-finite float replaced by None (containers copied)."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, (dict, list, tuple, set, frozenset)):
+        if id(value) in path:
+            raise ValueError("Circular reference detected")
+        path.add(id(value))
+        try:
+            if isinstance(value, dict):
+                return {_finite(k, path): _finite(v, path) for k, v in value.items()}
+            return [_finite(item, path) for item in value]
+        finally:
+            path.discard(id(value))
+    return value
+
+
+def _default_finite(value: Any) -> Any:
+    return _finite(_default(value), set())
+
+
+_encode_finite = json.JSONEncoder(
+    ensure_ascii=False, separators=(",", ":"), default=_default_finite, allow_nan=False
+).encode
 
 
 def is_stream(value: Any) -> bool:
@@ -73,7 +131,7 @@ def render(value: Any) -> tuple[bytes, bytes]:
     if kind is dict or kind is list:
         return json_bytes(value), JSON_BYTES
     if kind is str:
-        return value.encode("utf-8"), TEXT_BYTES
+        return utf8(value), TEXT_BYTES
     if kind is bytes or kind is bytearray or kind is memoryview:
         return bytes(value), OCTETS_BYTES
     return json_bytes(value), JSON_BYTES
@@ -111,7 +169,7 @@ def chunk_bytes(item: Any) -> bytes:
     if isinstance(item, bytes):
         return item
     if isinstance(item, str):
-        return item.encode("utf-8")
+        return utf8(item)
     return json_bytes(item) + b"\n"
 
 
@@ -131,13 +189,42 @@ def _error(status: int, message: str, request_id: str, **headers: str) -> Respon
     )
 
 
+class Cancelled(Exception):
+    """The server cancelled a request before it was answered (e.g. its graceful timeout ran out
+    at shutdown): HTTP 503, and the connection closes."""
+
+    def __init__(self) -> None:
+        super().__init__("the request was cancelled before it was answered")
+
+
+# What the client is told for each error embserve raises: the error's own message (None) where
+# embserve builds it from its own values alone (counts, options, the deployment's name), else a
+# fixed text. DeploymentUnavailableError, DeploymentFailedError and ReplicaDiedError may quote
+# user code (a constructor's or a health check's exception), and any other EmbserveError may
+# carry a reason from anywhere; their full message goes to the log instead.
+_UNAVAILABLE = "no replica of this route is running; retry later"
+_MESSAGES: tuple[tuple[type[BaseException], int, str | None, int], ...] = (
+    # (error, status, message, log level)
+    (BackPressureError, 503, None, logging.DEBUG),
+    (RequestTimeoutError, 504, None, logging.INFO),
+    (ReplicaDiedError, 503, "the replica serving the request stopped; retry", logging.WARNING),
+    (DeploymentUnavailableError, 503, _UNAVAILABLE, logging.WARNING),
+    (EmbserveError, 503, "the service is unavailable; retry later", logging.WARNING),
+)
+
+
 def error_response(exc: BaseException, request_id: str, endpoint: str = "") -> Response:
     """The HTTP response for an exception raised while serving a request.
 
-    ``HTTPError``/``HTTPException`` → their status; body too large → 413; ``BackPressureError``
-    and ``ReplicaDiedError`` → 503 with ``Retry-After``; ``RequestTimeoutError`` → 504; other
-    embserve errors → 503; any other exception → 500 whose body names no detail (the traceback is
-    logged here with the request id).
+    The body is ``{"error": message, "request_id": id}``. ``HTTPError``/``HTTPException`` →
+    their status and detail (text the handler chose to send); body too large → 413 and body too
+    slow → 408 (both closing the connection); ``BackPressureError`` and ``ReplicaDiedError`` →
+    503 with ``Retry-After``; ``RequestTimeoutError`` → 504; other embserve errors → 503;
+    :class:`Cancelled` → 503, closing; any other exception → 500. Only HTTP errors and the
+    errors whose text embserve makes from its own values alone (body limits, back pressure,
+    request timeouts) send their message; the others send a fixed text for their kind, and their
+    own text, which may quote user code, is logged here with the request id (with the traceback
+    for exceptions of user code), never sent.
     """
     if isinstance(exc, HTTPError):
         response = _error(exc.status, exc.detail or _reason(exc.status), request_id)
@@ -149,19 +236,22 @@ def error_response(exc: BaseException, request_id: str, endpoint: str = "") -> R
         for name, value in (exc.headers or {}).items():
             response.headers[name] = value
         return response
+    # The rest of the body is never read, so the connection cannot carry another request.
     if isinstance(exc, BodyTooLarge):
-        # The rest of the body is never read, so the connection cannot carry another request.
         return _error(413, str(exc), request_id, connection="close")
-    if isinstance(exc, BackPressureError):
-        retry = str(max(1, math.ceil(exc.retry_after_s)))
-        return _error(503, str(exc), request_id, **{"retry-after": retry})
-    if isinstance(exc, ReplicaDiedError):
-        return _error(503, str(exc), request_id, **{"retry-after": "1"})
-    if isinstance(exc, RequestTimeoutError):
-        return _error(504, str(exc), request_id)
-    if isinstance(exc, EmbserveError):
-        logger.warning("request %s to %r failed: %s", request_id, endpoint, exc)
-        return _error(503, str(exc), request_id, **{"retry-after": "1"})
+    if isinstance(exc, BodyTimeout):
+        return _error(408, str(exc), request_id, connection="close")
+    if isinstance(exc, Cancelled):
+        logger.warning("request %s to %r was cancelled unanswered", request_id, endpoint)
+        stopped = "the server stopped before the request finished; retry"
+        return _error(503, stopped, request_id, connection="close", **{"retry-after": "1"})
+    for kind, status, message, level in _MESSAGES:
+        if isinstance(exc, kind):
+            logger.log(level, "request %s to %r failed: %s", request_id, endpoint, exc)
+            headers = {"retry-after": "1"} if status == 503 else {}
+            if isinstance(exc, BackPressureError):
+                headers["retry-after"] = str(max(1, math.ceil(exc.retry_after_s)))
+            return _error(status, message or str(exc), request_id, **headers)
     text = remote_traceback(exc)
     if text is None:
         logger.error(

@@ -13,6 +13,8 @@ from typing import Any
 
 __all__ = ["bind", "serve"]
 
+LISTEN_BACKLOG = 1024
+
 
 def bind(host: str = "127.0.0.1", port: int = 8000) -> socket.socket:
     """A listening TCP socket on ``host:port`` (``port=0``: a free port, see ``getsockname``)."""
@@ -21,7 +23,7 @@ def bind(host: str = "127.0.0.1", port: int = 8000) -> socket.socket:
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.bind((host, port))
-        sock.listen(1024)
+        sock.listen(LISTEN_BACKLOG)
         sock.set_inheritable(True)
     except BaseException:
         sock.close()
@@ -35,20 +37,33 @@ async def serve(
     *,
     shutdown_trigger: Callable[[], Awaitable[Any]] | None = None,
     graceful_timeout_s: float = 30.0,
+    keep_alive_timeout_s: float = 5.0,
+    read_timeout_s: float | None = None,
     access_log: bool = False,
 ) -> None:
     """Serve ``app`` on ``sock`` (which hypercorn takes over) until ``shutdown_trigger`` returns.
 
     On shutdown the server stops accepting, lets in-flight requests finish for up to
     ``graceful_timeout_s``, then runs the app's lifespan shutdown (an embserve App drains its
-    runtime there). Without a trigger, SIGINT and SIGTERM stop it (main thread only).
+    runtime there); an embserve App answers the requests still in flight then with 503. Without a
+    trigger, SIGINT and SIGTERM stop it (main thread only).
+
+    ``keep_alive_timeout_s`` closes a connection that sits idle that long between requests, or
+    before its request's headers are whole (the App's ``body_timeout_s`` bounds the body).
+    ``read_timeout_s`` closes a connection that sends nothing for that long at any time, also
+    while its request is being served (a client waiting for a slow answer sends nothing), so it
+    must exceed the longest request; None (the default) leaves it to the other two.
     """
     from hypercorn.asyncio import serve as hypercorn_serve
     from hypercorn.config import Config
 
     config = Config()
     config.bind = [f"fd://{sock.detach()}"]
+    config.backlog = LISTEN_BACKLOG  # hypercorn listens again on the socket, with its own backlog
     config.graceful_timeout = graceful_timeout_s
+    config.keep_alive_timeout = keep_alive_timeout_s
+    # Annotated int by hypercorn, which hands it to asyncio.wait_for: any number of seconds.
+    config.read_timeout = read_timeout_s  # type: ignore[assignment]
     config.accesslog = logging.getLogger("embserve.http.access") if access_log else None
     config.errorlog = logging.getLogger("embserve.http.server")
     if shutdown_trigger is None:
