@@ -10,15 +10,18 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import enum
 import functools
 import inspect
 import logging
+import sys
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from time import perf_counter
 from typing import Any
 
+from embserve import tracing
 from embserve._loop import running_loop
 from embserve.batching import batch_sizes, close_batchers
 from embserve.context import ReplicaContext, reset_replica_context, set_replica_context
@@ -160,6 +163,10 @@ class ReplicaHost:
             args = _materialize(args)
         token = set_replica_context(self.context)
         current = set_current_request(request)
+        traced = None
+        if request.trace_context is not None and tracing.ENABLED:
+            traced = self._span(request)
+            traced.__enter__()
         began = perf_counter()
         try:
             if kind is _Kind.ASYNC:
@@ -180,8 +187,23 @@ class ReplicaHost:
             pending.append(perf_counter() - began)
             if len(pending) >= PENDING_MAX:
                 execution.flush()
+            if traced is not None:
+                traced.__exit__(*sys.exc_info())
             reset_current_request(current)
             reset_replica_context(token)
+
+    def _span(self, request: Request) -> contextlib.AbstractContextManager[None]:
+        # The execution span of a traced request: user code (and its handle calls) runs in it.
+        return tracing.span(
+            "embserve.execute",
+            request.trace_context,
+            {
+                "embserve.deployment": self.spec.deployment,
+                "embserve.replica": self.spec.replica_id,
+                "embserve.method": request.method,
+                "embserve.request_id": request.ensure_id(),
+            },
+        )
 
     def stats(self) -> ReplicaStats:
         """What this replica measured: execution times, batch sizes, model loads."""
@@ -265,11 +287,13 @@ class ReplicaHost:
     async def _in_thread(self, fn: Callable[[], Any], request: Request | None = None) -> Any:
         # Track the thread's work itself, not our wait for it: a cancelled caller stops waiting
         # while the thread runs on, and close() must know that.
-        work = (
-            self._executor.submit(_in_request, request, fn)
-            if request
-            else self._executor.submit(fn)
-        )
+        if request is None:
+            work = self._executor.submit(fn)
+        elif request.trace_context is not None and tracing.ENABLED:
+            # The thread runs in a copy of this context: the execution span is current there.
+            work = self._executor.submit(contextvars.copy_context().run, _in_request, request, fn)
+        else:
+            work = self._executor.submit(_in_request, request, fn)
         self._in_threads.add(work)
         work.add_done_callback(self._in_threads.discard)
         try:

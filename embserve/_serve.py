@@ -17,6 +17,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from time import perf_counter
 from typing import Any
 
+from embserve import tracing
 from embserve._loop import start_task
 from embserve.clock import Clock
 from embserve.deployment import Deployment, DeploymentConfig
@@ -180,7 +181,15 @@ class RequestPath:
             if not self.running:
                 self.wake()
             waited = perf_counter()
-            lease = await router.assign(request)
+            if request.trace_context is not None and tracing.ENABLED:
+                attributes = {
+                    "embserve.deployment": self.name,
+                    "embserve.request_id": request.ensure_id(),
+                }
+                with tracing.span("embserve.queue", request.trace_context, attributes):
+                    lease = await router.assign(request)
+            else:
+                lease = await router.assign(request)
             self.metrics.queue_wait.observe(perf_counter() - waited)
         request.lease = lease
         return lease

@@ -11,6 +11,7 @@ from __future__ import annotations
 import threading
 from typing import Any, Protocol
 
+from embserve import tracing
 from embserve.request import Request, current_request
 from embserve.response import (
     Response,
@@ -189,6 +190,10 @@ class Handle:
             # A call made while serving a request is part of it: same deadline, same trace.
             request.deadline = parent.deadline
             request.trace_context = parent.trace_context
+        if tracing.ENABLED:
+            context = tracing.capture()  # the caller's span (inside a replica: its execution)
+            if context is not None:
+                request.trace_context = context
         return submitter.submit(request)
 
     def __reduce__(self) -> tuple[Any, ...]:

@@ -54,6 +54,11 @@ class Model:
     def who(self) -> str:
         return embserve.get_replica_context().deployment
 
+    async def trace_id(self) -> int:
+        from opentelemetry import trace
+
+        return int(trace.get_current_span().get_span_context().trace_id)
+
     async def context(self) -> tuple[str, str | None]:
         request = embserve.get_request_context()
         return request.request_id, request.routing_key
@@ -185,3 +190,17 @@ def test_metrics_reach_the_runtime_from_its_replicas(
     assert counts["embserve_batch_size_count"] >= 2  # batches measured inside the replicas
     assert counts["embserve_execution_seconds_count"] >= 8
     assert counts["embserve_request_duration_seconds_count"] >= 8
+
+
+def test_the_callers_trace_id_reaches_the_replica(model: embserve.Handle) -> None:
+    from opentelemetry import trace
+
+    context = trace.SpanContext(
+        trace_id=0x4BF92F3577B34DA6A3CE929D0E0E4736,
+        span_id=0x00F067AA0BA902B7,
+        is_remote=False,
+        trace_flags=trace.TraceFlags(trace.TraceFlags.SAMPLED),
+    )
+    with trace.use_span(trace.NonRecordingSpan(context)):
+        seen = model.trace_id.remote().result(timeout_s=30)
+    assert seen == 0x4BF92F3577B34DA6A3CE929D0E0E4736

@@ -287,13 +287,16 @@ class RequestSnapshot:
 
 
 #: Headers that set a request's routing options, as ``handle.options(...)`` does: its priority,
-#: routing key and multiplexed model id (``serve_multiplexed_model_id`` is Ray Serve's name).
+#: routing key and multiplexed model id (``serve_multiplexed_model_id`` is Ray Serve's name);
+#: and the W3C trace context (``traceparent``, ``tracestate``) that tracing continues.
 ROUTING_HEADERS = frozenset(
     {
         b"embserve-priority",
         b"embserve-routing-key",
         b"embserve-model-id",
         b"serve_multiplexed_model_id",
+        b"traceparent",
+        b"tracestate",
     }
 )
 _MAX_OPTION_LENGTH = 256
@@ -315,5 +318,10 @@ def apply_routing_headers(request: EmbserveRequest, headers: dict[bytes, bytes])
                 raise HTTPError(400, "header embserve-priority must be an integer") from None
         elif name == b"embserve-routing-key":
             request.routing_key = value
+        elif name in (b"traceparent", b"tracestate"):
+            # The W3C trace context, handed to OpenTelemetry's propagator in the replica.
+            context = dict(request.trace_context or {})
+            context[name.decode()] = value
+            request.trace_context = context
         else:
             request.multiplexed_model_id = value
