@@ -250,9 +250,10 @@ async def test_admin_off_and_healthz_without_replicas() -> None:
             transport=httpx.ASGITransport(app=app), base_url="http://t"
         ) as http:
             assert (await http.get("/ok")).text == "ok"  # started on first use
-            health = await http.get("/-/healthz")
-            assert health.status_code == 503
-            assert any("/zero" in why for why in health.json()["why"])
+            assert (await http.get("/-/healthz")).json() == {"status": "ok"}  # alive
+            ready = await http.get("/-/ready")
+            assert ready.status_code == 503
+            assert any("/zero" in why for why in ready.json()["why"])
         async with httpx.AsyncClient(
             transport=httpx.ASGITransport(app=quiet), base_url="http://t"
         ) as http:

@@ -520,3 +520,11 @@ def test_2000_requests_at_64_concurrent_all_right(server: Server) -> None:
     wrong = [a for a in answers if a[1] != 200 or a[2] != {"n": a[0], "doubled": 2 * a[0]}]
     assert not wrong, wrong[:5]
     assert elapsed < 40
+
+
+def test_metrics_page_serves_the_runtimes_families_too(client: httpx.Client) -> None:
+    assert client.post("/echo", content=b"x").status_code == 200
+    text = client.get("/-/metrics").text
+    assert "embserve_http_requests_total" in text
+    assert 'embserve_requests_total{deployment="Echo",outcome="ok"}' in text
+    assert "embserve_execution_seconds_bucket" in text

@@ -143,7 +143,7 @@ def test_no_user_exception_text_reaches_a_client_but_the_log_has_it_with_the_req
         assert failed.json() == {"error": "internal server error", "request_id": "handler-1"}
 
         broken.set()  # the health check fails, the replica is replaced, the restart fails
-        wait_until(lambda: http.get("/-/healthz").status_code == 503)
+        wait_until(lambda: http.get("/-/ready").status_code == 503)
         wait_until(lambda: http.get("/flaky").status_code == 503)
         unavailable = http.get("/flaky", headers={"x-request-id": "down-1"})
         assert unavailable.json() == {
@@ -151,7 +151,7 @@ def test_no_user_exception_text_reaches_a_client_but_the_log_has_it_with_the_req
             "request_id": "down-1",
         }
         assert unavailable.headers["retry-after"] == "1"
-        health, status = http.get("/-/healthz"), http.get("/-/status")
+        health, status = http.get("/-/ready"), http.get("/-/status")
         assert health.json()["why"] == ["/flaky (Flaky) has no running replica [UNHEALTHY]"]
         assert status.json()["deployments"]["Flaky"]["state"] == "UNHEALTHY"
         for response in (failed, unavailable, health, status, http.get("/-/routes")):

@@ -1,9 +1,10 @@
 """The admin routes under ``/-/`` and the request metrics the App keeps per endpoint.
 
-``/-/healthz`` (200 when every route has a running replica, else 503 saying which has none),
-``/-/routes``, ``/-/status`` (``Runtime.status()`` as JSON) and ``/-/metrics`` (Prometheus text).
-Metrics are plain counters on the request path; they become Prometheus families only when
-scraped, so serving a request costs a few integer additions.
+``/-/healthz`` (200 while the process answers: liveness), ``/-/ready`` (200 when every route
+has a running replica, else 503 saying which has none), ``/-/routes``, ``/-/status``
+(``Runtime.status()`` as JSON) and ``/-/metrics`` (Prometheus text: the App's HTTP series and
+its runtime's, see ``Runtime.metrics()``). The HTTP counters are plain integers on the request
+path; they become Prometheus families only when scraped.
 
 The pages are unauthenticated, so they show states and counts but none of the status's free
 text: a deployment's or replica's ``message`` may quote a user exception (a constructor that
@@ -110,8 +111,10 @@ def admin_response(
     started: bool,
 ) -> Response | None:
     """The answer to admin ``path`` (the part after ``/-/``), or None when there is no such page."""
-    if path == "healthz":
-        return _healthz(runtime, routes, started=started)
+    if path == "healthz":  # liveness: the process answers
+        return _json({"status": "ok"})
+    if path == "ready":
+        return _ready(runtime, routes, started=started)
     if path == "routes":
         endpoints = runtime.status().endpoints
         return _json(
@@ -125,14 +128,17 @@ def admin_response(
         )
     if path == "status":
         return _json(_without_messages(runtime.status().to_dict()))
-    if path == "metrics":
-        return Response(
-            prometheus_text(metrics), media_type="text/plain; version=0.0.4; charset=utf-8"
-        )
     return None
 
 
-def _healthz(runtime: Runtime, routes: Mapping[str, str], *, started: bool) -> Response:
+def metrics_response(http: bytes, runtime_text: str) -> Response:
+    """``/-/metrics``: the App's HTTP series and its runtime's (``Runtime.metrics()``)."""
+    return Response(
+        http + runtime_text.encode(), media_type="text/plain; version=0.0.4; charset=utf-8"
+    )
+
+
+def _ready(runtime: Runtime, routes: Mapping[str, str], *, started: bool) -> Response:
     if not started:
         return _json({"status": "unavailable", "why": ["the runtime has not started"]}, 503)
     status = runtime.status()

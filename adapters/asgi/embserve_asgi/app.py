@@ -26,7 +26,12 @@ from embserve.errors import EmbserveError, HTTPError
 from embserve.handle import ResponseStream
 from embserve.request import Request
 from embserve.runtime import Runtime
-from embserve_asgi.admin import EndpointMetrics, admin_response
+from embserve_asgi.admin import (
+    EndpointMetrics,
+    admin_response,
+    metrics_response,
+    prometheus_text,
+)
 from embserve_asgi.connection import (
     DisconnectWatch,
     DisconnectWatchers,
@@ -76,7 +81,8 @@ class App:
         max_body_size: larger request bodies are refused with 413 before they are read whole.
         body_timeout_s: a request body must arrive whole within this many seconds of the
             request's start, else 408 and the connection closes (None: no limit).
-        admin: serve ``/-/healthz``, ``/-/routes``, ``/-/status`` and ``/-/metrics``.
+        admin: serve ``/-/healthz`` (alive), ``/-/ready`` (every route has a running replica),
+            ``/-/routes``, ``/-/status`` and ``/-/metrics``.
 
     A deployment limits the HTTP methods it answers with an ``http_methods`` attribute on its
     class or function (``http_methods = ("POST",)``); others get 405.
@@ -437,9 +443,15 @@ class App:
         self, page: str, request_id: str, scope: Scope, receive: Receive, send: Send
     ) -> None:
         self._refresh_routes()
-        response = admin_response(
-            page, self.runtime, self._route_table, self._metrics, started=self._ready
-        )
+        response: Response | None
+        if page == "metrics":
+            runtime = self.runtime
+            text = await _on_loop_of(runtime, runtime.metrics_async) if self._ready else ""
+            response = metrics_response(prometheus_text(self._metrics), text)
+        else:
+            response = admin_response(
+                page, self.runtime, self._route_table, self._metrics, started=self._ready
+            )
         if response is None:
             response = error_response(HTTPError(404, f"no admin page {page!r}"), request_id)
         response.headers["x-request-id"] = request_id

@@ -93,7 +93,7 @@ def describe(app: App, url: str) -> str:
     for prefix, endpoint in sorted(routes.items()):
         lines.append(f"  {prefix.ljust(width)}  -> {endpoint}")
     if app.admin:
-        lines.append("  admin: /-/healthz /-/routes /-/status /-/metrics")
+        lines.append("  admin: /-/healthz /-/ready /-/routes /-/status /-/metrics")
     if routes:
         first = min(routes, key=len) if "/" in routes else sorted(routes)[0]
         lines.append(f"try: curl -s -X POST {url}{first} -d 'I love fast serving'")
