@@ -157,6 +157,7 @@ def test_error_bodies_hold_no_exception_text_which_goes_to_the_log(
     logged = [r for r in caplog.records if "rid-7" in r.getMessage()]
     assert len(logged) == 1
     assert SECRET in logging.Formatter().format(logged[0])  # the traceback, if any, with it
+    assert getattr(logged[0], "request_id", None) == "rid-7"  # for structured log handlers
 
 
 @pytest.mark.parametrize(

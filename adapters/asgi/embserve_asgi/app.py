@@ -428,7 +428,11 @@ class App:
                     # the server cut the connection, so the client cannot take a truncated
                     # stream for a whole one.
                     finished = True
-                    logger.exception("the stream of request %s failed", request_id)
+                    logger.exception(
+                        "the stream of request %s failed",
+                        request_id,
+                        extra={"request_id": request_id},
+                    )
                     return 500
                 chunk = chunk_bytes(item)
             await send({"type": "http.response.body", "body": b"", "more_body": False})

@@ -242,12 +242,24 @@ def error_response(exc: BaseException, request_id: str, endpoint: str = "") -> R
     if isinstance(exc, BodyTimeout):
         return _error(408, str(exc), request_id, connection="close")
     if isinstance(exc, Cancelled):
-        logger.warning("request %s to %r was cancelled unanswered", request_id, endpoint)
+        logger.warning(
+            "request %s to %r was cancelled unanswered",
+            request_id,
+            endpoint,
+            extra={"request_id": request_id},
+        )
         stopped = "the server stopped before the request finished; retry"
         return _error(503, stopped, request_id, connection="close", **{"retry-after": "1"})
     for kind, status, message, level in _MESSAGES:
         if isinstance(exc, kind):
-            logger.log(level, "request %s to %r failed: %s", request_id, endpoint, exc)
+            logger.log(
+                level,
+                "request %s to %r failed: %s",
+                request_id,
+                endpoint,
+                exc,
+                extra={"request_id": request_id},
+            )
             headers = {"retry-after": "1"} if status == 503 else {}
             if isinstance(exc, BackPressureError):
                 headers["retry-after"] = str(max(1, math.ceil(exc.retry_after_s)))
@@ -255,11 +267,21 @@ def error_response(exc: BaseException, request_id: str, endpoint: str = "") -> R
     text = remote_traceback(exc)
     if text is None:
         logger.error(
-            "request %s to %r raised %s", request_id, endpoint, type(exc).__name__, exc_info=exc
+            "request %s to %r raised %s",
+            request_id,
+            endpoint,
+            type(exc).__name__,
+            exc_info=exc,
+            extra={"request_id": request_id},
         )
     else:
         logger.error(
-            "request %s to %r raised %s\n%s", request_id, endpoint, type(exc).__name__, text
+            "request %s to %r raised %s\n%s",
+            request_id,
+            endpoint,
+            type(exc).__name__,
+            text,
+            extra={"request_id": request_id},
         )
     return _error(500, "internal server error", request_id)
 
