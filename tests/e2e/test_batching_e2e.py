@@ -180,7 +180,7 @@ def test_adaptive_lone_request_does_not_wait_and_load_fills_batches(
     seen("adaptive").clear()
     start = time.perf_counter()
     assert doubler.adaptive.remote(1).result(timeout_s=1) == 1
-    assert time.perf_counter() - start < 0.05  # far below the 0.2 s target: no waiting
+    assert time.perf_counter() - start < 0.1  # half the 0.2 s target: it did not wait for it
     assert call_all(doubler.adaptive, list(range(48))) == list(range(48))
     assert max(seen("adaptive")) > 8
 
