@@ -63,6 +63,8 @@ from embserve_asgi.routing import Route, check_routes, route_path
 __all__ = ["App"]
 
 T = TypeVar("T")
+# How long the answer to a request cut at shutdown may take to go out.
+_LAST_ANSWER_S = 1.0
 
 DEFAULT_MAX_BODY_SIZE = 16 * 1024 * 1024
 DEFAULT_BODY_TIMEOUT_S = 30.0
@@ -116,6 +118,9 @@ class App:
         self._routes_at = -ROUTE_REFRESH_S
         self._metrics: dict[str, EndpointMetrics] = {}
         self._watchers = DisconnectWatchers()
+        # The tasks serving requests now, for drain(); and whether a drain is cutting them.
+        self._serving: set[asyncio.Task[Any]] = set()
+        self._cutting = False
         self.body_timeout_s = body_timeout_s
 
     @property
@@ -305,11 +310,31 @@ class App:
         metrics.in_flight += 1
         started = time.perf_counter()
         status = 500
+        task = asyncio.current_task()
+        if task is not None:
+            self._serving.add(task)
         try:
             status = await self._serve(route, request_id, declared, options, scope, receive, send)
         finally:
+            self._serving.discard(task)
             metrics.in_flight -= 1
             metrics.finished(status, time.perf_counter() - started)
+
+    def drain(self, timeout_s: float) -> None:
+        """The server stops: requests still running after ``timeout_s`` are cancelled and
+        answered 503 with their request id (async user code sees ``CancelledError``).
+
+        ``embserve run`` and :func:`embserve_asgi.server.serve` call it when shutdown begins,
+        and give the server a little longer, so that the answers go out before it closes
+        connections (hypercorn on Python 3.12+ stops writing to them at its own timeout).
+        """
+        loop = asyncio.get_running_loop()
+        loop.call_later(timeout_s, self._cut)
+
+    def _cut(self) -> None:
+        self._cutting = True
+        for task in list(self._serving):
+            task.cancel()
 
     async def _serve(
         self,
@@ -367,7 +392,7 @@ class App:
                 return await send_plain(send, result, request_id)
             response = to_response(result, request_id)
         except asyncio.CancelledError:
-            if watch is not None and watch.gone:
+            if watch is not None and watch.gone and not self._cutting:
                 _uncancel()
                 return 499
             if watch is not None:
@@ -469,7 +494,7 @@ async def _send_quietly(response: Response, scope: Scope, receive: Receive, send
     # The connection may be going away with the server; the answer is then lost, and that
     # must not hide why the request ended.
     with contextlib.suppress(Exception):
-        await response(scope, receive, send)
+        await asyncio.wait_for(response(scope, receive, send), _LAST_ANSWER_S)
 
 
 def _uncancel() -> None:

@@ -14,6 +14,9 @@ from typing import Any
 __all__ = ["bind", "serve"]
 
 LISTEN_BACKLOG = 1024
+# How much longer than the App's graceful timeout the server waits, for the App's answers to
+# the requests it cut to go out.
+_LAST_ANSWERS_S = 1.0
 
 
 def bind(host: str = "127.0.0.1", port: int = 8000) -> socket.socket:
@@ -68,5 +71,17 @@ async def serve(
     config.errorlog = logging.getLogger("embserve.http.server")
     if shutdown_trigger is None:
         await hypercorn_serve(app, config)
-    else:
-        await hypercorn_serve(app, config, shutdown_trigger=shutdown_trigger)
+        return
+    drain = getattr(app, "drain", None)
+    if callable(drain):
+        # The App cuts what still runs at graceful_timeout_s and answers it 503; the server
+        # waits a little longer, so that those answers go out before it closes connections.
+        config.graceful_timeout = graceful_timeout_s + _LAST_ANSWERS_S
+        trigger = shutdown_trigger
+
+        async def draining() -> None:
+            await trigger()
+            drain(graceful_timeout_s)
+
+        shutdown_trigger = draining
+    await hypercorn_serve(app, config, shutdown_trigger=shutdown_trigger)
