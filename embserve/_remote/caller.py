@@ -16,7 +16,13 @@ import logging
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
-from embserve._remote.codec import Frame, decode, decode_error, encode
+from embserve._remote.codec import (
+    Frame,
+    decode,
+    decode_error,
+    encode_code,
+    find_unpicklable,
+)
 from embserve._remote.forwarding import Forwarder
 from embserve._remote.messages import (
     CALL,
@@ -58,16 +64,43 @@ _STOP_TIMEOUT_S = 5.0
 
 
 def encode_start(spec: ReplicaSpec, context: ReplicaContext) -> list[Frame]:
-    """The payload of ``START``, pickled by value (the other side may not import the user's
-    modules). Raises :class:`~embserve.DeploymentFailedError` when the deployment cannot be
-    sent, before anything was started for it."""
+    """The payload of ``START``: user code by reference where the other side can import it
+    (given this process's ``sys.path``), by value where it cannot (``__main__``, notebooks);
+    see :func:`~embserve._remote.codec.encode_code`. Raises
+    :class:`~embserve.DeploymentFailedError`, naming the piece that cannot be pickled and what
+    to do about it, when the deployment cannot be sent, before anything was started for it."""
     try:
-        return encode((spec, context), by_value=True)
+        return encode_code((spec, context))
     except Exception as exc:
-        raise DeploymentFailedError(
-            f"deployment {spec.deployment!r} cannot be sent to its replica: "
-            f"{type(exc).__name__}: {exc}"
-        ) from exc
+        raise DeploymentFailedError(_cannot_send(spec, exc)) from exc
+
+
+def _cannot_send(spec: ReplicaSpec, exc: Exception) -> str:
+    prefix = f"deployment {spec.deployment!r} cannot be sent to its replica"
+    arguments = [(f"constructor argument {i}", a) for i, a in enumerate(spec.init_args)]
+    arguments += [(f"constructor argument {k!r}", a) for k, a in spec.init_kwargs.items()]
+    arguments.append(("its user_config", spec.config.user_config))
+    code = find_unpicklable([("its code", spec.target)])
+    if code is not None and code[1] is not spec.target:
+        what, value, error = code
+        fix = (
+            "create it in __init__ instead (or define the deployment in an importable module: "
+            "its replica then imports it rather than receiving it by value)"
+        )
+    else:
+        found = find_unpicklable(arguments)
+        if found is None:
+            return f"{prefix}: {type(exc).__name__}: {exc}"
+        what, value, error = found
+        fix = "pass what it is made from (a path, its settings) and create it in __init__"
+    kind = type(value)
+    kind_name = kind.__qualname__
+    if kind.__module__ != "builtins":
+        kind_name = f"{kind.__module__}.{kind_name}"
+    return (
+        f"{prefix}: {what} is a {kind_name}, which cannot be "
+        f"pickled ({type(error).__name__}: {error}); {fix}"
+    )
 
 
 def _retrieve(future: asyncio.Future[Any]) -> None:

@@ -1,10 +1,12 @@
-"""Worker processes that die or retire under load, and handles used inside replicas."""
+"""Worker processes that retire under load, and handles used inside replicas.
+
+Workers killed under load: tests/reliability/test_dask_crash.py.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import os
-import signal
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -13,10 +15,7 @@ import distributed
 import pytest
 
 import embserve
-from embserve.errors import ReplicaDiedError
 from embserve_dask import DaskBackend
-from tests.processes import alive
-from tests.waiting import wait_until
 
 # distributed's constructors are untyped; tests use them through these names.
 LocalCluster: Any = distributed.LocalCluster
@@ -96,40 +95,6 @@ def test_handles_inside_replicas_call_back_to_the_runtime(cluster: Any) -> None:
         assert result == 2 and pid != os.getpid()
         assert handle.sync_call.remote(5).result(timeout_s=10) == 6
         assert handle.stream_back.remote(3).result(timeout_s=10) == [0, 1, 2]
-
-
-def test_a_worker_killed_under_load_is_replaced_and_no_request_hangs(
-    cluster: Any,
-) -> None:
-    with embserve.Runtime(backend=DaskBackend(cluster)) as rt:
-        handle = rt.run(Slow.bind(), name="slow")
-        before = _replica_workers(rt, "slow")
-        assert len({info["worker"] for info in before.values()}) == 2
-        victim_id, victim = next(iter(before.items()))
-        responses = [handle.remote(0.3) for _ in range(16)]
-        time.sleep(0.1)  # let requests reach the replicas before the kill
-        killed_at = time.monotonic()
-        os.kill(victim["worker_pid"], signal.SIGKILL)  # the worker, not only the replica
-        outcomes: list[Any] = []
-        for response in responses:
-            try:
-                outcomes.append(response.result(timeout_s=20))
-            except ReplicaDiedError as exc:
-                assert exc.started
-                outcomes.append(exc)
-        assert any(isinstance(o, tuple) for o in outcomes)
-        # The requests running on the killed replica fail as started; none was lost silently.
-        assert any(isinstance(o, ReplicaDiedError) for o in outcomes)
-        # The runtime hears of the death from Dask and starts a replacement elsewhere.
-        _wait_for(lambda: victim_id not in _replica_workers(rt, "slow"))
-        assert time.monotonic() - killed_at < 10
-        _wait_for(lambda: len(_replica_workers(rt, "slow")) == 2)
-        after = _replica_workers(rt, "slow")
-        assert victim["worker"] not in {info["worker"] for info in after.values()}
-        results = [handle.remote(0).result(timeout_s=10) for _ in range(10)]
-        assert victim["pid"] not in {pid for _, pid in results}
-        # The replica's own process did not outlive its worker.
-        wait_until(lambda: not alive(victim["pid"]))
 
 
 def test_retire_workers_drains_replicas_before_the_worker_goes(cluster: Any) -> None:

@@ -7,7 +7,10 @@ results, streams and errors come back and convert as with in-thread replicas.
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -15,7 +18,12 @@ import pytest
 from starlette.requests import Request
 
 import embserve
+from tests.e2e.servers import free_port
 from tests.e2e.test_http import Server
+from tests.waiting import wait_for
+
+ROOT = Path(__file__).resolve().parents[2]
+HYPERCORN = Path(sys.executable).with_name("hypercorn")
 
 
 @embserve.deployment
@@ -78,3 +86,31 @@ def test_requests_reach_a_worker_process_as_starlette_requests(server: Server) -
             "application/octet-stream",
             b"0;1;2;3;4;",
         )
+
+
+def test_hypercorn_serves_a_process_backend_app_from_its_daemonic_worker() -> None:
+    # hypercorn runs the app in a daemonic multiprocessing child, which multiprocessing does
+    # not let start children of its own: the process backend's workers are not those.
+    port = free_port()
+    command = [str(HYPERCORN), "--bind", f"127.0.0.1:{port}", "tests.e2e.process_service:api"]
+    server = subprocess.Popen(
+        command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
+
+    def answer() -> httpx.Response | None:
+        assert server.poll() is None, "hypercorn exited"
+        try:
+            return httpx.get(f"http://127.0.0.1:{port}/ml/where", timeout=10)
+        except httpx.TransportError:
+            return None
+
+    try:
+        response = wait_for(answer, timeout_s=30, step_s=0.05)
+        assert response is not None
+        assert response.status_code == 200, response.text
+        where = response.json()
+        assert where["title"] == "process-service" and where["pid"] != server.pid
+    finally:
+        server.terminate()
+        output, _ = server.communicate(timeout=30)
+    assert "Traceback" not in output, output

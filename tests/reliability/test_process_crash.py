@@ -1,4 +1,9 @@
-"""Worker processes killed under load, replaced, and never left behind."""
+"""Worker processes killed under 64-way load from handles, replaced, and never left behind.
+
+Every call ends within a bound; calls that had not started on a killed worker run elsewhere;
+those it was running end with ReplicaDiedError (naming the signal); the deployment gets its
+replicas back and serves.
+"""
 
 from __future__ import annotations
 
@@ -26,6 +31,8 @@ pytestmark = pytest.mark.timeout(90)
 
 # How soon a killed worker must be noticed (the issue's bound).
 DETECTION_BOUND_S = 1.0
+# Calls in flight or queued from handles when workers are killed.
+LOAD = 64
 
 
 def gone(pid: int) -> bool:
@@ -94,7 +101,7 @@ def test_sigkill_under_load_fails_only_what_was_in_flight_and_replaces_the_worke
 ) -> None:
     handle = rt.run(Sleeper.bind(), name="sleeper")
     for _ in range(2):  # a bounded number of kills, each one replaced before the next
-        victim, outcomes, noticed = kill_one_under_load(rt, handle, "sleeper", 40)
+        victim, outcomes, noticed = kill_one_under_load(rt, handle, "sleeper", LOAD)
         assert noticed < DETECTION_BOUND_S
         failures = [o for o in outcomes if isinstance(o, Exception)]
         # Only what the victim was running may fail; everything queued went elsewhere.
@@ -102,7 +109,7 @@ def test_sigkill_under_load_fails_only_what_was_in_flight_and_replaces_the_worke
         assert all(isinstance(f, embserve.ReplicaDiedError) and f.started for f in failures)
         assert all("SIGKILL" in str(f) for f in failures)
         assert victim not in [o for o in outcomes if isinstance(o, int)][-10:]
-        assert len(outcomes) == 40
+        assert len(outcomes) == LOAD
         pids = wait_for(
             lambda: set(replicas(rt, "sleeper")) if len(replicas(rt, "sleeper")) == 2 else set()
         )
@@ -116,11 +123,47 @@ def test_with_max_retries_requests_in_flight_on_a_killed_worker_succeed(
     rt: embserve.Runtime,
 ) -> None:
     handle = rt.run(Sleeper.options(max_retries=3).bind(), name="retrying")
-    victim, outcomes, noticed = kill_one_under_load(rt, handle, "retrying", 24)
+    victim, outcomes, noticed = kill_one_under_load(rt, handle, "retrying", LOAD)
     assert noticed < DETECTION_BOUND_S
     assert all(isinstance(o, int) for o in outcomes), outcomes
     assert victim not in outcomes[-8:]
     rt.delete("retrying")
+
+
+def test_every_worker_killed_at_once_under_load_ends_every_call_and_capacity_returns(
+    rt: embserve.Runtime,
+) -> None:
+    handle = rt.run(Sleeper.bind(), name="all-killed")
+    responses = [handle.remote(0.05) for _ in range(LOAD)]
+
+    def all_busy() -> list[int]:
+        running = replicas(rt, "all-killed")
+        return list(running) if all(r.ongoing_requests for r in running.values()) else []
+
+    victims = wait_for(all_busy)
+    assert len(victims) == 2
+    started = time.monotonic()
+    for victim in victims:
+        os.kill(victim, signal.SIGKILL)
+    outcomes: list[Any] = []
+    for response in responses:
+        try:
+            outcomes.append(response.result(timeout_s=20))
+        except Exception as exc:
+            outcomes.append(exc)
+    assert time.monotonic() - started < 20  # nothing hung
+    failures = [o for o in outcomes if isinstance(o, Exception)]
+    # At most what both were running fails, as started; the queued calls waited for the
+    # replacements and ran there.
+    assert len(failures) <= 2 * Sleeper.config.ongoing_limit
+    assert all(isinstance(f, embserve.ReplicaDiedError) and f.started for f in failures)
+    assert len(outcomes) == LOAD and len(failures) < LOAD
+    pids = wait_for(
+        lambda: set(replicas(rt, "all-killed")) if len(replicas(rt, "all-killed")) == 2 else set()
+    )
+    assert not pids & set(victims)
+    assert {handle.remote(0).result(timeout_s=10) for _ in range(8)} <= pids
+    rt.delete("all-killed")
 
 
 def test_leaving_the_runtime_leaves_no_worker() -> None:

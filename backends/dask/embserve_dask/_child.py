@@ -4,17 +4,31 @@ Started by the replica's Dask task (:mod:`embserve_dask._worker`) with the repli
 ``CUDA_VISIBLE_DEVICES`` already in its environment, so no user module is imported before the
 devices are chosen. The task sends its settings over a pipe; the process listens on the worker's
 host with the worker's security, sends its contact address back, and serves the first runtime
-that connects: the core's :class:`~embserve.spi.ReplicaServer` over a
+that connects and presents the replica's token (the settings hold its SHA-256 digest): the
+core's :class:`~embserve.spi.ReplicaServer` over a
 :class:`~embserve_dask._transport.CommTransport`, which gets the spec in ``START`` and unpickles
 it only then, here. When the task relays that its worker is closing, the server tells the
 runtime in a notice. The process exits when the runtime stops it or its comm closes, when the
 task says ``stop``, or when the task's process goes away (the pipe closes, or the worker process
 is no longer its parent).
+
+Admission: distributed unpickles the ``__Pickled__`` parts of any message it reads, whatever the
+comm's ``deserialize`` says, so a peer could run code here with its first message. Nothing this
+process legitimately reads needs that (handshakes are plain msgpack; the protocol's payloads are
+frames that only :class:`~embserve.spi.ReplicaServer` decodes, after admission), so the process
+turns it off (:func:`_refuse_pickled_parts`) and reads with ``deserialize=False``. The first
+message of a new comm must then be ``{TOKEN_KEY: token}``; a comm that sends anything else, or
+nothing within :data:`ADMISSION_TIMEOUT_S`, is closed and logged, and the replica goes on
+waiting for (or serving) its runtime.
 """
 
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import hmac
+import importlib
+import logging
 import os
 import signal
 import sys
@@ -27,10 +41,18 @@ from distributed.comm import core as comm_core
 from embserve.spi import ReplicaServer
 from embserve_dask._transport import CommTransport
 
-__all__ = ["CONNECT_TIMEOUT_S", "main"]
+__all__ = ["ADMISSION_TIMEOUT_S", "CONNECT_TIMEOUT_S", "TOKEN_KEY", "main"]
+
+logger = logging.getLogger("embserve.dask")
 
 #: How long a replica waits for its runtime to connect before it gives up and exits.
 CONNECT_TIMEOUT_S = 60.0
+
+#: How long a new comm may take to present the token before it is closed.
+ADMISSION_TIMEOUT_S = 10.0
+
+#: The key of the first message of the runtime's comm; its value is the replica's token.
+TOKEN_KEY = "embserve-replica-token"
 
 # How often the process checks that the worker that started it is still its parent, in case
 # the pipe outlives it (a forked grandchild holding its end).
@@ -60,7 +82,7 @@ class _Replica:
         listener = listen(
             self.settings["listen"],
             self._on_comm,
-            deserialize=True,
+            deserialize=False,  # payloads stay frames; see the module's "Admission"
             **security.get_listen_args("worker"),
         )
         await listener.start()
@@ -99,10 +121,35 @@ class _Replica:
         await server.serve()
 
     async def _on_comm(self, comm: Any) -> None:
-        if self._comm.done():  # one runtime, one comm: anything else is a stray
+        if self._comm.done() or not await self._admits(comm):
+            comm.abort()  # one runtime, one comm: anything else is a stray
+            return
+        if self._comm.done():  # another comm was admitted meanwhile
             comm.abort()
             return
         self._comm.set_result(comm)
+
+    async def _admits(self, comm: Any) -> bool:
+        # Comms are admitted each on its own: a peer that sends nothing delays no other one.
+        try:
+            first = await asyncio.wait_for(comm.read(), ADMISSION_TIMEOUT_S)
+        except Exception as exc:  # whatever it sent or failed to send, it is not admitted
+            first, why = None, f"{type(exc).__name__}: {exc}"
+        else:
+            why = "it did not present the replica's token"
+        token = first.get(TOKEN_KEY) if isinstance(first, dict) else None
+        if isinstance(token, bytes):
+            digest = hashlib.sha256(token).hexdigest()
+            if hmac.compare_digest(digest, self.settings["token_sha256"]):
+                return True
+            why = "it presented a wrong token"
+        logger.warning(
+            "replica %s refused a connection from %s: %s",
+            self.settings["replica_id"],
+            comm.peer_address,
+            why,
+        )
+        return False
 
     def stop(self) -> None:
         """End the replica: stop serving, or stop waiting for the runtime."""
@@ -142,6 +189,25 @@ class _Replica:
             self.stop()
 
 
+class _RefusedPickle:
+    # Stands in for distributed's pickle module where messages are decoded: dumps as before,
+    # loads refused (see the module's "Admission").
+
+    def __init__(self, real: Any) -> None:
+        self.dumps = real.dumps
+
+    @staticmethod
+    def loads(*args: Any, **kwargs: Any) -> Any:
+        raise ValueError("a replica's process unpickles nothing from a comm's messages")
+
+
+def _refuse_pickled_parts() -> None:
+    core = importlib.import_module("distributed.protocol.core")
+    real = getattr(core, "pickle", None)
+    if real is not None and not isinstance(real, _RefusedPickle):
+        core.pickle = _RefusedPickle(real)  # type: ignore[attr-defined]
+
+
 async def _run(pipe: Connection, parent_pid: int, settings: dict[str, Any]) -> None:
     await _Replica(pipe, parent_pid, settings).main()
 
@@ -151,6 +217,7 @@ def main() -> None:
     fd, parent_pid = int(sys.argv[1]), int(sys.argv[2])
     # Ctrl-C in a terminal reaches the whole process group; the worker decides when we stop.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    _refuse_pickled_parts()
     pipe = Connection(fd)
     code = 0
     # Not asyncio.run: its clean-up waits for executor threads, and a thread stuck in user code

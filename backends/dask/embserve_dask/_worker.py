@@ -53,7 +53,7 @@ _lock = threading.Lock()
 _supervisors: dict[str, set[_Supervisor]] = {}  # worker address -> replicas running there
 
 
-def serve_replica(replica_id: str, topic: str, devices: Sequence[str]) -> str:
+def serve_replica(replica_id: str, topic: str, devices: Sequence[str], token_sha256: str) -> str:
     """The Dask task of one replica: runs until the replica's process exits.
 
     The replica's spec does not pass through the task (nor the scheduler): the runtime sends it
@@ -63,13 +63,15 @@ def serve_replica(replica_id: str, topic: str, devices: Sequence[str]) -> str:
         replica_id: the replica's id.
         topic: the Dask event topic the runtime listens on for the replica's address.
         devices: the positions, among this worker's GPUs, of the GPUs the replica holds.
+        token_sha256: the SHA-256 digest (hex) of the token the runtime presents to the
+            replica's process; only the digest passes through the scheduler.
     """
     worker = distributed.get_worker()
     # Only this worker's own teardown can keep it alive while its replicas drain.
     worker.plugins.setdefault(DrainPlugin.name, DrainPlugin())
     key = thread_state.key
     secede()
-    supervisor = _Supervisor(worker, key, replica_id, topic)
+    supervisor = _Supervisor(worker, key, replica_id, topic, token_sha256)
     with _lock:
         _supervisors.setdefault(worker.address, set()).add(supervisor)
     try:
@@ -133,8 +135,11 @@ def _lost_scheduler(worker: Any) -> bool:
 class _Supervisor:
     """One replica's process, seen from the Dask task that started it."""
 
-    def __init__(self, worker: Any, key: Any, replica_id: str, topic: str) -> None:
+    def __init__(
+        self, worker: Any, key: Any, replica_id: str, topic: str, token_sha256: str
+    ) -> None:
         self.worker = worker
+        self.token_sha256 = token_sha256
         self.key = key
         self.replica_id = replica_id
         self.topic = topic
@@ -180,6 +185,7 @@ class _Supervisor:
             "worker_name": str(worker.name),
             "worker_resources": total,
             "gpu_ids": list(gpu_ids),
+            "token_sha256": self.token_sha256,  # over the pipe: this machine only
         }
         try:
             pipe.send((list(sys.path), settings))

@@ -8,6 +8,12 @@ workers, then packing shares tightly), takes the devices the pool chose there, a
 replica's task restricted to that worker with the resources it asks for; Dask then holds those
 resources for the task's life, so its accounting and the pools agree.
 
+Admission: each replica's process accepts only its own runtime. The backend makes a random token
+per replica; the replica's task (and so the scheduler) carries only its SHA-256 digest, and the
+token itself goes to the replica's process over the comm the runtime opens, as the spec does,
+with the cluster's security (TLS). The process checks it before it reads anything else from the
+comm, and closes a comm that does not present it (see :mod:`embserve_dask._child`).
+
 Watching: the scheduler's own events (``add-worker``, ``remove-worker``) say when workers come
 and go; a removal that was expected (a retirement) drains, one that was not fails the requests
 in flight at once. Requests never touch the scheduler: see :mod:`embserve_dask._worker`.
@@ -17,7 +23,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import logging
+import secrets
 import uuid
 from collections.abc import Mapping
 from typing import Any, ClassVar
@@ -34,6 +42,7 @@ from embserve.spi import (
     ResourcePool,
     encode_start,
 )
+from embserve_dask._child import TOKEN_KEY
 from embserve_dask._transport import CommTransport
 from embserve_dask._worker import serve_replica
 from embserve_dask.replica import DaskReplica
@@ -110,6 +119,9 @@ class DaskBackend(Backend):
         self._closing: set[str] = set()  # workers that told their replicas to drain
         self._removed: set[str] = set()  # so that a refresh begun before a removal forgets it
         self._tasks: set[asyncio.Future[Any]] = set()
+        # replica id -> its admission token: kept after a replica died, so that a re-run of its
+        # task (its worker died as it ran) can still be dismissed.
+        self._tokens: dict[str, bytes] = {}
 
     @classmethod
     def from_address(cls, address: str) -> DaskBackend:
@@ -266,12 +278,24 @@ class DaskBackend(Backend):
         else:
             # Dask re-ran the task of a replica the runtime has already replaced (its worker
             # died while it ran): tell it to end instead of holding resources twice.
-            self._spawn(self._dismiss(msg["address"]))
+            token = self._tokens.get(msg["replica"])
+            if token is not None:  # else it gives up waiting for its runtime on its own
+                self._spawn(self._dismiss(msg["address"], token))
 
-    async def _dismiss(self, address: str) -> None:
+    async def _dismiss(self, address: str, token: bytes) -> None:
         # A replica's process serves the first runtime that connects, and ends with its comm.
-        comm = await connect(address, timeout=self._connect_timeout_s, **self._connection_args())
+        comm = await self._open(address, token)
         comm.abort()
+
+    async def _open(self, address: str, token: bytes) -> Any:
+        """A comm to the replica's process at ``address``, admitted with ``token``."""
+        comm = await connect(address, timeout=self._connect_timeout_s, **self._connection_args())
+        try:
+            await comm.write({TOKEN_KEY: token})
+        except BaseException:
+            comm.abort()
+            raise
+        return comm
 
     def _connection_args(self) -> dict[str, Any]:
         args: dict[str, Any] = self.client.security.get_connection_args("client")
@@ -386,6 +410,7 @@ class DaskBackend(Backend):
             spec.deployment, spec.replica_id, extra={"resources": dict(spec.config.resources)}
         )
         start = encode_start(spec, context)
+        token = self._tokens[spec.replica_id] = secrets.token_bytes(32)
         allocation = self._hold(address, spec)
         hello: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
         self._hellos[spec.replica_id] = hello
@@ -395,6 +420,7 @@ class DaskBackend(Backend):
             spec.replica_id,
             self._topic,
             allocation.gpu_ids,
+            hashlib.sha256(token).hexdigest(),
             key=f"embserve-{spec.replica_id}-{uuid.uuid4().hex[:8]}",
             workers=[address],
             allow_other_workers=False,
@@ -412,9 +438,7 @@ class DaskBackend(Backend):
                 )
             msg = hello.result()  # raises _WorkerGone
             try:
-                comm = await connect(
-                    msg["address"], timeout=self._connect_timeout_s, **self._connection_args()
-                )
+                comm = await self._open(msg["address"], token)
             except OSError as exc:
                 raise _WorkerGone(f"cannot reach replica {spec.replica_id}: {exc}") from None
             replica = DaskReplica(spec, address, future, self._replica_gone)
@@ -440,6 +464,7 @@ class DaskBackend(Backend):
                 replica.stopping = True  # nobody is told of the death of what never ran
                 replica.lose("it failed to start")
             self._release(address, spec.replica_id)
+            self._tokens.pop(spec.replica_id, None)
             self._spawn(self._cancel(future))
             raise
         finally:
@@ -463,6 +488,7 @@ class DaskBackend(Backend):
             self._spawn(self._cancel(replica.future))
             self.on_replica_died(replica, reason)
         else:
+            self._tokens.pop(replica.replica_id, None)
             replica.future.release()
 
 

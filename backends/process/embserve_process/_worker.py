@@ -6,11 +6,16 @@ what is the process backend's own is here: the environment set before any user m
 the loop (polling for work a moment before each sleep, see :class:`_PollingSelector`), and
 exiting when the parent is gone. The worker exits when told to stop, when its connection closes
 (the parent died), or when its parent process is no longer its parent.
+
+It is started as ``python -c "from embserve_process._worker import main; main()" FD PID POLL``
+(see :mod:`embserve_process._replica`): its socket is descriptor ``FD``, and its environment
+holds ``CUDA_VISIBLE_DEVICES`` and the parent's ``sys.path``.
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import selectors
 import signal
@@ -20,7 +25,7 @@ import time
 
 from embserve.spi import ReplicaServer, SocketTransport
 
-__all__ = ["run_worker"]
+__all__ = ["main", "run_worker"]
 
 # How often the worker checks that its parent is alive, besides noticing its connection close.
 _PARENT_CHECK_S = 1.0
@@ -74,18 +79,25 @@ async def _serve(sock: socket.socket, parent_pid: int) -> None:
             check.cancel()
 
 
-def run_worker(
-    sock: socket.socket, gpu_ids: str | None, parent_pid: int, poll_s: float = 0.0
-) -> None:
-    """The worker process's target: serve one replica over ``sock`` until told to stop.
+def main() -> None:
+    """The worker process's entry point: ``argv`` holds the socket's file descriptor, the parent's
+    pid and ``poll_s``."""
+    # First: Ctrl-C in a terminal reaches the whole process group; the parent decides when we stop.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    fd, parent_pid, poll_s = int(sys.argv[1]), int(sys.argv[2]), float(sys.argv[3])
+    # The parent's path (its script's directory, its current directory, what it added), so that
+    # user modules import here as there; removed, so user code's own subprocesses do not see it.
+    path = os.environ.pop("EMBSERVE_WORKER_SYS_PATH", None)
+    if path is not None:
+        sys.path[:] = json.loads(path)
+    run_worker(socket.socket(fileno=fd), parent_pid, poll_s)
+
+
+def run_worker(sock: socket.socket, parent_pid: int, poll_s: float = 0.0) -> None:
+    """Serve one replica over ``sock`` until told to stop, then exit the process.
 
     ``poll_s``: how long the worker's loop polls for work before each sleep (0: it never polls).
     """
-    # Before any user module is unpickled: CUDA reads this once, when it initialises.
-    if gpu_ids is not None:
-        os.environ["CUDA_VISIBLE_DEVICES"] = gpu_ids
-    # Ctrl-C in a terminal reaches the whole process group; the parent decides when we stop.
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
     code = 0
     # Not asyncio.run: its clean-up waits for executor threads, and a thread stuck in user code
     # must not keep a stopped replica's process alive.
