@@ -15,7 +15,8 @@ inside without breaking it:
   runtime's side is :class:`RemoteReplica`, the replica's side :class:`ReplicaServer`, with
   :class:`SocketTransport` for a connected socket and :func:`memory_pair` for tests; a backend
   brings its own transport for anything else (see the Dask backend's comm transport), called
-  back through :data:`OnMessage` and :data:`OnClosed`;
+  back through :data:`OnMessage` and :data:`OnClosed`; :func:`run_replica_process` ends a
+  replica's own process when its server is done;
 - the codecs a transport carries: :func:`encode` and :func:`decode` (pickle protocol 5, numpy
   buffers out of band), :data:`Frame`;
 - :func:`spawn_task`: run a coroutine's first step at once, as a task only if it waits (what
@@ -38,6 +39,7 @@ from embserve._remote import (
     Transport,
     encode_start,
     memory_pair,
+    run_replica_process,
 )
 from embserve._remote.codec import Frame, decode, encode
 from embserve._remote.transport import OnClosed, OnMessage
@@ -73,5 +75,6 @@ __all__ = [
     "encode",
     "encode_start",
     "memory_pair",
+    "run_replica_process",
     "spawn_task",
 ]

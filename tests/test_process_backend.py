@@ -153,14 +153,7 @@ class Ingress:
 
 @embserve.deployment(max_ongoing_requests=2)
 class Blocking:
-    """Sync user code that blocks its thread on a FIFO until the test writes to it."""
-
-    def read(self, fifo: str) -> str:
-        with open(fifo) as pipe:  # opening blocks until the test opens the other end
-            return pipe.read()
-
-    def ping(self) -> str:
-        return "pong"
+    """Sync user code that reads its request's context."""
 
     def context(self) -> tuple[str, str | None, bool]:
         request = embserve.get_request_context()
@@ -431,47 +424,3 @@ def test_the_request_context_reaches_a_worker(rt: embserve.Runtime) -> None:
     assert timed.context.remote().result(timeout_s=10)[2]  # the deadline crossed too
     rt.delete("context")
     rt.delete("context-timed")
-
-
-@pytest.mark.parametrize("how", ["cancel", "timeout"])
-def test_a_cancelled_sync_call_keeps_its_slot_until_its_thread_ends(
-    rt: embserve.Runtime, tmp_path: Any, how: str
-) -> None:
-    name = f"blocking-{how}"
-    options = {"request_timeout_s": 0.2} if how == "timeout" else {}
-    handle = rt.run(Blocking.options(**options).bind(), name=name)
-    fifo = str(tmp_path / "fifo")
-    os.mkfifo(fifo)
-
-    def ongoing() -> int:
-        return sum(r.ongoing_requests for r in rt.status().deployments[name].replicas)
-
-    response = handle.read.remote(fifo)
-    if how == "cancel":
-        with pytest.raises(TimeoutError):
-            response.result(timeout_s=0.2)
-        response.cancel()
-        with pytest.raises(asyncio.CancelledError):
-            response.result(timeout_s=10)
-    else:
-        with pytest.raises(embserve.RequestTimeoutError):
-            response.result(timeout_s=10)
-    # A sync call after the cancel, on the same connection: by its answer the worker has seen
-    # the cancel, and its blocked thread still holds the slot.
-    assert handle.ping.remote().result(timeout_s=10) == "pong"
-    assert ongoing() == 1
-    # Let the thread end: the worker says so, and the slot is given back.
-    writer = wait_for(lambda: _open_writer(fifo))
-    assert writer is not None
-    with os.fdopen(writer, "w") as pipe:
-        pipe.write("done")
-    wait_for(lambda: ongoing() == 0)
-    rt.delete(name)
-
-
-def _open_writer(fifo: str) -> int | None:
-    # The FIFO's write end, once the worker's thread has its read end open.
-    try:
-        return os.open(fifo, os.O_WRONLY | os.O_NONBLOCK)
-    except OSError:
-        return None

@@ -197,31 +197,3 @@ def test_a_call_made_while_serving_a_request_inherits_its_deadline() -> None:
         outer, inner = rt.run(Outer.bind(Inner.bind()), name="outer").remote().result(timeout_s=5)
         assert outer is not None and inner == outer
         assert rt.get_handle("Inner").remote().result(timeout_s=5) is None
-
-
-@embserve.deployment(max_ongoing_requests=1)
-class Blocking:
-    def __init__(self, gate: threading.Event, entered: threading.Event) -> None:
-        self.gate, self.entered = gate, entered
-
-    def __call__(self) -> None:
-        self.entered.set()
-        self.gate.wait(30)
-
-
-def test_a_cancelled_sync_call_keeps_its_slot_until_its_thread_ends() -> None:
-    gate, entered = threading.Event(), threading.Event()
-    with embserve.Runtime() as rt:
-        handle = rt.run(Blocking.bind(gate, entered), name="blocking")
-        response = handle.remote()
-        assert entered.wait(10)
-        assert response.cancel()
-
-        def ongoing() -> int:
-            return sum(r.ongoing_requests for r in rt.status().deployments["blocking"].replicas)
-
-        cancelled = 'embserve_requests_total{deployment="blocking",outcome="cancelled"} 1.0'
-        wait_until(lambda: cancelled in rt.metrics())  # the runtime saw the cancel
-        assert ongoing() == 1
-        gate.set()
-        wait_until(lambda: ongoing() == 0)

@@ -21,7 +21,7 @@ Only the standard library is needed at import; cloudpickle loads when something 
 from embserve._remote.caller import RemoteReplica, encode_start
 from embserve._remote.memory import MemoryTransport, memory_pair
 from embserve._remote.messages import STREAM_WINDOW
-from embserve._remote.server import ReplicaServer
+from embserve._remote.server import ReplicaServer, run_replica_process
 from embserve._remote.socket_transport import SocketTransport
 from embserve._remote.transport import Transport
 
@@ -34,4 +34,5 @@ __all__ = [
     "Transport",
     "encode_start",
     "memory_pair",
+    "run_replica_process",
 ]

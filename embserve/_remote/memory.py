@@ -29,14 +29,14 @@ class MemoryTransport(Transport):
         self._loop = loop
         self._peer: MemoryTransport | None = None
         self._on_message: OnMessage | None = None
-        self._on_closed: OnClosed | None = None
+        self._report_closed: OnClosed | None = None
         self._early: list[tuple[int, int, list[Frame]]] = []  # received before start()
         self._lost: str | None = None  # the other end closed before start()
         self.closed = False
         self.sent = 0  # messages sent, for tests that count them
 
     def start(self, on_message: OnMessage, on_closed: OnClosed) -> None:
-        self._on_message, self._on_closed = on_message, on_closed
+        self._on_message, self._report_closed = on_message, on_closed
         early, self._early = self._early, []
         for message in early:
             self._receive(*message)
@@ -94,11 +94,11 @@ class MemoryTransport(Transport):
     def _peer_closed(self, reason: str) -> None:
         if self.closed:
             return
-        if self._on_closed is None:
+        if self._report_closed is None:
             self._lost = reason
             return
         self.closed = True
-        self._on_closed(reason)
+        self._report_closed(reason)
 
 
 def memory_pair(

@@ -13,8 +13,11 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import functools
+import os
+import sys
+import traceback
 from collections.abc import Callable, Coroutine, Mapping, Sequence
-from typing import Any
+from typing import Any, NoReturn
 
 from embserve._host import ReplicaHost
 from embserve._loop import spawn_task
@@ -52,7 +55,7 @@ from embserve.handle import find_submitter, register_submitter, unregister_submi
 from embserve.replica import ReplicaSpec
 from embserve.request import Request
 
-__all__ = ["ReplicaServer"]
+__all__ = ["ReplicaServer", "run_replica_process"]
 
 
 class ReplicaServer:
@@ -290,3 +293,22 @@ class ReplicaServer:
         lease = self._cancelled.pop(ident, None)
         if lease is not None:
             lease.release()
+
+
+def run_replica_process(main: Callable[[], object]) -> NoReturn:
+    """Run a replica process's ``main``, then end the process at once: exit code 0, or 1 with
+    the traceback on stderr.
+
+    ``os._exit``, not the interpreter's clean-up (nor ``asyncio.run``'s), which would wait for
+    executor threads: a thread stuck in user code must not keep a stopped replica alive.
+    """
+    code = 0
+    try:
+        main()
+    except BaseException:
+        code = 1
+        traceback.print_exc()
+    finally:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)

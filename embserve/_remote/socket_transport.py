@@ -109,7 +109,7 @@ class SocketTransport(Transport):
         except (BlockingIOError, InterruptedError):
             sent = 0
         except OSError as exc:
-            self._broken(f"sending failed: {exc}")
+            self.broken(f"sending failed: {exc}")
             return
         if sent < len(data):
             self._out.append(memoryview(data)[sent:])
@@ -134,7 +134,7 @@ class SocketTransport(Transport):
             except (BlockingIOError, InterruptedError):
                 return
             except OSError as exc:
-                self._broken(f"sending failed: {exc}")
+                self.broken(f"sending failed: {exc}")
                 return
             while sent:
                 head = out[0]
@@ -162,10 +162,10 @@ class SocketTransport(Transport):
         except (BlockingIOError, InterruptedError):
             return
         except OSError as exc:
-            self._broken(f"receiving failed: {exc}")
+            self.broken(f"receiving failed: {exc}")
             return
         if count == 0:
-            self._broken("the other side closed the connection")
+            self.broken("the other side closed the connection")
             return
         if frame is not None:
             self._filled += count
@@ -257,12 +257,6 @@ class SocketTransport(Transport):
             logger.exception("handling a %r message failed", name_of(kind))
 
     # -- closing --------------------------------------------------------------------------
-
-    def _broken(self, reason: str) -> None:
-        if self.closed:
-            return
-        self.close()
-        self._on_closed(reason)
 
     def close(self) -> None:
         if self.closed:

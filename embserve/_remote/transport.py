@@ -3,8 +3,8 @@
 A :class:`Transport` moves messages ``(kind, ident, frames)`` between the two ends of one
 replica's connection and knows nothing of what they mean. Implementations: a connected stream
 socket (:class:`~embserve._remote.socket_transport.SocketTransport`, for local worker processes),
-an in-memory pair (:func:`~embserve._remote.memory.memory_pair`, for tests), and in a later step
-a Dask comm (an async ``write`` task and an async ``read`` loop fit the same contract).
+an in-memory pair (:func:`~embserve._remote.memory.memory_pair`, for tests), and a Dask comm
+(the Dask backend's: an async ``write`` task and an async ``read`` loop fit the same contract).
 """
 
 from __future__ import annotations
@@ -48,6 +48,16 @@ class Transport(ABC):
     """
 
     closed: bool = False
+    #: Where :meth:`broken` reports the end; an implementation sets it in :meth:`start`.
+    _on_closed: OnClosed
+
+    def broken(self, reason: str) -> None:
+        """The connection broke (or the other end closed it): close this end, and report it
+        to ``on_closed`` once. What implementations call when a read or write fails."""
+        if self.closed:
+            return
+        self.close()
+        self._on_closed(reason)
 
     @abstractmethod
     def start(self, on_message: OnMessage, on_closed: OnClosed) -> None:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import os
 import subprocess
 import sys
 import time
@@ -236,7 +235,7 @@ def test_dask_itself_keeps_other_tasks_off_the_gpus_replicas_hold(
 
 @embserve.deployment(max_ongoing_requests=4)
 class Producer:
-    """A fast generator, and sync code that blocks its thread on a FIFO until the test writes."""
+    """A fast generator that counts what it produced."""
 
     def __init__(self) -> None:
         self.produced = 0
@@ -248,13 +247,6 @@ class Producer:
 
     def produced_count(self) -> int:
         return self.produced
-
-    def read(self, fifo: str) -> str:
-        with open(fifo) as pipe:  # opening blocks until the test opens the other end
-            return pipe.read()
-
-    def ping(self) -> str:
-        return "pong"
 
 
 def test_a_stream_runs_at_most_a_window_ahead_of_its_reader(runtime: embserve.Runtime) -> None:
@@ -269,50 +261,6 @@ def test_a_stream_runs_at_most_a_window_ahead_of_its_reader(runtime: embserve.Ru
     # Read on: the reader's grants keep it going, to the end.
     assert list(iterator) == list(range(1, 10_000))
     runtime.delete("producer")
-
-
-def _open_writer(fifo: str) -> int | None:
-    # The FIFO's write end, once the replica's thread has its read end open.
-    try:
-        return os.open(fifo, os.O_WRONLY | os.O_NONBLOCK)
-    except OSError:
-        return None
-
-
-@pytest.mark.parametrize("how", ["cancel", "timeout"])
-def test_a_cancelled_sync_call_keeps_its_slot_until_its_thread_ends(
-    runtime: embserve.Runtime, tmp_path: Any, how: str
-) -> None:
-    name = f"blocking-{how}"
-    options = {"request_timeout_s": 0.2} if how == "timeout" else {}
-    handle = runtime.run(Producer.options(**options).bind(), name=name)
-    fifo = str(tmp_path / "fifo")
-    os.mkfifo(fifo)
-
-    def ongoing() -> int:
-        return sum(r.ongoing_requests for r in runtime.status().deployments[name].replicas)
-
-    response = handle.read.remote(fifo)
-    if how == "cancel":
-        with pytest.raises(TimeoutError):
-            response.result(timeout_s=0.2)
-        response.cancel()
-        with pytest.raises(asyncio.CancelledError):
-            response.result(timeout_s=10)
-    else:
-        with pytest.raises(embserve.RequestTimeoutError):
-            response.result(timeout_s=10)
-    # A call after the cancel, on the same comm: by its answer the replica has seen the
-    # cancel, and its blocked thread still holds the slot.
-    assert handle.ping.remote().result(timeout_s=10) == "pong"
-    assert ongoing() == 1
-    # Let the thread end: the replica says so, and the slot is given back.
-    writer = wait_for(lambda: _open_writer(fifo))
-    assert writer is not None
-    with os.fdopen(writer, "w") as pipe:
-        pipe.write("done")
-    wait_for(lambda: ongoing() == 0)
-    runtime.delete(name)
 
 
 def test_a_failing_constructor_fails_the_deployment(runtime: embserve.Runtime) -> None:

@@ -4,7 +4,9 @@ on a Dask cluster (an in-process LocalCluster over loopback TCP)."""
 from __future__ import annotations
 
 import asyncio
+import os
 from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
 from typing import Any
 
 import anyio
@@ -12,6 +14,7 @@ import distributed
 import pytest
 
 import embserve
+from tests.waiting import wait_for
 
 LocalCluster: Any = distributed.LocalCluster
 
@@ -71,6 +74,18 @@ class Model:
         with anyio.fail_after(5):
             await asyncio.sleep(0)
         return asyncio.current_task() is not None
+
+
+@embserve.deployment
+class Blocking:
+    """Sync user code that blocks its thread on a FIFO until the test writes to it."""
+
+    def read(self, fifo: str) -> str:
+        with open(fifo) as pipe:  # opening blocks until the test opens the other end
+            return pipe.read()
+
+    def ping(self) -> str:
+        return "pong"
 
 
 @embserve.deployment(num_replicas=2)
@@ -204,3 +219,47 @@ def test_the_callers_trace_id_reaches_the_replica(model: embserve.Handle) -> Non
     with trace.use_span(trace.NonRecordingSpan(context)):
         seen = model.trace_id.remote().result(timeout_s=30)
     assert seen == 0x4BF92F3577B34DA6A3CE929D0E0E4736
+
+
+def _open_writer(fifo: str) -> int | None:
+    # The FIFO's write end, once the replica's thread has its read end open.
+    try:
+        return os.open(fifo, os.O_WRONLY | os.O_NONBLOCK)
+    except OSError:
+        return None
+
+
+@pytest.mark.parametrize("how", ["cancel", "timeout"])
+def test_a_cancelled_sync_call_keeps_its_slot_until_its_thread_ends(
+    runtime: embserve.Runtime, tmp_path: Path, how: str
+) -> None:
+    name = f"blocking-{how}"
+    options = {"request_timeout_s": 0.2} if how == "timeout" else {}
+    handle = runtime.run(Blocking.options(**options).bind(), name=name)
+    fifo = str(tmp_path / "fifo")
+    os.mkfifo(fifo)
+
+    def ongoing() -> int:
+        return sum(r.ongoing_requests for r in runtime.status().deployments[name].replicas)
+
+    response = handle.read.remote(fifo)
+    if how == "cancel":
+        with pytest.raises(TimeoutError):
+            response.result(timeout_s=0.2)
+        response.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            response.result(timeout_s=10)
+    else:
+        with pytest.raises(embserve.RequestTimeoutError):
+            response.result(timeout_s=10)
+    # A sync call after the cancel: by its answer the replica has seen the cancel (on one
+    # connection, in order), and its blocked thread still holds the slot.
+    assert handle.ping.remote().result(timeout_s=10) == "pong"
+    assert ongoing() == 1
+    # Let the thread end: the replica says so, and the slot is given back.
+    writer = wait_for(lambda: _open_writer(fifo))
+    assert writer is not None
+    with os.fdopen(writer, "w") as pipe:
+        pipe.write("done")
+    wait_for(lambda: ongoing() == 0)
+    runtime.delete(name)

@@ -32,13 +32,12 @@ import logging
 import os
 import signal
 import sys
-import traceback
 from multiprocessing.connection import Connection
 from typing import Any
 
 from distributed.comm import core as comm_core
 
-from embserve.spi import ReplicaServer
+from embserve.spi import ReplicaServer, run_replica_process
 from embserve_dask._transport import CommTransport
 
 __all__ = ["ADMISSION_TIMEOUT_S", "CONNECT_TIMEOUT_S", "TOKEN_KEY", "main"]
@@ -219,19 +218,11 @@ def main() -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     _refuse_pickled_parts()
     pipe = Connection(fd)
-    code = 0
-    # Not asyncio.run: its clean-up waits for executor threads, and a thread stuck in user code
-    # must not keep a stopped replica's process alive.
-    loop = asyncio.new_event_loop()
-    try:
+
+    def serve() -> None:
         sys_path, settings = pipe.recv()
         # The worker's own path (upload_file, its local directory): user code resolves as there.
         sys.path[:] = sys_path
-        loop.run_until_complete(_run(pipe, parent_pid, settings))
-    except BaseException:
-        code = 1
-        traceback.print_exc()
-    finally:
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(code)
+        asyncio.new_event_loop().run_until_complete(_run(pipe, parent_pid, settings))
+
+    run_replica_process(serve)

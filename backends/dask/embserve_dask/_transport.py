@@ -131,11 +131,11 @@ class CommTransport(Transport):
             await self._comm.write(batch)
         except (CommClosedError, OSError) as exc:
             self._writing = False
-            self._broken(f"writing to it failed ({exc or type(exc).__name__})")
+            self.broken(f"writing to it failed ({exc or type(exc).__name__})")
             return
         except BaseException:  # cancelled with its runner, or a bug: the comm is unusable
             self._writing = False
-            self._broken("writing to it was interrupted")
+            self.broken("writing to it was interrupted")
             raise
         self._writing = False
         # What was sent meanwhile, or is sent in this same turn, goes out in one write, next.
@@ -164,7 +164,7 @@ class CommTransport(Transport):
         except Exception as exc:  # a message distributed could not read: the stream is lost
             logger.exception("reading from %s failed", comm.peer_address)
             reason = f"reading from it failed ({type(exc).__name__}: {exc})"
-        self._broken(reason)
+        self.broken(reason)
 
     def _deliver(self, message: Sequence[Any]) -> None:
         on_message = self._on_message
@@ -201,12 +201,6 @@ class CommTransport(Transport):
         return frames
 
     # -- closing --------------------------------------------------------------------------
-
-    def _broken(self, reason: str) -> None:
-        if self.closed:
-            return
-        self.close()
-        self._on_closed(reason)
 
     def close(self) -> None:
         if self.closed:

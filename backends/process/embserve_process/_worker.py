@@ -23,7 +23,7 @@ import socket
 import sys
 import time
 
-from embserve.spi import ReplicaServer, SocketTransport
+from embserve.spi import ReplicaServer, SocketTransport, run_replica_process
 
 __all__ = ["main", "run_worker"]
 
@@ -98,21 +98,8 @@ def run_worker(sock: socket.socket, parent_pid: int, poll_s: float = 0.0) -> Non
 
     ``poll_s``: how long the worker's loop polls for work before each sleep (0: it never polls).
     """
-    code = 0
-    # Not asyncio.run: its clean-up waits for executor threads, and a thread stuck in user code
-    # must not keep a stopped replica's process alive.
     if poll_s > 0:
         loop: asyncio.AbstractEventLoop = asyncio.SelectorEventLoop(_PollingSelector(poll_s))
     else:
         loop = asyncio.new_event_loop()
-    try:
-        loop.run_until_complete(_serve(sock, parent_pid))
-    except BaseException:
-        code = 1
-        import traceback
-
-        traceback.print_exc()
-    finally:
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(code)
+    run_replica_process(lambda: loop.run_until_complete(_serve(sock, parent_pid)))
