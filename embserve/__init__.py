@@ -33,7 +33,7 @@ from embserve.multiplex import get_multiplexed_model_id, multiplexed
 from embserve.replica import ReplicaState
 from embserve.request import Request, RequestContext, get_request_context
 from embserve.runtime import Runtime
-from embserve.status import DeploymentStatus, EndpointStatus, ReplicaStatus, RuntimeStatus
+from embserve.snapshot import DeploymentStatus, EndpointStatus, ReplicaStatus, RuntimeStatus
 
 __version__ = "0.1.0"
 

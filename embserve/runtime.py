@@ -29,7 +29,7 @@ from embserve.metrics import scrape
 from embserve.replica import Replica
 from embserve.request import Request
 from embserve.response import Response, ResponseStream, start_threadsafe
-from embserve.status import EndpointStatus, RuntimeStatus
+from embserve.snapshot import EndpointStatus, RuntimeStatus
 
 __all__ = ["Runtime"]
 
