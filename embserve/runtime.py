@@ -236,7 +236,8 @@ class Runtime:
     ) -> Handle:
         """Deploy ``app`` (and the deployments it binds) behind an endpoint; return its handle.
 
-        ``name`` names the ingress deployment and its endpoint (default: the deployment's name).
+        ``name`` names the ingress deployment and its endpoint (default: the deployment's name);
+        ``route_prefix`` defaults to the deployment's own (``@deployment(route_prefix=...)``).
         Running a name again updates it: in place when its ``version`` is unchanged, else as a
         rolling update that drops no request. Waits until the replicas run unless ``wait`` is
         False; replicas that run serve requests while their siblings still wait for resources.
@@ -265,6 +266,8 @@ class Runtime:
             app = app.bind()
         if not isinstance(app, Application):
             raise TypeError(f"run() takes an Application (Deployment.bind(...)), got {app!r}")
+        if route_prefix is None:
+            route_prefix = app.deployment.config.route_prefix
         return await self._deployer.run(
             app, name or app.deployment.name, route_prefix, wait=wait, timeout_s=timeout_s
         )
