@@ -19,6 +19,7 @@ from embserve._controller import DeploymentController
 from embserve._deploy import Deployer
 from embserve._dispatch import Dispatcher
 from embserve._endpoint import Endpoint
+from embserve._http import HTTPServer, start_http
 from embserve._loop import LoopThread, running_loop, stop_runners
 from embserve.backends import Backend, resolve_backend
 from embserve.clock import Clock
@@ -76,6 +77,7 @@ class Runtime:
         self._closed = False
         self._controllers: dict[str, DeploymentController] = {}
         self._endpoints: dict[str, Endpoint] = {}
+        self._servers: list[HTTPServer] = []
         self._dispatch = Dispatcher(self._endpoints, self._controllers)
         self._deployer = Deployer(
             self.id,
@@ -182,6 +184,8 @@ class Runtime:
         if self._closed:
             return
         self._closed = True
+        # Servers first, so that the requests they still hold finish before the drain.
+        await asyncio.gather(*(server.stop_async() for server in self._servers))
         unregister_submitter(self.id)
         self._dispatch.closed = True
         self._endpoints.clear()
@@ -385,6 +389,24 @@ class Runtime:
                 "serving over HTTP needs the ASGI adapter: pip install embserve-asgi"
             ) from None
         return adapter.App(runtime=self, **options)
+
+    def serve_http(self, host: str = "127.0.0.1", port: int = 8000, **options: Any) -> HTTPServer:
+        """Serve this runtime's endpoints that have a route prefix over HTTP, until stopped.
+
+        The server ``embserve run`` uses (needs ``embserve-asgi``), on the runtime's event loop:
+        ``server = rt.serve_http(port=0)``; ``server.url``; ``server.stop()``. The port is bound
+        before this returns (``port=0`` picks a free one); shutting the runtime down stops it.
+        ``options`` go to :func:`embserve_asgi.server.serve` (``keep_alive_timeout_s``, ...). A
+        runtime never serves HTTP unless asked to.
+        """
+        if self._closed:
+            raise EmbserveError("this runtime was shut down; create a new one")
+        if self._loop is None:
+            self.start()
+        assert self._loop is not None
+        server = start_http(self.asgi_app(), self._loop, host, port, **options)
+        self._servers = [s for s in self._servers if s.running] + [server]
+        return server
 
     # -- the request path -----------------------------------------------------------------
 
