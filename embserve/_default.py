@@ -269,6 +269,7 @@ def status() -> ServeStatus:
     snapshot = runtime.status()
     with _lock:
         apps = {name: dataclasses.replace(app) for name, app in _apps.items()}
+        url = _server.url if _server is not None and _server.running else None
     applications = {}
     for name, app in apps.items():
         deployments = {
@@ -280,7 +281,7 @@ def status() -> ServeStatus:
         applications[name] = ApplicationStatusOverview(
             name, state, message, app.route_prefix, deployments
         )
-    return ServeStatus(applications)
+    return ServeStatus(applications, url)
 
 
 def shutdown() -> None:

@@ -170,9 +170,11 @@ class ApplicationStatusOverview:
 
 @dataclasses.dataclass(frozen=True)
 class ServeStatus:
-    """What :func:`embserve.status` returns: the applications of the default runtime."""
+    """What :func:`embserve.status` returns: the applications of the default runtime, and the
+    URL its HTTP server listens on (None when none runs)."""
 
     applications: Mapping[str, ApplicationStatusOverview]
+    http_url: str | None = None
 
 
 def deployment_overview(name: str, status: DeploymentStatus) -> DeploymentStatusOverview:
