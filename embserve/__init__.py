@@ -11,7 +11,17 @@ import importlib
 import logging
 from typing import Any
 
-from embserve._default import get_handle, run, shutdown
+from embserve._default import (
+    delete,
+    get_app_handle,
+    get_deployment_handle,
+    get_handle,
+    run,
+    shutdown,
+    start,
+    status,
+)
+from embserve._http import HTTPServer
 from embserve.batching import Batcher, batch
 from embserve.context import ReplicaContext, get_replica_context
 from embserve.deployment import Application, Deployment, DeploymentConfig, deployment
@@ -33,7 +43,15 @@ from embserve.multiplex import get_multiplexed_model_id, multiplexed
 from embserve.replica import ReplicaState
 from embserve.request import Request, RequestContext, get_request_context
 from embserve.runtime import Runtime
-from embserve.status import DeploymentStatus, EndpointStatus, ReplicaStatus, RuntimeStatus
+from embserve.snapshot import (
+    ApplicationStatusOverview,
+    DeploymentStatus,
+    DeploymentStatusOverview,
+    EndpointStatus,
+    ReplicaStatus,
+    RuntimeStatus,
+    ServeStatus,
+)
 
 __version__ = "0.1.0"
 
@@ -44,6 +62,7 @@ logging.getLogger("embserve").addHandler(logging.NullHandler())
 __all__ = [
     "App",
     "Application",
+    "ApplicationStatusOverview",
     "BackPressureError",
     "BackendNotFoundError",
     "Batcher",
@@ -51,11 +70,13 @@ __all__ = [
     "DeploymentConfig",
     "DeploymentFailedError",
     "DeploymentStatus",
+    "DeploymentStatusOverview",
     "DeploymentTimeoutError",
     "DeploymentUnavailableError",
     "EmbserveError",
     "EndpointStatus",
     "HTTPError",
+    "HTTPServer",
     "Handle",
     "MethodNotAllowedError",
     "ReplicaContext",
@@ -69,27 +90,35 @@ __all__ = [
     "ResponseStream",
     "Runtime",
     "RuntimeStatus",
+    "ServeStatus",
     "batch",
+    "delete",
     "deployment",
+    "get_app_handle",
+    "get_deployment_handle",
     "get_handle",
     "get_multiplexed_model_id",
     "get_replica_context",
     "get_request_context",
+    "ingress",
     "multiplexed",
     "remote_traceback",
     "run",
     "shutdown",
+    "start",
+    "status",
 ]
 
 
 def __getattr__(name: str) -> Any:
     # embserve.App lives in the embserve-asgi distribution; load it on first use only, so that
     # `import embserve` imports no web framework.
-    if name == "App":
+    # embserve.ingress likewise: FastAPI apps are the adapter's business.
+    if name in ("App", "ingress"):
         try:
-            return importlib.import_module("embserve_asgi").App
+            return getattr(importlib.import_module("embserve_asgi"), name)
         except ImportError:
             raise AttributeError(
-                "embserve.App needs the ASGI adapter: pip install embserve-asgi"
+                f"embserve.{name} needs the ASGI adapter: pip install embserve-asgi"
             ) from None
     raise AttributeError(f"module 'embserve' has no attribute {name!r}")

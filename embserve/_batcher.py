@@ -68,8 +68,8 @@ class DynamicBatcher(Batcher[Any, Any]):
             (or, with ``streaming``, an async generator yielding such lists).
         policy: the limits (:class:`FixedPolicy` or :class:`AdaptivePolicy`).
         max_concurrent_batches: batches that may run at once.
-        batch_size_fn: cost of one input (rows, tokens); default 1 per input. An input costing
-            more than the limit fails alone with ``ValueError``.
+        batch_size_fn: size of a list of inputs (rows, tokens); default their number. A batch
+            never exceeds the limit; an input whose own size does fails with ``ValueError``.
         bucket_key: inputs with different keys never share a batch.
         clock: time and timers (default: the running loop's).
         streaming: ``batch_fn`` is an async generator; use :meth:`submit_stream`.
@@ -84,7 +84,7 @@ class DynamicBatcher(Batcher[Any, Any]):
         policy: BatchPolicy,
         *,
         max_concurrent_batches: int = 1,
-        batch_size_fn: Callable[[Any], int] | None = None,
+        batch_size_fn: Callable[[list[Any]], int] | None = None,
         bucket_key: Callable[[Any], Hashable] | None = None,
         clock: Clock | None = None,
         streaming: bool = False,
@@ -147,14 +147,20 @@ class DynamicBatcher(Batcher[Any, Any]):
             raise RuntimeError(f"{self.name}: the batcher is closed")
         cost = 1
         if self._size_fn is not None:
-            cost = self._size_fn(value)
-            if not isinstance(cost, int) or isinstance(cost, bool) or cost < 1:
-                raise ValueError(
-                    f"{self.name}: batch_size_fn must return an int >= 1, got {cost!r}"
-                )
+            cost = self._size_of([value])
+            if cost < 1:
+                raise ValueError(f"{self.name}: batch_size_fn must return >= 1 for an item")
             if cost > self.policy.max_batch_size:
                 raise self._oversize_error(cost, self.policy.max_batch_size)
         return _Item(value, cost, self._clock.now())
+
+    def _size_of(self, values: list[Any]) -> int:
+        """``batch_size_fn`` of a list of inputs, checked."""
+        assert self._size_fn is not None
+        size = self._size_fn(values)
+        if not isinstance(size, int) or isinstance(size, bool) or size < 0:
+            raise ValueError(f"{self.name}: batch_size_fn must return an int >= 0, got {size!r}")
+        return size
 
     def _after_arrival(self, entry: _Item) -> None:
         key = self._key_fn(entry.value) if self._key_fn is not None else None
@@ -249,8 +255,17 @@ class DynamicBatcher(Batcher[Any, Any]):
         while queue:
             entry = queue[0]
             # The first item always goes, even past an adaptive size below its cost.
-            if items and cost + entry.cost > limit:
+            if items and self._size_fn is None and cost + entry.cost > limit:
                 break
+            if items and self._size_fn is not None:
+                # The size of a batch is batch_size_fn of its items (as in Ray Serve), which
+                # need not be the sum of their own sizes (padding to the longest, say).
+                try:
+                    grown = self._size_of([*(i.value for i in items), entry.value])
+                except Exception:
+                    grown = limit + 1  # left for the next batch, where it goes first
+                if grown > limit:
+                    break
             queue.popleft()
             bucket.cost -= entry.cost
             if entry.cost > hard:  # the limit was lowered after it arrived
@@ -352,9 +367,16 @@ class DynamicBatcher(Batcher[Any, Any]):
                     raise self._length_error(outputs, len(items))
                 alive = False
                 for entry, output in zip(items, outputs):  # noqa: B905 (checked above)
-                    if entry.queue is not None:
-                        entry.queue.put_nowait((True, output))
-                        alive = True
+                    queue = entry.queue
+                    if queue is None:
+                        continue
+                    if output is StopIteration or isinstance(output, StopIteration):
+                        # Ray Serve's batching guide ends one caller's stream this way.
+                        queue.put_nowait((True, _END))
+                        entry.queue = None
+                        continue
+                    queue.put_nowait((True, output))
+                    alive = True
                 if not alive:  # every caller left: stop computing for nobody
                     break
             for entry in items:

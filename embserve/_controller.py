@@ -23,7 +23,7 @@ from embserve.errors import DeploymentUnavailableError, EmbserveError
 from embserve.multiplex import max_models_of
 from embserve.replica import Replica, ReplicaSpec, ReplicaState
 from embserve.router import Router, make_router
-from embserve.status import DeploymentStatus, ReplicaStatus
+from embserve.snapshot import DeploymentStatus, ReplicaStatus
 
 logger = logging.getLogger("embserve.runtime")
 

@@ -10,6 +10,7 @@ Everything here runs on the runtime's event loop.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import random
 from collections.abc import Callable
@@ -101,8 +102,9 @@ class Deployer:
                 args = tuple(_bound(a, handles) for a in node.args)
                 kwargs = {k: _bound(v, handles) for k, v in node.kwargs.items()}
                 deployment = node.deployment
-                if deployment.name != name:
-                    deployment = deployment.options(name=name)
+                if deployment.name != name or deployment.config.app_name != ingress:
+                    config = dataclasses.replace(deployment.config, app_name=ingress)
+                    deployment = Deployment(deployment.target, name, config)
                 await self._deploy(deployment, args, kwargs, wait=wait)
                 handles[id(node)] = Handle(self.runtime_id, name)
         except BaseException:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import contextvars
+import dataclasses
 import enum
 import functools
 import inspect
@@ -85,6 +86,9 @@ class ReplicaHost:
     """Builds the user object of one replica and runs calls on it."""
 
     def __init__(self, spec: ReplicaSpec, context: ReplicaContext) -> None:
+        if spec.config.app_name and not context.app_name:
+            # The backends build the context; the application is the runtime's knowledge.
+            context = dataclasses.replace(context, app_name=spec.config.app_name)
         self.spec = spec
         self.context = context
         self._executor = ThreadPoolExecutor(

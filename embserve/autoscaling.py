@@ -12,10 +12,12 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import warnings
 from collections import deque
 from collections.abc import Mapping
+from typing import Any
 
-__all__ = ["Autoscaler", "AutoscalingPolicy"]
+__all__ = ["IGNORED_RAY_KEYS", "Autoscaler", "AutoscalingPolicy", "canonical_autoscaling_config"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -30,6 +32,9 @@ class AutoscalingPolicy:
     downscale_delay_s: float = 600.0
     metrics_interval_s: float = 10.0
     look_back_period_s: float = 30.0
+    # Ray Serve's multiplicative factors: a step of 0.5 moves half-way to the wanted count.
+    upscaling_factor: float = 1.0
+    downscaling_factor: float = 1.0
 
     @classmethod
     def from_config(cls, config: Mapping[str, float]) -> AutoscalingPolicy:
@@ -47,6 +52,44 @@ class AutoscalingPolicy:
         """Replicas to start with."""
         start = self.min_replicas if self.initial_replicas is None else self.initial_replicas
         return min(max(start, self.min_replicas), self.max_replicas)
+
+
+# Ray Serve's other names for our keys, and keys it accepts that have no meaning here.
+_RAY_ALIASES = {
+    "smoothing_factor": ("upscaling_factor", "downscaling_factor"),
+    "upscale_smoothing_factor": ("upscaling_factor",),
+    "downscale_smoothing_factor": ("downscaling_factor",),
+    "target_num_ongoing_requests_per_replica": ("target_ongoing_requests",),
+}
+#: Keys Ray Serve accepts that are accepted here and ignored: embserve's autoscaler averages
+#: over ``look_back_period_s`` (no other aggregation), has no pluggable policy, and leaves zero
+#: replicas after ``downscale_delay_s`` like any other count.
+IGNORED_RAY_KEYS = frozenset({"aggregation_function", "policy", "downscale_to_zero_delay_s"})
+
+
+def canonical_autoscaling_config(config: Any) -> Any:
+    """``config`` with Ray Serve's alias keys renamed to ours and its ignored keys dropped.
+
+    ``target_num_ongoing_requests_per_replica`` warns as it does in Ray Serve. Anything that is
+    not a mapping is returned as it is, for validation to refuse.
+    """
+    if not isinstance(config, Mapping):
+        return config
+    plain = dict(config)
+    if "target_num_ongoing_requests_per_replica" in plain:
+        warnings.warn(
+            "target_num_ongoing_requests_per_replica is deprecated; use target_ongoing_requests",
+            DeprecationWarning,
+            stacklevel=4,
+        )
+    for alias, names in _RAY_ALIASES.items():
+        if alias in plain:
+            value = plain.pop(alias)
+            for name in names:
+                plain.setdefault(name, value)
+    for key in IGNORED_RAY_KEYS:
+        plain.pop(key, None)
+    return plain
 
 
 class Autoscaler:
@@ -72,6 +115,12 @@ class Autoscaler:
             return min(max(current, policy.min_replicas), policy.max_replicas)
         mean = sum(load for _, load in self._samples) / len(self._samples)
         wanted = math.ceil(mean / policy.target_ongoing_requests - 1e-9)
+        if wanted > current and policy.upscaling_factor != 1.0:
+            step = (wanted - current) * policy.upscaling_factor
+            wanted = min(wanted, current + max(1, math.ceil(step - 1e-9)))
+        elif wanted < current and policy.downscaling_factor != 1.0:
+            step = (current - wanted) * policy.downscaling_factor
+            wanted = max(wanted, current - max(1, math.floor(step + 1e-9)))
         if current == 0 and self._samples[-1][1] > 0:
             wanted = max(wanted, 1)  # requests wait with no replica at all: no delay
         return min(max(wanted, policy.min_replicas), policy.max_replicas)

@@ -80,7 +80,7 @@ class BatchSettings:
     max_batch_size: int
     batch_wait_timeout_s: float
     max_concurrent_batches: int
-    batch_size_fn: Callable[[Any], int] | None
+    batch_size_fn: Callable[[list[Any]], int] | None
     bucket_key: Callable[[Any], Hashable] | None
     target_latency_s: float | None
     # Limits per replica (by replica id; "" outside replicas), changed by the setters.
@@ -197,7 +197,7 @@ def batch(
     max_batch_size: int = DEFAULT_MAX_BATCH_SIZE,
     batch_wait_timeout_s: float = DEFAULT_BATCH_WAIT_TIMEOUT_S,
     max_concurrent_batches: int = 1,
-    batch_size_fn: Callable[[Any], int] | None = None,
+    batch_size_fn: Callable[[list[Any]], int] | None = None,
     bucket_key: Callable[[Any], Hashable] | None = None,
     target_latency_s: float | None = None,
 ) -> Callable[[Callable[..., Any]], BatchedFunction]: ...
@@ -210,7 +210,7 @@ def batch(
     max_batch_size: int = DEFAULT_MAX_BATCH_SIZE,
     batch_wait_timeout_s: float = DEFAULT_BATCH_WAIT_TIMEOUT_S,
     max_concurrent_batches: int = 1,
-    batch_size_fn: Callable[[Any], int] | None = None,
+    batch_size_fn: Callable[[list[Any]], int] | None = None,
     bucket_key: Callable[[Any], Hashable] | None = None,
     target_latency_s: float | None = None,
 ) -> BatchedFunction | Callable[[Callable[..., Any]], BatchedFunction]:
@@ -220,16 +220,18 @@ def batch(
     (function) is called with up to ``max_batch_size`` items and returns one result per item, in
     order; callers call it with one item and get their own result. An async generator is batched
     the same way: each ``yield`` is a list with one output per item, and each caller streams its
-    own outputs (call it through ``handle.options(stream=True)``).
+    own outputs (call it through ``handle.options(stream=True)``); ``StopIteration`` in an
+    item's place ends that item's stream while the others go on.
 
     Args:
         max_batch_size: largest batch (in items, or in ``batch_size_fn`` units). Default 10.
         batch_wait_timeout_s: how long the first waiting item waits for company before its batch
             leaves, however small. Default 0.01 (10 ms).
         max_concurrent_batches: batches of this function running at once on one replica.
-        batch_size_fn: cost of one item (rows, tokens) instead of 1, so requests that are
-            themselves batches cannot overflow ``max_batch_size``; a single item costing more
-            fails with ``ValueError``.
+        batch_size_fn: size of a list of items (rows, tokens), as in Ray Serve, instead of
+            its length, so requests that are themselves batches cannot overflow
+            ``max_batch_size``; a single item whose own size is larger fails with
+            ``ValueError``.
         bucket_key: function of an item; only items with equal keys (shape, model id) share a
             batch.
         target_latency_s: use the :class:`AdaptivePolicy` instead of a fixed wait: it measures

@@ -20,6 +20,8 @@ class ReplicaContext:
         gpu_ids: the GPUs this replica holds (as ``CUDA_VISIBLE_DEVICES`` would name them).
         worker: where the replica runs: ``"local"``, a process id, or a Dask worker address.
         extra: anything else the backend knows (resources held, node name).
+        app_name: the application the deployment runs in: the name it, or the deployment that
+            binds it, was run under (``embserve.run(app, name=...)``).
     """
 
     deployment: str
@@ -27,6 +29,12 @@ class ReplicaContext:
     gpu_ids: tuple[str, ...] = ()
     worker: str = "local"
     extra: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+    app_name: str = ""
+
+    @property
+    def replica_tag(self) -> str:
+        """Ray Serve's name for :attr:`replica_id`."""
+        return self.replica_id
 
 
 _current: contextvars.ContextVar[ReplicaContext | None] = contextvars.ContextVar(

@@ -5,10 +5,11 @@ from __future__ import annotations
 import dataclasses
 import inspect
 import math
+import warnings
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any, TypeVar, overload
 
-from embserve.autoscaling import AutoscalingPolicy
+from embserve.autoscaling import AutoscalingPolicy, canonical_autoscaling_config
 from embserve.batching import batch_capacity
 
 __all__ = ["Application", "Deployment", "DeploymentConfig", "deployment"]
@@ -35,6 +36,10 @@ class DeploymentConfig:
     max_retries: int = 0
     version: str | None = None
     router: str | type[Any] = "power_of_two"
+    route_prefix: str | None = None
+    # Set when the deployment is run, not a user option: the name of the application (the
+    # endpoint it was run under) that the deployment belongs to, for get_replica_context().
+    app_name: str = ""
     # Set by Deployment from its batched methods (max_batch_size x max_concurrent_batches), not
     # a user option: the replica must admit that many requests or its batches never fill.
     batch_capacity: int = 0
@@ -59,6 +64,10 @@ class DeploymentConfig:
                 raise ValueError(
                     f"resources must map names to non-negative numbers, got {key!r}: {amount!r}"
                 )
+        if self.route_prefix is not None and (
+            not isinstance(self.route_prefix, str) or not self.route_prefix.startswith("/")
+        ):
+            raise ValueError(f"route_prefix must start with '/', got {self.route_prefix!r}")
         if self.version is not None and not isinstance(self.version, str):
             raise TypeError(f"version must be a str, got {type(self.version).__name__}")
         if isinstance(self.router, type):
@@ -110,7 +119,13 @@ def _check_seconds(name: str, value: object, *, zero: bool = False) -> None:
         raise ValueError(f"{name} must be {'>= 0' if zero else '> 0'}, got {value}")
 
 
-_POSITIVE_AUTOSCALING_KEYS = {"target_ongoing_requests", "metrics_interval_s", "look_back_period_s"}
+_POSITIVE_AUTOSCALING_KEYS = {
+    "target_ongoing_requests",
+    "metrics_interval_s",
+    "look_back_period_s",
+    "upscaling_factor",
+    "downscaling_factor",
+}
 
 
 def _check_autoscaling(config: Mapping[str, float]) -> None:
@@ -134,8 +149,56 @@ def _check_autoscaling(config: Mapping[str, float]) -> None:
 
 
 _OPTION_NAMES = frozenset(
-    f.name for f in dataclasses.fields(DeploymentConfig) if f.name != "batch_capacity"
+    f.name
+    for f in dataclasses.fields(DeploymentConfig)
+    if f.name not in {"batch_capacity", "app_name"}
 ) | {"name"}
+# Ray Serve's names, translated by _from_ray_names into ours.
+_RAY_OPTION_NAMES = frozenset({"ray_actor_options", "max_concurrent_queries"})
+_RAY_ACTOR_OPTIONS = frozenset({"num_cpus", "num_gpus", "resources", "memory"})
+
+
+def _from_ray_names(options: dict[str, Any]) -> dict[str, Any]:
+    """``options`` with Ray Serve's option names replaced by embserve's (a copy)."""
+    options = dict(options)
+    if "max_concurrent_queries" in options:
+        # Ray Serve renamed it to max_ongoing_requests and warns the same way.
+        warnings.warn(
+            "max_concurrent_queries is deprecated; use max_ongoing_requests",
+            DeprecationWarning,
+            stacklevel=3,
+        )
+        value = options.pop("max_concurrent_queries")
+        if options.get("max_ongoing_requests") is not None:
+            raise TypeError("give max_ongoing_requests or max_concurrent_queries, not both")
+        options["max_ongoing_requests"] = value
+    actor = options.pop("ray_actor_options", None)
+    if actor is not None:
+        if options.get("resources"):
+            raise TypeError("give resources or ray_actor_options, not both")
+        options["resources"] = _resources_of_actor_options(actor)
+    if options.get("autoscaling_config") is not None:
+        options["autoscaling_config"] = canonical_autoscaling_config(options["autoscaling_config"])
+    return options
+
+
+def _resources_of_actor_options(actor: Any) -> dict[str, float]:
+    if not isinstance(actor, Mapping):
+        raise TypeError(f"ray_actor_options must be a mapping, got {actor!r}")
+    unknown = set(actor) - _RAY_ACTOR_OPTIONS
+    if unknown:
+        raise TypeError(
+            f"ray_actor_options {sorted(unknown)} are not offered by embserve; "
+            f"it maps {sorted(_RAY_ACTOR_OPTIONS)} onto resources"
+        )
+    resources = dict(actor.get("resources") or {})
+    if actor.get("num_cpus"):
+        resources["CPU"] = actor["num_cpus"]
+    if actor.get("num_gpus"):
+        resources["GPU"] = actor["num_gpus"]
+    # "memory" is accepted and not reserved: no embserve backend accounts for memory (a Dask
+    # cluster can declare a custom resource for it, asked for through "resources").
+    return resources
 
 
 class Deployment:
@@ -169,6 +232,7 @@ class Deployment:
     def options(self, **changes: Any) -> Deployment:
         """A copy of this deployment with some options changed; options are validated here."""
         _check_option_names(changes)
+        changes = _from_ray_names(changes)
         name = changes.pop("name", self.name)
         if not isinstance(name, str) or not name:
             raise TypeError("name must be a non-empty str")
@@ -191,7 +255,7 @@ class Deployment:
 
 
 def _check_option_names(options: Mapping[str, Any]) -> None:
-    unknown = set(options) - _OPTION_NAMES
+    unknown = set(options) - _OPTION_NAMES - _RAY_OPTION_NAMES
     if unknown:
         raise TypeError(
             f"unknown deployment option(s) {sorted(unknown)}; known: {sorted(_OPTION_NAMES)}"
@@ -262,9 +326,15 @@ def deployment(
     - ``router``: ``"power_of_two"`` (default), ``"round_robin"``, ``"consistent_hash"``
       (calls with the same ``handle.options(routing_key=...)`` stay on one replica), or a
       :class:`~embserve.router.Router` subclass of your own.
+    - ``route_prefix``: the HTTP route :func:`embserve.run` and :meth:`Runtime.run
+      <embserve.Runtime.run>` serve it at when they are given none.
+
+    Ray Serve's names are accepted too: ``ray_actor_options`` (``num_cpus``, ``num_gpus`` and
+    ``resources`` become ``resources``; ``memory`` is accepted and not reserved) and
+    ``max_concurrent_queries`` (``max_ongoing_requests``, with a ``DeprecationWarning``).
     """
     _check_option_names(options)
-    config = DeploymentConfig(**options)
+    config = DeploymentConfig(**_from_ray_names(options))
 
     def wrap(target: Callable[..., Any]) -> Deployment:
         if isinstance(target, Deployment):

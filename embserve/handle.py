@@ -23,6 +23,9 @@ from embserve.response import (
 )
 
 __all__ = [
+    "DeploymentHandle",
+    "DeploymentResponse",
+    "DeploymentResponseGenerator",
     "Handle",
     "Response",
     "ResponseStream",
@@ -136,6 +139,7 @@ class Handle:
         routing_key: str | None = None,
         priority: int | None = None,
         multiplexed_model_id: str | None = None,
+        use_new_handle_api: bool | None = None,
     ) -> Handle:
         """A copy of this handle with some options changed (None keeps the current one).
 
@@ -147,6 +151,7 @@ class Handle:
             priority: an int, higher served first when requests wait (default 0).
             multiplexed_model_id: the model a multiplexed deployment should serve the
                 request with.
+            use_new_handle_api: accepted for Ray Serve's sake; embserve has only this API.
         """
         if routing_key is not None and not isinstance(routing_key, str):
             raise TypeError(f"routing_key must be a str, got {routing_key!r}")
@@ -239,3 +244,9 @@ def _rebuild_handle(
         priority=priority,
         multiplexed_model_id=multiplexed_model_id,
     )
+
+
+# Ray Serve's names for the same things, so code written for it reads unchanged.
+DeploymentHandle = Handle
+DeploymentResponse = Response
+DeploymentResponseGenerator = ResponseStream

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from embserve._serve import RequestPath
     from embserve.replica import Replica
-    from embserve.status import RuntimeStatus
+    from embserve.snapshot import RuntimeStatus
 
 __all__ = ["DeploymentMetrics", "Histogram", "ReplicaStats", "exposition", "scrape"]
 

@@ -19,6 +19,7 @@ from embserve._controller import DeploymentController
 from embserve._deploy import Deployer
 from embserve._dispatch import Dispatcher
 from embserve._endpoint import Endpoint
+from embserve._http import HTTPServer, start_http
 from embserve._loop import LoopThread, running_loop, stop_runners
 from embserve.backends import Backend, resolve_backend
 from embserve.clock import Clock
@@ -29,7 +30,7 @@ from embserve.metrics import scrape
 from embserve.replica import Replica
 from embserve.request import Request
 from embserve.response import Response, ResponseStream, start_threadsafe
-from embserve.status import EndpointStatus, RuntimeStatus
+from embserve.snapshot import EndpointStatus, RuntimeStatus
 
 __all__ = ["Runtime"]
 
@@ -76,6 +77,7 @@ class Runtime:
         self._closed = False
         self._controllers: dict[str, DeploymentController] = {}
         self._endpoints: dict[str, Endpoint] = {}
+        self._servers: list[HTTPServer] = []
         self._dispatch = Dispatcher(self._endpoints, self._controllers)
         self._deployer = Deployer(
             self.id,
@@ -182,6 +184,8 @@ class Runtime:
         if self._closed:
             return
         self._closed = True
+        # Servers first, so that the requests they still hold finish before the drain.
+        await asyncio.gather(*(server.stop_async() for server in self._servers))
         unregister_submitter(self.id)
         self._dispatch.closed = True
         self._endpoints.clear()
@@ -236,7 +240,8 @@ class Runtime:
     ) -> Handle:
         """Deploy ``app`` (and the deployments it binds) behind an endpoint; return its handle.
 
-        ``name`` names the ingress deployment and its endpoint (default: the deployment's name).
+        ``name`` names the ingress deployment and its endpoint (default: the deployment's name);
+        ``route_prefix`` defaults to the deployment's own (``@deployment(route_prefix=...)``).
         Running a name again updates it: in place when its ``version`` is unchanged, else as a
         rolling update that drops no request. Waits until the replicas run unless ``wait`` is
         False; replicas that run serve requests while their siblings still wait for resources.
@@ -265,6 +270,8 @@ class Runtime:
             app = app.bind()
         if not isinstance(app, Application):
             raise TypeError(f"run() takes an Application (Deployment.bind(...)), got {app!r}")
+        if route_prefix is None:
+            route_prefix = app.deployment.config.route_prefix
         return await self._deployer.run(
             app, name or app.deployment.name, route_prefix, wait=wait, timeout_s=timeout_s
         )
@@ -382,6 +389,24 @@ class Runtime:
                 "serving over HTTP needs the ASGI adapter: pip install embserve-asgi"
             ) from None
         return adapter.App(runtime=self, **options)
+
+    def serve_http(self, host: str = "127.0.0.1", port: int = 8000, **options: Any) -> HTTPServer:
+        """Serve this runtime's endpoints that have a route prefix over HTTP, until stopped.
+
+        The server ``embserve run`` uses (needs ``embserve-asgi``), on the runtime's event loop:
+        ``server = rt.serve_http(port=0)``; ``server.url``; ``server.stop()``. The port is bound
+        before this returns (``port=0`` picks a free one); shutting the runtime down stops it.
+        ``options`` go to :func:`embserve_asgi.server.serve` (``keep_alive_timeout_s``, ...). A
+        runtime never serves HTTP unless asked to.
+        """
+        if self._closed:
+            raise EmbserveError("this runtime was shut down; create a new one")
+        if self._loop is None:
+            self.start()
+        assert self._loop is not None
+        server = start_http(self.asgi_app(), self._loop, host, port, **options)
+        self._servers = [s for s in self._servers if s.running] + [server]
+        return server
 
     # -- the request path -----------------------------------------------------------------
 

@@ -132,6 +132,15 @@ def test_what_json_cannot_hold_is_rendered_as_null_and_u_fffd() -> None:
         json_bytes(cycle)
 
 
+def test_mappings_such_as_query_params_render_as_json_objects() -> None:
+    from types import MappingProxyType
+
+    from starlette.datastructures import QueryParams
+
+    assert render(QueryParams("a=1&b=two")) == (b'{"a":"1","b":"two"}', b"application/json")
+    assert json.loads(json_bytes({"nested": MappingProxyType({"x": 1})})) == {"nested": {"x": 1}}
+
+
 SECRET = "postgres://admin:hunter2@db"
 
 

@@ -147,9 +147,13 @@ async def test_a_cancelled_running_request_has_its_result_dropped() -> None:
     assert tasks[1].cancelled()
 
 
+def rows_in(batch: list[list[int]]) -> int:
+    return sum(len(rows) for rows in batch)
+
+
 async def test_batch_size_fn_batches_by_cost_and_refuses_oversized_requests() -> None:
     clock, fn = FakeClock(), Recorder()
-    batcher = make(fn, clock, size=10, batch_size_fn=len)
+    batcher = make(fn, clock, size=10, batch_size_fn=rows_in)
     rows = [[1] * 4, [2] * 4, [3] * 4, [4] * 1]
     tasks = [spawn(batcher.submit(r)) for r in rows]
     await settle()
@@ -159,6 +163,43 @@ async def test_batch_size_fn_batches_by_cost_and_refuses_oversized_requests() ->
     await asyncio.gather(*tasks)
     with pytest.raises(ValueError, match="cost is 11, more than max_batch_size=10"):
         await batcher.submit([0] * 11)
+
+
+async def test_batch_size_fn_is_called_on_the_list_of_a_batch_as_in_ray() -> None:
+    # Padded to the longest: the size of a batch is not the sum of its items' sizes.
+    clock, fn = FakeClock(), Recorder()
+    seen: list[int] = []
+
+    def padded(batch: list[str]) -> int:
+        seen.append(len(batch))
+        return len(batch) * max(len(text) for text in batch)
+
+    batcher = make(fn, clock, size=12, batch_size_fn=padded)
+    tasks = [spawn(batcher.submit(t)) for t in ("aaaa", "b", "cc", "dddddd")]
+    await clock.advance(0.01)
+    # 4, then 2 x 4 = 8, then 3 x 4 = 12 fit; 4 x 6 = 24 does not.
+    assert fn.batches[0] == ["aaaa", "b", "cc"]
+    await clock.advance(0.01)
+    assert fn.batches[1] == ["dddddd"]
+    await asyncio.gather(*tasks)
+    assert 1 in seen and 4 in seen  # each item alone on arrival, the growing batch when taken
+
+
+async def test_a_batched_stream_ends_one_callers_stream_at_stop_iteration() -> None:
+    clock = FakeClock()
+
+    async def chars(texts: list[str]) -> AsyncIterator[list[Any]]:
+        for i in range(max(len(t) for t in texts)):
+            yield [t[i] if i < len(t) else StopIteration for t in texts]
+
+    batcher = DynamicBatcher(chars, FixedPolicy(2, 0.01), clock=clock, streaming=True)
+
+    async def collect(text: str) -> str:
+        return "".join([c async for c in batcher.submit_stream(text)])
+
+    tasks = [spawn(collect("ab")), spawn(collect("wxyz"))]
+    await settle()
+    assert [await t for t in tasks] == ["ab", "wxyz"]
 
 
 async def test_bucket_key_keeps_different_keys_apart() -> None:
@@ -359,7 +400,7 @@ def test_invariants_under_random_schedules(
             policy,
             clock=clock,
             max_concurrent_batches=concurrency,
-            batch_size_fn=lambda item: item[1],
+            batch_size_fn=lambda items: sum(item[1] for item in items),
         )
         tasks: list[asyncio.Task[Any]] = []
         for kind, value in ops:

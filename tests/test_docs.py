@@ -13,7 +13,13 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 # Pages whose every block runs (the others join as they are made runnable).
-PAGES = ["docs/concepts.md", "docs/http.md", "docs/operations.md", "docs/traffic.md"]
+PAGES = [
+    "docs/concepts.md",
+    "docs/http.md",
+    "docs/migrating-from-ray.md",
+    "docs/operations.md",
+    "docs/traffic.md",
+]
 
 
 def blocks(page: Path) -> list[str]:

@@ -92,7 +92,7 @@ def test_runtime_starts_on_first_use_and_shuts_down(no_thread_left: None) -> Non
 
 def test_module_level_helpers_use_a_default_runtime(no_thread_left: None) -> None:
     """The Ray Serve idiom: run an app, call a method through the handle, get the result."""
-    handle = embserve.run(Echo.bind(), name="echo")
+    handle = embserve.run(Echo.bind(), name="echo", route_prefix=None)  # no HTTP server
     try:
         assert handle.words.options(stream=True).remote(2) is not None
         assert embserve.get_handle("echo").remote(5).result(timeout_s=1) == 5

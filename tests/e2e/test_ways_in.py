@@ -98,7 +98,7 @@ def test_unit_test_with_the_plugin_runtime(embserve_runtime: embserve.Runtime) -
 
 
 def test_ray_serve_quickstart_idiom() -> None:
-    handle = embserve.run(Scorer.bind(2.0))
+    handle = embserve.run(Scorer.bind(2.0), route_prefix=None)  # handles only: no HTTP
     try:
         assert handle.describe.remote().result() == "scorer x2.0"
         assert handle.remote(21).result() == 42.0

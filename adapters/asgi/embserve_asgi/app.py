@@ -365,7 +365,7 @@ class App:
                 _uncancel()
                 raise BodyTimeout(self._watchers.body_timeout_s or 0.0) from None
             watch.reading = False
-            snapshot = RequestSnapshot.from_scope(scope, body, request_id)
+            snapshot = RequestSnapshot.from_scope(scope, body, request_id, route.prefix)
             request = Request(
                 route.endpoint,
                 args=(snapshot,),

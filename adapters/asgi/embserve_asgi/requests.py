@@ -198,6 +198,7 @@ class RequestSnapshot:
         "query_string",
         "request_id",
         "root_path",
+        "route_prefix",
         "scheme",
         "server",
     )
@@ -216,6 +217,7 @@ class RequestSnapshot:
         root_path: str = "",
         http_version: str = "1.1",
         request_id: str = "",
+        route_prefix: str = "",
     ) -> None:
         self.method = method
         self.path = path
@@ -228,10 +230,14 @@ class RequestSnapshot:
         self.root_path = root_path
         self.http_version = http_version
         self.request_id = request_id
+        self.route_prefix = route_prefix
 
     @classmethod
-    def from_scope(cls, scope: Scope, body: bytes, request_id: str) -> RequestSnapshot:
-        """The snapshot of the request described by an ASGI ``scope`` and its ``body``."""
+    def from_scope(
+        cls, scope: Scope, body: bytes, request_id: str, route_prefix: str = ""
+    ) -> RequestSnapshot:
+        """The snapshot of the request described by an ASGI ``scope`` and its ``body``, sent
+        to the endpoint of ``route_prefix``."""
         # The server made these for this request alone: kept, not copied.
         return cls(
             method=scope["method"],
@@ -245,6 +251,7 @@ class RequestSnapshot:
             root_path=scope.get("root_path", ""),
             http_version=scope.get("http_version", "1.1"),
             request_id=request_id,
+            route_prefix=route_prefix,
         )
 
     def __getstate__(self) -> tuple[Any, ...]:
@@ -279,6 +286,8 @@ class RequestSnapshot:
             "client": self.client,
             "server": self.server,
             "state": {"request_id": self.request_id},
+            # Where the App routed it from: an ingress app serves below it (its root path).
+            "embserve.route_prefix": self.route_prefix,
         }
         return HTTPRequest(scope, receive)
 

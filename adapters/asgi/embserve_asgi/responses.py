@@ -1,10 +1,11 @@
 """What a deployment returns or raises, turned into an HTTP response.
 
-Return values: ``dict``, ``list``, numbers, ``None``, numpy arrays and dataclasses become JSON;
-``str`` text; ``bytes`` an octet-stream; a Starlette ``Response`` goes out as it is; generators
-are streamed (see :func:`is_stream`). What JSON cannot hold is mended rather than failed on:
-``NaN`` and infinities become ``null`` (as JavaScript's ``JSON.stringify`` does) and lone
-surrogates in strings become U+FFFD. Errors follow one table (see :func:`error_response`).
+Return values: ``dict`` and other mappings, ``list``, numbers, ``None``, numpy arrays and
+dataclasses become JSON; ``str`` text; ``bytes`` an octet-stream; a Starlette ``Response`` goes
+out as it is; generators are streamed (see :func:`is_stream`). What JSON cannot hold is mended
+rather than failed on: ``NaN`` and infinities become ``null`` (as JavaScript's
+``JSON.stringify`` does) and lone surrogates in strings become U+FFFD. Errors follow one table
+(see :func:`error_response`).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import inspect
 import json
 import logging
 import math
+from collections.abc import Mapping
 from typing import Any
 
 from starlette.exceptions import HTTPException
@@ -59,6 +61,8 @@ def _default(value: Any) -> Any:
         return tolist()
     if dataclasses.is_dataclass(value) and not isinstance(value, type):
         return dataclasses.asdict(value)
+    if isinstance(value, Mapping):  # Starlette's QueryParams and Headers, a MappingProxyType
+        return dict(value)
     if isinstance(value, (set, frozenset, tuple)):
         return list(value)
     raise TypeError(f"a {type(value).__name__} cannot be sent as JSON")

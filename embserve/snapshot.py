@@ -8,7 +8,15 @@ from typing import Any
 
 from embserve.replica import ReplicaState
 
-__all__ = ["DeploymentStatus", "EndpointStatus", "ReplicaStatus", "RuntimeStatus"]
+__all__ = [
+    "ApplicationStatusOverview",
+    "DeploymentStatus",
+    "DeploymentStatusOverview",
+    "EndpointStatus",
+    "ReplicaStatus",
+    "RuntimeStatus",
+    "ServeStatus",
+]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -125,3 +133,68 @@ def _plain(value: Any) -> Any:
     if isinstance(value, ReplicaState):
         return value.value
     return value
+
+
+# -- Ray Serve's shape, as embserve.status() returns it --------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class DeploymentStatusOverview:
+    """One deployment of an application, in Ray Serve's shape.
+
+    ``status`` is ``"UPDATING"``, ``"HEALTHY"``, ``"UNHEALTHY"`` or ``"DELETING"``;
+    ``replica_states`` counts the replicas in each state (``{"RUNNING": 2}``).
+    """
+
+    name: str
+    status: str
+    message: str
+    replica_states: Mapping[str, int]
+
+
+@dataclasses.dataclass(frozen=True)
+class ApplicationStatusOverview:
+    """One application (what ``embserve.run(app, name=...)`` ran), in Ray Serve's shape.
+
+    ``status`` is ``"RUNNING"`` when every deployment is healthy, ``"DEPLOYING"`` while one
+    starts or updates, ``"UNHEALTHY"`` when one cannot run (``message`` says why), and
+    ``"DELETING"`` while it drains away. ``deployments`` are keyed by their names as written.
+    """
+
+    name: str
+    status: str
+    message: str
+    route_prefix: str | None
+    deployments: Mapping[str, DeploymentStatusOverview]
+
+
+@dataclasses.dataclass(frozen=True)
+class ServeStatus:
+    """What :func:`embserve.status` returns: the applications of the default runtime, and the
+    URL its HTTP server listens on (None when none runs)."""
+
+    applications: Mapping[str, ApplicationStatusOverview]
+    http_url: str | None = None
+
+
+def deployment_overview(name: str, status: DeploymentStatus) -> DeploymentStatusOverview:
+    """``status`` in Ray Serve's shape, under the name the user gave the deployment."""
+    counts: dict[str, int] = {}
+    for replica in status.replicas:
+        counts[replica.state.value] = counts.get(replica.state.value, 0) + 1
+    return DeploymentStatusOverview(name, status.state, status.message, counts)
+
+
+def application_status(deployments: Mapping[str, DeploymentStatusOverview]) -> tuple[str, str]:
+    """An application's status and message, from those of its deployments."""
+    states = {d.status for d in deployments.values()}
+    messages = [f"{d.name}: {d.message}" for d in deployments.values() if d.message]
+    if "UNHEALTHY" in states:
+        status = "UNHEALTHY"
+    elif "DELETING" in states:
+        status = "DELETING"
+    elif states <= {"HEALTHY"} and states:
+        status = "RUNNING"
+    else:
+        status = "DEPLOYING"
+    return status, "; ".join(messages)
