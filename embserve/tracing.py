@@ -13,6 +13,7 @@ go wherever the application's OpenTelemetry SDK sends them; embserve configures 
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import importlib.util
 from collections.abc import Iterator, Mapping
 from typing import Any
@@ -23,20 +24,31 @@ __all__ = ["ENABLED", "capture", "span"]
 ENABLED = importlib.util.find_spec("opentelemetry") is not None
 
 _api: Any = None
+# OpenTelemetry's own context variable, when its runtime context keeps one (the default): an
+# empty context there means no span, found without a call into OpenTelemetry. None: ask it.
+_context_var: Any = None
 
 
 def _otel() -> Any:
-    global _api
+    global _api, _context_var
     if _api is None:
-        from opentelemetry import propagate, trace
+        from opentelemetry import context, propagate, trace
 
+        runtime = getattr(context, "_RUNTIME_CONTEXT", None)
+        variable = getattr(runtime, "_current_context", None)
+        if isinstance(variable, contextvars.ContextVar):
+            _context_var = variable
         _api = (propagate, trace, trace.get_tracer("embserve"))
     return _api
 
 
 def capture() -> dict[str, str] | None:
     """The current trace context as a carrier, or None when no span is active."""
+    if _context_var is not None and not _context_var.get():
+        return None  # the usual case: nothing is traced here
     propagate, trace, _ = _api or _otel()
+    if _context_var is not None and not _context_var.get():
+        return None
     if not trace.get_current_span().get_span_context().is_valid:
         return None
     carrier: dict[str, str] = {}
