@@ -124,7 +124,7 @@ class RequestPath:
         if self._always_watched or request.deadline is not None or self.unavailable is not None:
             return self._serve(request, began)
         lease = self.router.try_assign(request)
-        if lease is not None:
+        if lease is not None and type(lease.replica).send is not _NO_SEND:
             sent = self._send(request, lease, asyncio.get_running_loop(), began)
             if sent is not None:
                 return sent

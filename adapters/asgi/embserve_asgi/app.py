@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
 import sys
 import time
 from collections.abc import AsyncIterator, Callable, Coroutine, Mapping
@@ -24,7 +23,7 @@ from embserve.backends import Backend
 from embserve.deployment import Application
 from embserve.errors import EmbserveError, HTTPError
 from embserve.handle import ResponseStream
-from embserve.request import Request
+from embserve.request import Request, new_request_id
 from embserve.runtime import Runtime
 from embserve_asgi.admin import (
     EndpointMetrics,
@@ -290,7 +289,7 @@ class App:
                 options = options or {}
                 options[name] = value
         if not request_id:
-            request_id = os.urandom(8).hex()
+            request_id = new_request_id()  # a counter: a system call per request cost ~1.5 us
         if not self._ready:
             try:
                 await self.startup()
