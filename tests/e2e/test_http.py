@@ -372,7 +372,7 @@ def test_request_id_is_kept_or_made(client: httpx.Client) -> None:
         "x-request-id"
     ] == ("abc-123")
     made = {client.get("/kinds/int").headers["x-request-id"] for _ in range(3)}
-    assert len(made) == 3 and all(len(rid) == 16 for rid in made)
+    assert len(made) == 3 and all(rid.isalnum() for rid in made)  # unique, header-safe
 
 
 # -- errors -------------------------------------------------------------------------------
