@@ -33,6 +33,7 @@ __all__ = [
     "admin_response",
     "authorized",
     "resolve_admin_token",
+    "unready",
 ]
 
 ADMIN_TOKEN_ENV = "EMBSERVE_ADMIN_TOKEN"
@@ -185,6 +186,14 @@ def metrics_response(http: bytes, runtime_text: str) -> Response:
 def _ready(runtime: Runtime, routes: Mapping[str, str], *, started: bool) -> Response:
     if not started:
         return _json({"status": "unavailable", "why": ["the runtime has not started"]}, 503)
+    why = unready(runtime, routes)
+    if why:
+        return _json({"status": "unavailable", "why": why}, 503)
+    return _json({"status": "ok", "routes": len(routes)})
+
+
+def unready(runtime: Runtime, routes: Mapping[str, str]) -> list[str]:
+    """Why the routes are not ready, one line per deployment without a running replica."""
     status = runtime.status()
     why: list[str] = []
     for prefix, name in sorted(routes.items()):
@@ -195,9 +204,7 @@ def _ready(runtime: Runtime, routes: Mapping[str, str], *, started: bool) -> Res
             if deployment is None or deployment.running_replicas == 0:
                 state = deployment.state if deployment is not None else "missing"
                 why.append(f"{prefix} ({target}) has no running replica [{state}]")
-    if why:
-        return _json({"status": "unavailable", "why": why}, 503)
-    return _json({"status": "ok", "routes": len(routes)})
+    return why
 
 
 def _without_messages(status: dict[str, Any]) -> dict[str, Any]:

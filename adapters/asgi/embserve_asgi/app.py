@@ -234,6 +234,10 @@ class App:
         table.update((prefix, application.name) for prefix, application in self._deploy)
         return table
 
+    def applications(self) -> dict[str, Application]:
+        """Route prefix → the application the App deploys there (not the runtime's own routes)."""
+        return dict(self._deploy)
+
     def routes(self) -> dict[str, str]:
         """Route prefix → endpoint name, as served now."""
         self._refresh_routes()
