@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import logging
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -15,7 +16,7 @@ from starlette.requests import Request
 
 import embserve
 from embserve_asgi.app import App
-from embserve_asgi.cli import _parser, curl_hint, describe
+from embserve_asgi.cli import _parser, _Plain, curl_hint, describe
 
 URL = "http://127.0.0.1:8000"
 
@@ -113,3 +114,19 @@ def test_every_option_of_every_command_has_help() -> None:
         assert command.description, name
         for action in command._actions:
             assert action.help, (name, action.dest)
+
+
+def test_progress_reads_plainly() -> None:
+    plain = _Plain()
+    record = logging.LogRecord(
+        "embserve.runtime",
+        logging.WARNING,
+        __file__,
+        1,
+        "replica %s waits: %s",
+        ("m#0", "a GPU"),
+        None,
+    )
+    assert plain.format(record) == "embserve: warning: replica m#0 waits: a GPU"
+    record.levelno, record.levelname = logging.INFO, "INFO"
+    assert plain.format(record) == "embserve: replica m#0 waits: a GPU"

@@ -421,3 +421,26 @@ def test_help_is_plain_text() -> None:
     run_help = subprocess.run([str(EMBSERVE), "run", "--help"], capture_output=True, text=True)
     for option in ("--admin-token", "--no-admin", "--access-log", "--backend", "--port"):
         assert option in run_help.stdout
+
+
+def test_sigterm_while_starting_stops_without_serving(tmp_path: Path) -> None:
+    (tmp_path / "gated.py").write_text(GATED_APP)
+    process = subprocess.Popen(
+        [str(EMBSERVE), "run", "gated.py:app", "--port", "0"],
+        cwd=tmp_path,
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
+    assert process.stdout is not None
+    try:
+        assert process.stdout.readline() == "embserve: starting 1 replica(s) of 'Gated'\n"
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=30) == 0  # the constructor still waits on stdin
+        assert process.stdout.read() == "embserve: stopped\n"
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.communicate()

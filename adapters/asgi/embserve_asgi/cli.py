@@ -184,12 +184,19 @@ def _run(args: argparse.Namespace) -> int:
         "read_timeout_s": args.read_timeout,
         "access_log": args.access_log,
     }
-    asyncio.run(_serve(app, sock, f"http://{shown}:{port}", options))
+    served = asyncio.run(_serve(app, sock, f"http://{shown}:{port}", options))
     print("embserve: stopped", flush=True)
+    if not served:
+        # Stopped while a constructor ran: it cannot be interrupted, and Python would join its
+        # thread at exit, keeping the process alive as long as the constructor runs. The
+        # runtime is shut down already; nothing is left to wait for.
+        sys.stderr.flush()
+        os._exit(0)
     return 0
 
 
-async def _serve(app: App, sock: socket.socket, url: str, options: dict[str, Any]) -> None:
+async def _serve(app: App, sock: socket.socket, url: str, options: dict[str, Any]) -> bool:
+    """Start the App, then serve it until told to stop; False if told to stop while starting."""
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in SIGNALS:
@@ -199,9 +206,11 @@ async def _serve(app: App, sock: socket.socket, url: str, options: dict[str, Any
         # started), so that nothing says "serving" before every constructor ran, and a start
         # that fails ends the command with one line instead of a server's traceback.
         # Connections that arrive meanwhile wait in the socket's backlog.
-        if await _start(app, stop):
-            print(describe(app, url), flush=True)
-            await serve(app, sock, shutdown_trigger=stop.wait, **options)
+        if not await _start(app, stop):
+            return False
+        print(describe(app, url), flush=True)
+        await serve(app, sock, shutdown_trigger=stop.wait, **options)
+        return True
     finally:
         for signum in SIGNALS:
             loop.remove_signal_handler(signum)
@@ -218,7 +227,7 @@ async def _start(app: App, stop: asyncio.Event) -> bool:
         await asyncio.wait({starting, stopping}, return_when=asyncio.FIRST_COMPLETED)
     finally:
         stopping.cancel()
-    if not starting.done():
+    if stop.is_set():  # told to stop, even if the start has just finished too
         starting.cancel()
         with contextlib.suppress(asyncio.CancelledError, Exception):
             await starting
