@@ -76,6 +76,29 @@ class RuntimeStatus:
         plain: dict[str, Any] = _plain(dataclasses.asdict(self))
         return plain
 
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> RuntimeStatus:
+        """The snapshot back from :meth:`to_dict`'s form (as ``/-/status`` serves it).
+
+        Missing ``message`` fields become ``""`` (the admin page leaves them out) and keys this
+        version does not know are ignored, so a newer server's status still reads.
+        """
+        return cls(
+            backend=str(data["backend"]),
+            deployments={
+                str(name): _deployment_from_dict(d) for name, d in data["deployments"].items()
+            },
+            endpoints={
+                str(name): EndpointStatus(
+                    name=str(e["name"]),
+                    route_prefix=e.get("route_prefix"),
+                    traffic=dict(e.get("traffic", {})),
+                    shadow=dict(e.get("shadow", {})),
+                )
+                for name, e in data["endpoints"].items()
+            },
+        )
+
     def __str__(self) -> str:
         """A table a person can read: one line per deployment and per replica (≤ 120 wide)."""
         lines = [_fit(f"backend: {self.backend}")]
@@ -123,6 +146,27 @@ def _deployment_lines(status: DeploymentStatus) -> list[str]:
             row += f"  ({replica.message.splitlines()[0]})"
         lines.append(_fit(row.rstrip()))
     return lines
+
+
+def _deployment_from_dict(data: Mapping[str, Any]) -> DeploymentStatus:
+    return DeploymentStatus(
+        name=str(data["name"]),
+        state=str(data["state"]),
+        message=str(data.get("message", "")),
+        target_replicas=int(data["target_replicas"]),
+        replicas=tuple(
+            ReplicaStatus(
+                replica_id=str(r["replica_id"]),
+                state=ReplicaState(r["state"]),
+                message=str(r.get("message", "")),
+                ongoing_requests=int(r.get("ongoing_requests", 0)),
+                info=dict(r.get("info") or {}),
+            )
+            for r in data.get("replicas", ())
+        ),
+        queued_requests=int(data.get("queued_requests", 0)),
+        version=data.get("version"),
+    )
 
 
 def _plain(value: Any) -> Any:

@@ -49,6 +49,7 @@ class SentimentAPI:
     """The HTTP face of the model: POST text to ``/sentiment``, or to ``/sentiment/words``."""
 
     http_methods = ("POST",)
+    http_example = "I love fast serving"  # the body of the curl line `embserve run` suggests
 
     def __init__(self, sentiment: embserve.Handle) -> None:
         self.sentiment = sentiment

@@ -339,3 +339,51 @@ async def test_websockets_are_refused() -> None:
         {"type": "websocket", "path": "/a"}, receive, send
     )
     assert sent == [{"type": "websocket.close", "code": 1003}]
+
+
+NEEDS_TOKEN = "this admin page needs the header Authorization: Bearer <admin token>"
+
+
+@pytest.mark.anyio
+async def test_an_admin_token_guards_every_admin_page_but_healthz() -> None:
+    app = App({"/ok": ok.bind()}, admin_token="s3cret")
+    try:
+        async with httpx.AsyncClient(
+            transport=httpx.ASGITransport(app=app), base_url="http://t"
+        ) as http:
+            assert (await http.get("/-/healthz")).json() == {"status": "ok"}
+            assert (await http.get("/ok")).text == "ok"  # the routes themselves are open
+            for page in ("ready", "routes", "status", "metrics", "nosuch"):
+                for headers in ({}, {"authorization": "Bearer wrong"}, {"authorization": "s3cret"}):
+                    r = await http.get(f"/-/{page}", headers={**headers, "x-request-id": "a-1"})
+                    assert r.status_code == 401, (page, headers)
+                    assert r.headers["www-authenticate"] == "Bearer"
+                    assert r.json() == {"error": NEEDS_TOKEN, "request_id": "a-1"}
+            good = {"authorization": "Bearer s3cret"}
+            assert (await http.get("/-/status", headers=good)).json()["backend"] == "local"
+            assert (await http.get("/-/ready", headers=good)).status_code == 200
+            assert (await http.get("/-/nosuch", headers=good)).status_code == 404
+            # The scheme is case-insensitive (RFC 9110); the token is not.
+            assert (
+                await http.get("/-/routes", headers={"authorization": "bearer s3cret"})
+            ).is_success
+            assert (
+                await http.get("/-/routes", headers={"authorization": "Bearer S3CRET"})
+            ).status_code == 401
+    finally:
+        await app.shutdown()
+
+
+def test_the_admin_token_comes_from_the_environment_unless_given(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("EMBSERVE_ADMIN_TOKEN", "from-env")
+    assert App().admin_token == "from-env"
+    assert App(admin_token="given").admin_token == "given"
+    assert App(admin_token="").admin_token is None  # "" turns the environment's token off
+    monkeypatch.setenv("EMBSERVE_ADMIN_TOKEN", "")
+    assert App().admin_token is None
+    monkeypatch.delenv("EMBSERVE_ADMIN_TOKEN")
+    assert App().admin_token is None
+    with pytest.raises(TypeError, match="admin_token"):
+        App(admin_token=b"bytes")  # type: ignore[arg-type]

@@ -6,23 +6,38 @@ has a running replica, else 503 saying which has none), ``/-/routes``, ``/-/stat
 its runtime's, see ``Runtime.metrics()``). The HTTP counters are plain integers on the request
 path; they become Prometheus families only when scraped.
 
-The pages are unauthenticated, so they show states and counts but none of the status's free
-text: a deployment's or replica's ``message`` may quote a user exception (a constructor that
-raised, a failed health check). ``rt.status()`` and the log keep the messages.
+With an admin token every page but ``/-/healthz`` (which probes call without credentials) asks
+for ``Authorization: Bearer <token>`` and answers 401 otherwise. Even so the pages show states
+and counts but none of the status's free text: a deployment's or replica's ``message`` may quote
+a user exception (a constructor that raised, a failed health check), and a token is often shared
+with dashboards. ``rt.status()`` and the log keep the messages.
 """
 
 from __future__ import annotations
 
 import bisect
-from collections.abc import Iterator, Mapping
+import hmac
+import os
+from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
 from starlette.responses import Response
 
+from embserve.errors import HTTPError
 from embserve.runtime import Runtime
-from embserve_asgi.responses import JSON, json_bytes
+from embserve_asgi.responses import JSON, error_response, json_bytes
 
-__all__ = ["EndpointMetrics", "admin_response"]
+__all__ = [
+    "ADMIN_TOKEN_ENV",
+    "EndpointMetrics",
+    "admin_response",
+    "authorized",
+    "resolve_admin_token",
+    "unready",
+]
+
+ADMIN_TOKEN_ENV = "EMBSERVE_ADMIN_TOKEN"
+UNGUARDED = frozenset({"healthz"})  # liveness probes carry no credentials
 
 # Seconds; the Prometheus client's default latency buckets, kept for familiar dashboards.
 BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0)
@@ -98,6 +113,36 @@ def _bound(value: float) -> str:
     return "+Inf" if value == float("inf") else repr(value)
 
 
+def resolve_admin_token(given: str | None) -> str | None:
+    """The token guarding the admin pages: ``given``, else ``$EMBSERVE_ADMIN_TOKEN``; "" is none."""
+    if given is None:
+        given = os.environ.get(ADMIN_TOKEN_ENV)
+    if given is not None and not isinstance(given, str):
+        raise TypeError(f"admin_token must be a str or None, got {type(given).__name__}")
+    return given or None
+
+
+def authorized(headers: Iterable[tuple[bytes, bytes]], token: str) -> bool:
+    """Whether the request's ``Authorization`` header is ``Bearer <token>``."""
+    expected = token.encode("utf-8")
+    for name, value in headers:
+        if name == b"authorization":
+            scheme, _, credentials = value.strip().partition(b" ")
+            # compare_digest takes as long whatever the guess, so timing tells nothing of it.
+            return scheme.lower() == b"bearer" and hmac.compare_digest(
+                credentials.strip(), expected
+            )
+    return False
+
+
+def unauthorized(request_id: str) -> Response:
+    """The 401 for an admin page asked for without the token."""
+    detail = "this admin page needs the header Authorization: Bearer <admin token>"
+    response = error_response(HTTPError(401, detail), request_id)
+    response.headers["www-authenticate"] = "Bearer"
+    return response
+
+
 def _json(value: Any, status: int = 200) -> Response:
     return Response(json_bytes(value), status_code=status, media_type=JSON)
 
@@ -141,6 +186,14 @@ def metrics_response(http: bytes, runtime_text: str) -> Response:
 def _ready(runtime: Runtime, routes: Mapping[str, str], *, started: bool) -> Response:
     if not started:
         return _json({"status": "unavailable", "why": ["the runtime has not started"]}, 503)
+    why = unready(runtime, routes)
+    if why:
+        return _json({"status": "unavailable", "why": why}, 503)
+    return _json({"status": "ok", "routes": len(routes)})
+
+
+def unready(runtime: Runtime, routes: Mapping[str, str]) -> list[str]:
+    """Why the routes are not ready, one line per deployment without a running replica."""
     status = runtime.status()
     why: list[str] = []
     for prefix, name in sorted(routes.items()):
@@ -151,9 +204,7 @@ def _ready(runtime: Runtime, routes: Mapping[str, str], *, started: bool) -> Res
             if deployment is None or deployment.running_replicas == 0:
                 state = deployment.state if deployment is not None else "missing"
                 why.append(f"{prefix} ({target}) has no running replica [{state}]")
-    if why:
-        return _json({"status": "unavailable", "why": why}, 503)
-    return _json({"status": "ok", "routes": len(routes)})
+    return why
 
 
 def _without_messages(status: dict[str, Any]) -> dict[str, Any]:

@@ -26,10 +26,14 @@ from embserve.handle import ResponseStream
 from embserve.request import Request, new_request_id
 from embserve.runtime import Runtime
 from embserve_asgi.admin import (
+    UNGUARDED,
     EndpointMetrics,
     admin_response,
+    authorized,
     metrics_response,
     prometheus_text,
+    resolve_admin_token,
+    unauthorized,
 )
 from embserve_asgi.connection import (
     DisconnectWatch,
@@ -84,6 +88,10 @@ class App:
             request's start, else 408 and the connection closes (None: no limit).
         admin: serve ``/-/healthz`` (alive), ``/-/ready`` (every route has a running replica),
             ``/-/routes``, ``/-/status`` and ``/-/metrics``.
+        admin_token: when set, every admin page but ``/-/healthz`` needs the header
+            ``Authorization: Bearer <admin_token>`` (else 401). None (the default) takes the
+            environment variable ``EMBSERVE_ADMIN_TOKEN``; ``""`` means no token, whatever the
+            environment says.
 
     A deployment limits the HTTP methods it answers with an ``http_methods`` attribute on its
     class or function (``http_methods = ("POST",)``); others get 405.
@@ -98,6 +106,7 @@ class App:
         max_body_size: int = DEFAULT_MAX_BODY_SIZE,
         body_timeout_s: float | None = DEFAULT_BODY_TIMEOUT_S,
         admin: bool = True,
+        admin_token: str | None = None,
     ) -> None:
         if isinstance(max_body_size, bool) or not isinstance(max_body_size, int):
             raise TypeError(f"max_body_size must be an int, got {max_body_size!r}")
@@ -109,6 +118,7 @@ class App:
         self.runtime: Runtime = runtime if runtime is not None else Runtime(backend)
         self.max_body_size = max_body_size
         self.admin = admin
+        self.admin_token = resolve_admin_token(admin_token)
         self._ready = not self._deploy and not self._owns
         self._closed = False
         self._lock: asyncio.Lock | None = None
@@ -227,6 +237,10 @@ class App:
         table = self.runtime.routes()
         table.update((prefix, application.name) for prefix, application in self._deploy)
         return table
+
+    def applications(self) -> dict[str, Application]:
+        """Route prefix → the application the App deploys there (not the runtime's own routes)."""
+        return dict(self._deploy)
 
     def routes(self) -> dict[str, str]:
         """Route prefix → endpoint name, as served now."""
@@ -470,6 +484,10 @@ class App:
     async def _admin(
         self, page: str, request_id: str, scope: Scope, receive: Receive, send: Send
     ) -> None:
+        token = self.admin_token
+        if token is not None and page not in UNGUARDED and not authorized(scope["headers"], token):
+            await unauthorized(request_id)(scope, receive, send)
+            return
         self._refresh_routes()
         response: Response | None
         if page == "metrics":

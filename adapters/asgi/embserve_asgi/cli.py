@@ -1,122 +1,106 @@
-"""``embserve run module:attr``: serve an App (or an application, or a runtime) over HTTP.
+"""The ``embserve`` command: serve an App over HTTP, or show a running server's status.
 
-``attr`` may name an :class:`~embserve_asgi.App`, an :class:`~embserve.Application` (served at
-``/``), or a :class:`~embserve.Runtime` (its endpoints with a route prefix). ``module`` is a
-dotted module name or a path to a ``.py`` file. Ctrl-C or SIGTERM stops the server gracefully:
-no new connections, in-flight requests finish, then the runtime drains.
+``embserve run module:attr`` serves ``attr``: an :class:`~embserve_asgi.App`, an
+:class:`~embserve.Application` (served at ``/``), or a :class:`~embserve.Runtime` (its endpoints
+with a route prefix). ``module`` is a dotted module name or a path to a ``.py`` file. The runtime
+starts and every route is deployed before the command says where it serves; progress goes to
+stderr meanwhile. Ctrl-C or SIGTERM stops it gracefully: no new connections, in-flight requests
+finish, then the runtime drains.
+
+``embserve status URL`` prints the status table of the server at ``URL`` (its ``/-/status``).
+
+What goes wrong before serving (a module that is missing or raises, a busy port, an unknown
+backend, a constructor that raises) is printed as one line, after the user's traceback when
+user code raised, and the command exits with status 1.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
-import importlib
-import importlib.util
+import contextlib
+import json
 import logging
 import os
+import shlex
 import signal
+import socket
 import sys
+import urllib.error
+import urllib.request
 from collections.abc import Sequence
-from types import ModuleType
 from typing import Any
 
-from embserve.deployment import Application, Deployment
-from embserve.runtime import Runtime
+from embserve.errors import DeploymentFailedError, EmbserveError
+from embserve.status import RuntimeStatus
+from embserve_asgi._target import CommandError, as_app, load, print_user_traceback
+from embserve_asgi.admin import ADMIN_TOKEN_ENV, unready
 from embserve_asgi.app import App
 from embserve_asgi.server import bind, serve
 
-__all__ = ["load", "main"]
+__all__ = ["as_app", "curl_hint", "describe", "load", "main"]
 
-
-def load(target: str) -> Any:
-    """The object named by ``module:attr`` or ``path/to/file.py:attr``."""
-    module_name, sep, attr = target.rpartition(":")
-    if not sep or not module_name or not attr:
-        raise SystemExit(f"embserve run: expected module:attr or file.py:attr, got {target!r}")
-    module = _import(module_name)
-    value: Any = module
-    for part in attr.split("."):
-        try:
-            value = getattr(value, part)
-        except AttributeError:
-            raise SystemExit(f"embserve run: {module_name!r} has no attribute {attr!r}") from None
-    return value
-
-
-def _import(name: str) -> ModuleType:
-    if name.endswith(".py") or os.sep in name:
-        path = os.path.abspath(name)
-        if not os.path.isfile(path):
-            raise SystemExit(f"embserve run: no file {name!r}")
-        module_name = os.path.splitext(os.path.basename(path))[0]
-        sys.path.insert(0, os.path.dirname(path))
-        spec = importlib.util.spec_from_file_location(module_name, path)
-        assert spec is not None and spec.loader is not None
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[module_name] = module
-        spec.loader.exec_module(module)
-        return module
-    # Like uvicorn and hypercorn: modules of the directory the command runs in are importable.
-    if os.getcwd() not in sys.path:
-        sys.path.insert(0, os.getcwd())
-    return importlib.import_module(name)
-
-
-def as_app(value: Any, backend: str | None, body_timeout_s: float | None = None) -> App:
-    """An :class:`App` for whatever ``module:attr`` named (options given override the App's)."""
-    if isinstance(value, Deployment):
-        value = value.bind()
-    app: App
-    if isinstance(value, Application):
-        app = App({"/": value}, backend=backend or "local")
-    elif isinstance(value, Runtime):
-        app = App(runtime=value)
-    elif isinstance(value, App):
-        app = value
-        if backend is not None:
-            app.set_backend(backend)
-    else:
-        raise SystemExit(
-            "embserve run: expected an embserve App, Application or Runtime, "
-            f"got {type(value).__name__}"
-        )
-    if body_timeout_s is not None:
-        app.body_timeout_s = body_timeout_s
-    return app
-
-
-def describe(app: App, url: str) -> str:
-    """The route table and a curl line to try, as printed at start-up."""
-    lines = [f"embserve: serving on {url} (Ctrl-C to stop)"]
-    routes = app.planned_routes()
-    width = max((len(p) for p in routes), default=1)
-    for prefix, endpoint in sorted(routes.items()):
-        lines.append(f"  {prefix.ljust(width)}  -> {endpoint}")
-    if app.admin:
-        lines.append("  admin: /-/healthz /-/ready /-/routes /-/status /-/metrics")
-    if routes:
-        first = min(routes, key=len) if "/" in routes else sorted(routes)[0]
-        lines.append(f"try: curl -s -X POST {url}{first} -d 'I love fast serving'")
-    else:
-        lines.append(f"try: curl -s {url}/-/status")
-    return "\n".join(lines)
+SIGNALS = (signal.SIGINT, signal.SIGTERM)
+ADMIN_PAGES = "/-/healthz /-/ready /-/routes /-/status /-/metrics"
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """The ``embserve`` command."""
-    parser = argparse.ArgumentParser(prog="embserve", description=__doc__.splitlines()[0])
-    commands = parser.add_subparsers(dest="command", required=True)
-    run = commands.add_parser("run", help="serve module:attr over HTTP")
-    run.add_argument("target", help="module:attr or path/to/file.py:attr")
-    run.add_argument("--host", default="127.0.0.1")
-    run.add_argument("--port", type=int, default=8000)
-    run.add_argument("--backend", default=None, help="local (default), process, dask://host:port")
+    """The ``embserve`` command; returns its exit status."""
+    args = _parser().parse_args(argv)
+    try:
+        code: int = args.handler(args)
+    except CommandError as exc:
+        print(f"embserve {args.command}: {exc}", file=sys.stderr, flush=True)
+        return 1
+    return code
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="embserve",
+        description="Serve embserve deployments over HTTP, and look at them.",
+        epilog="'embserve COMMAND --help' describes a command's options.",
+    )
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    run = commands.add_parser(
+        "run",
+        help="serve module:attr over HTTP",
+        description="Serve an embserve App, Application or Runtime over HTTP with hypercorn. "
+        "Ctrl-C or SIGTERM stops it gracefully.",
+    )
+    run.set_defaults(handler=_run)
+    run.add_argument(
+        "target",
+        metavar="module:attr",
+        help="what to serve: a module and attribute (service:app) or a file (path/to/app.py:app)",
+    )
+    run.add_argument("--host", default="127.0.0.1", help="address to listen on (127.0.0.1)")
+    run.add_argument(
+        "--port", type=int, default=8000, help="port to listen on (8000; 0 picks a free one)"
+    )
+    run.add_argument(
+        "--backend",
+        default=None,
+        metavar="NAME",
+        help="where replicas run: local (the default), process, dask://host:port",
+    )
+    run.add_argument(
+        "--admin-token",
+        default=None,
+        metavar="TOKEN",
+        help=f"admin routes but /-/healthz need 'Authorization: Bearer TOKEN' (default: "
+        f"the App's, else ${ADMIN_TOKEN_ENV}; prefer the variable, as ps shows arguments)",
+    )
+    run.add_argument(
+        "--no-admin", action="store_true", help="serve no admin routes (/-/healthz and the rest)"
+    )
     run.add_argument(
         "--graceful-timeout",
         type=float,
         default=30.0,
         metavar="SECONDS",
-        help="at shutdown, in-flight requests get this long to finish, then 503 (default 30)",
+        help="at shutdown, in-flight requests get this long to finish, then 503 (30)",
     )
     run.add_argument(
         "--body-timeout",
@@ -130,7 +114,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         type=_positive,
         default=5.0,
         metavar="SECONDS",
-        help="close connections idle this long, or still sending headers (default 5)",
+        help="close connections idle this long, or still sending headers (5)",
     )
     run.add_argument(
         "--read-timeout",
@@ -139,43 +123,266 @@ def main(argv: Sequence[str] | None = None) -> int:
         metavar="SECONDS",
         help="close connections that send nothing this long, even mid-request (default: never)",
     )
-    run.add_argument("--access-log", action="store_true")
-    args = parser.parse_args(argv)
+    run.add_argument(
+        "--access-log",
+        action="store_true",
+        help="print a line per request to stdout, in hypercorn's (Apache's combined) format",
+    )
 
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    status = commands.add_parser(
+        "status",
+        help="print the status table of a running server",
+        description="Fetch URL/-/status from a running embserve server and print it as a table.",
+    )
+    status.set_defaults(handler=_status)
+    status.add_argument("url", metavar="URL", help="the server, e.g. http://127.0.0.1:8000")
+    status.add_argument(
+        "--admin-token",
+        default=None,
+        metavar="TOKEN",
+        help=f"the server's admin token (default: ${ADMIN_TOKEN_ENV})",
+    )
+    status.add_argument(
+        "--timeout",
+        type=_positive,
+        default=10.0,
+        metavar="SECONDS",
+        help="how long to wait for the answer (10)",
+    )
+    return parser
+
+
+def _positive(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not value > 0:  # NaN too
+        raise argparse.ArgumentTypeError(f"must be a number of seconds > 0, got {text!r}")
+    return value
+
+
+# -- embserve run -------------------------------------------------------------------------
+
+
+def _run(args: argparse.Namespace) -> int:
+    _configure_logging()
     app = as_app(load(args.target), args.backend, args.body_timeout)
-    sock = bind(args.host, args.port)
+    if args.no_admin:
+        app.admin = False
+    if args.admin_token is not None:
+        app.admin_token = args.admin_token or None
+    try:
+        sock = bind(args.host, args.port)
+    except OSError as exc:
+        raise CommandError(f"cannot listen on {args.host}:{args.port}: {_reason(exc)}") from None
     host, port = sock.getsockname()[:2]
     shown = f"[{host}]" if ":" in host else host
-    print(describe(app, f"http://{shown}:{port}"), flush=True)
     options = {
         "graceful_timeout_s": args.graceful_timeout,
         "keep_alive_timeout_s": args.keep_alive_timeout,
         "read_timeout_s": args.read_timeout,
         "access_log": args.access_log,
     }
-    asyncio.run(_serve(app, sock, options))
+    served = asyncio.run(_serve(app, sock, f"http://{shown}:{port}", options))
     print("embserve: stopped", flush=True)
+    if not served:
+        # Stopped while a constructor ran: it cannot be interrupted, and Python would join its
+        # thread at exit, keeping the process alive as long as the constructor runs. The
+        # runtime is shut down already; nothing is left to wait for.
+        sys.stderr.flush()
+        os._exit(0)
     return 0
 
 
-def _positive(text: str) -> float:
-    value = float(text)
-    if not value > 0:  # NaN too
-        raise argparse.ArgumentTypeError(f"must be a number of seconds > 0, got {text!r}")
-    return value
-
-
-async def _serve(app: App, sock: Any, options: dict[str, Any]) -> None:
+async def _serve(app: App, sock: socket.socket, url: str, options: dict[str, Any]) -> bool:
+    """Start the App, then serve it until told to stop; False if told to stop while starting."""
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
-    for signum in (signal.SIGINT, signal.SIGTERM):
+    for signum in SIGNALS:
         loop.add_signal_handler(signum, stop.set)
     try:
+        # The App starts here rather than in the server's lifespan (which then finds it
+        # started), so that nothing says "serving" before every constructor ran, and a start
+        # that fails ends the command with one line instead of a server's traceback.
+        # Connections that arrive meanwhile wait in the socket's backlog.
+        if not await _start(app, stop):
+            return False
+        print(describe(app, url), flush=True)
         await serve(app, sock, shutdown_trigger=stop.wait, **options)
+        return True
     finally:
-        for signum in (signal.SIGINT, signal.SIGTERM):
+        for signum in SIGNALS:
             loop.remove_signal_handler(signum)
+        if sock.fileno() != -1:  # not handed to the server
+            sock.close()
+        await app.shutdown()  # once served, the lifespan did it already; this is then a no-op
+
+
+async def _start(app: App, stop: asyncio.Event) -> bool:
+    """Start the App's runtime and deploy its routes; False if told to stop first."""
+    starting = asyncio.ensure_future(app.startup())
+    stopping = asyncio.ensure_future(stop.wait())
+    try:
+        await asyncio.wait({starting, stopping}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        stopping.cancel()
+    if stop.is_set():  # told to stop, even if the start has just finished too
+        starting.cancel()
+        with contextlib.suppress(asyncio.CancelledError, Exception):
+            await starting
+        return False
+    exc = starting.exception()
+    if exc is None:
+        return True
+    if isinstance(exc, DeploymentFailedError):
+        # The user's traceback, once; the message's first line says which constructor.
+        if exc.traceback_text:
+            sys.stderr.write(exc.traceback_text.rstrip("\n") + "\n")
+    elif not isinstance(exc, EmbserveError):
+        print_user_traceback(exc)
+    first = (str(exc).splitlines() or [type(exc).__name__])[0]
+    if not isinstance(exc, EmbserveError):
+        first = f"starting failed: {type(exc).__name__}: {first}"
+    raise CommandError(first)
+
+
+def describe(app: App, url: str) -> str:
+    """What ``embserve run`` prints once the App serves: its routes and a curl line to try."""
+    lines = [f"embserve: serving on {url} (Ctrl-C to stop)"]
+    routes = app.routes()
+    width = max((len(p) for p in routes), default=1)
+    for prefix, endpoint in sorted(routes.items()):
+        lines.append(f"  {prefix.ljust(width)}  -> {endpoint}")
+    if app.admin:
+        guarded = " (Bearer token: all but /-/healthz)" if app.admin_token else ""
+        lines.append(f"  admin: {ADMIN_PAGES}{guarded}")
+    why = unready(app.runtime, routes)
+    lines.extend(f"  not ready: {line}" for line in why)
+    hint = curl_hint(app, url, ready=not why)
+    if hint is not None:
+        lines.append(f"try: {hint}")
+    return "\n".join(lines)
+
+
+def curl_hint(app: App, url: str, *, ready: bool = True) -> str | None:
+    """A curl line that works for ``app``, or None when there is nothing sure to call.
+
+    A route whose deployment gives an ``http_example`` (a request body) is sent that body; else
+    a route whose deployment lists GET in its ``http_methods`` is asked with GET; else the
+    admin page ``/-/routes``; else the first route, with a method it takes. Not ready:
+    ``/-/ready``.
+    """
+    auth = f' -H "Authorization: Bearer ${ADMIN_TOKEN_ENV}"' if app.admin_token else ""
+    if not ready:
+        return f"curl -s{auth} {url}/-/ready" if app.admin else None
+    served = app.routes()
+    owned = {p: a.deployment.target for p, a in app.applications().items() if p in served}
+    order = sorted(owned, key=lambda p: (len(p), p))
+    for prefix in order:
+        example = getattr(owned[prefix], "http_example", None)
+        if isinstance(example, (str, bytes)):
+            text = example.decode("utf-8", "replace") if isinstance(example, bytes) else example
+            method = _method_for_a_body(owned[prefix])
+            return f"curl -s -X {method} {url}{prefix} -d {shlex.quote(text)}"
+    for prefix in order:
+        if getattr(owned[prefix], "http_methods", None) and "GET" in _methods(owned[prefix]):
+            return f"curl -s {url}{prefix}"
+    if app.admin:
+        return f"curl -s{auth} {url}/-/routes"
+    if order:  # a method the deployment takes, if not a body it understands
+        return f"curl -s -X {_method_for_a_body(owned[order[0]])} {url}{order[0]}"
+    if served:
+        return f"curl -s {url}{min(served, key=lambda p: (len(p), p))}"
+    return None
+
+
+def _methods(target: Any) -> set[str]:
+    # What the core's HTTP serving reads too: the target's http_methods, or every method.
+    declared = getattr(target, "http_methods", None)
+    return {str(m).upper() for m in declared} if declared else {"GET", "POST"}
+
+
+def _method_for_a_body(target: Any) -> str:
+    methods = _methods(target)
+    if "POST" in methods:
+        return "POST"
+    with_body = sorted(methods - {"GET", "HEAD", "OPTIONS"})
+    return with_body[0] if with_body else "POST"
+
+
+class _Plain(logging.Formatter):
+    """``embserve: message`` (``embserve: warning: message``): progress a person reads."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        text = record.getMessage()
+        if record.levelno >= logging.WARNING:
+            text = f"{record.levelname.lower()}: {text}"
+        if record.exc_info:
+            text += "\n" + self.formatException(record.exc_info)
+        return f"embserve: {text}"
+
+
+def _configure_logging() -> None:
+    embserve = logging.getLogger("embserve")
+    if any(isinstance(h.formatter, _Plain) for h in embserve.handlers):
+        return  # configured by an earlier main() in this process
+    # The user's own logging, as usual; embserve's progress plainly, on stderr.
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    progress = logging.StreamHandler(sys.stderr)
+    progress.setFormatter(_Plain())
+    embserve.addHandler(progress)
+    embserve.setLevel(logging.INFO)
+    embserve.propagate = False
+    # hypercorn's "Running on fd://..." would repeat, less clearly, what the banner says.
+    logging.getLogger("embserve.http.server").setLevel(logging.WARNING)
+    # The access log is data, not progress: on stdout, each line as hypercorn formats it.
+    access = logging.getLogger("embserve.http.access")
+    lines = logging.StreamHandler(sys.stdout)
+    lines.setFormatter(logging.Formatter("%(message)s"))
+    access.addHandler(lines)
+    access.propagate = False
+
+
+def _reason(exc: OSError) -> str:
+    return (exc.strerror or str(exc)).lower()
+
+
+# -- embserve status ----------------------------------------------------------------------
+
+
+def _status(args: argparse.Namespace) -> int:
+    url = args.url if "://" in args.url else f"http://{args.url}"
+    page = url.rstrip("/") + "/-/status"
+    token = args.admin_token if args.admin_token is not None else os.environ.get(ADMIN_TOKEN_ENV)
+    headers = {"accept": "application/json"}
+    if token:
+        headers["authorization"] = f"Bearer {token}"
+    try:
+        with urllib.request.urlopen(
+            urllib.request.Request(page, headers=headers), timeout=args.timeout
+        ) as answer:
+            body = answer.read()
+    except urllib.error.HTTPError as exc:
+        exc.close()
+        if exc.code == 401 and token:
+            raise CommandError(f"{page} refused the admin token") from None
+        if exc.code == 401:
+            needs = f"--admin-token or ${ADMIN_TOKEN_ENV}"
+            raise CommandError(f"{page} needs the admin token ({needs})") from None
+        if exc.code == 404:
+            raise CommandError(f"{page} not found (are the admin routes off?)") from None
+        raise CommandError(f"{page} answered HTTP {exc.code}") from None
+    except (urllib.error.URLError, OSError, ValueError) as exc:
+        reason = exc.reason if isinstance(exc, urllib.error.URLError) else exc
+        shown = _reason(reason) if isinstance(reason, OSError) else str(reason)
+        raise CommandError(f"cannot reach {url}: {shown}") from None
+    try:
+        status = RuntimeStatus.from_dict(json.loads(body))
+    except (ValueError, KeyError, TypeError, AttributeError):
+        raise CommandError(f"{page} did not answer with an embserve status") from None
+    print(status, flush=True)
+    return 0
 
 
 if __name__ == "__main__":
