@@ -32,7 +32,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from embserve.errors import DeploymentFailedError, EmbserveError
-from embserve.status import RuntimeStatus
+from embserve.snapshot import RuntimeStatus
 from embserve_asgi._target import CommandError, as_app, load, print_user_traceback
 from embserve_asgi.admin import ADMIN_TOKEN_ENV, unready
 from embserve_asgi.app import App

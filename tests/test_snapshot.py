@@ -6,7 +6,7 @@ import json
 
 import embserve
 from embserve.replica import ReplicaState
-from embserve.status import DeploymentStatus, EndpointStatus, ReplicaStatus, RuntimeStatus
+from embserve.snapshot import DeploymentStatus, EndpointStatus, ReplicaStatus, RuntimeStatus
 
 STATUS = RuntimeStatus(
     backend="dask",
