@@ -23,7 +23,6 @@ from tests.e2e.test_http import Server
 from tests.waiting import wait_for
 
 ROOT = Path(__file__).resolve().parents[2]
-HYPERCORN = Path(sys.executable).with_name("hypercorn")
 
 
 @embserve.deployment
@@ -88,17 +87,23 @@ def test_requests_reach_a_worker_process_as_starlette_requests(server: Server) -
         )
 
 
-def test_hypercorn_serves_a_process_backend_app_from_its_daemonic_worker() -> None:
+@pytest.mark.parametrize("server_cli", ["hypercorn", "uvicorn"])
+def test_a_server_cli_serves_a_process_backend_app_from_its_worker(server_cli: str) -> None:
     # hypercorn runs the app in a daemonic multiprocessing child, which multiprocessing does
     # not let start children of its own: the process backend's workers are not those.
     port = free_port()
-    command = [str(HYPERCORN), "--bind", f"127.0.0.1:{port}", "tests.e2e.process_service:api"]
+    app = "tests.e2e.process_service:api"
+    binary = str(Path(sys.executable).with_name(server_cli))
+    if server_cli == "hypercorn":
+        command = [binary, "--bind", f"127.0.0.1:{port}", app]
+    else:
+        command = [binary, "--host", "127.0.0.1", "--port", str(port), app]
     server = subprocess.Popen(
         command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
     )
 
     def answer() -> httpx.Response | None:
-        assert server.poll() is None, "hypercorn exited"
+        assert server.poll() is None, f"{server_cli} exited"
         try:
             return httpx.get(f"http://127.0.0.1:{port}/ml/where", timeout=10)
         except httpx.TransportError:
