@@ -203,9 +203,10 @@ GATED_APP = textwrap.dedent(
 )
 
 
-def test_the_banner_waits_for_every_constructor(tmp_path: Path) -> None:
+def start_gated(tmp_path: Path) -> subprocess.Popen[str]:
+    """``embserve run`` of GATED_APP, whose constructor waits for a line on stdin."""
     (tmp_path / "gated.py").write_text(GATED_APP)
-    process = subprocess.Popen(
+    return subprocess.Popen(
         [str(EMBSERVE), "run", "gated.py:app", "--port", "0"],
         cwd=tmp_path,
         stdin=subprocess.PIPE,
@@ -214,6 +215,10 @@ def test_the_banner_waits_for_every_constructor(tmp_path: Path) -> None:
         text=True,
         env={**os.environ, "PYTHONUNBUFFERED": "1"},
     )
+
+
+def test_the_banner_waits_for_every_constructor(tmp_path: Path) -> None:
+    process = start_gated(tmp_path)
     assert process.stdin is not None and process.stdout is not None
     try:
         assert process.stdout.readline() == "embserve: starting 1 replica(s) of 'Gated'\n"
@@ -424,16 +429,7 @@ def test_help_is_plain_text() -> None:
 
 
 def test_sigterm_while_starting_stops_without_serving(tmp_path: Path) -> None:
-    (tmp_path / "gated.py").write_text(GATED_APP)
-    process = subprocess.Popen(
-        [str(EMBSERVE), "run", "gated.py:app", "--port", "0"],
-        cwd=tmp_path,
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        env={**os.environ, "PYTHONUNBUFFERED": "1"},
-    )
+    process = start_gated(tmp_path)
     assert process.stdout is not None
     try:
         assert process.stdout.readline() == "embserve: starting 1 replica(s) of 'Gated'\n"
