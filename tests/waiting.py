@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
-from typing import TypeVar
+from collections.abc import Callable, Iterable
+from typing import Any, TypeVar
 
 T = TypeVar("T")
 
@@ -24,3 +24,15 @@ def wait_for(probe: Callable[[], T], timeout_s: float = 20.0, step_s: float = 0.
 def wait_until(predicate: Callable[[], object], timeout_s: float = 10.0) -> None:
     """Return once ``predicate()`` is true; fail the test if the deadline passes first."""
     wait_for(predicate, timeout_s)
+
+
+def settle(responses: Iterable[Any], timeout_s: float = 20.0) -> list[Any]:
+    """Each response's result, or the exception it ended with (a ``TimeoutError`` for one
+    still not done after ``timeout_s``), in order."""
+    ended: list[Any] = []
+    for response in responses:
+        try:
+            ended.append(response.result(timeout_s=timeout_s))
+        except Exception as exc:
+            ended.append(exc)
+    return ended

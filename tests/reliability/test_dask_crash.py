@@ -21,7 +21,7 @@ import pytest
 import embserve
 from embserve_dask import DaskBackend
 from tests.processes import alive
-from tests.waiting import wait_for
+from tests.waiting import settle, wait_for
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -72,12 +72,7 @@ def test_a_worker_killed_under_load_ends_every_call_and_capacity_returns(cluster
         victim = before[victim_id].info
         killed = time.monotonic()
         os.kill(victim["worker_pid"], signal.SIGKILL)
-        outcomes: list[Any] = []
-        for response in responses:
-            try:
-                outcomes.append(response.result(timeout_s=20))
-            except Exception as exc:
-                outcomes.append(exc)
+        outcomes = settle(responses)
         assert time.monotonic() - killed < 20  # nothing hung
         failures = [o for o in outcomes if isinstance(o, Exception)]
         # Only what the victim was running fails, as started; the rest ran on the other one.

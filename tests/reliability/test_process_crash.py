@@ -23,7 +23,7 @@ import pytest
 
 import embserve
 from embserve_process import ProcessBackend
-from tests.waiting import wait_for
+from tests.waiting import settle, wait_for
 
 T = TypeVar("T")
 
@@ -87,12 +87,7 @@ def kill_one_under_load(
     os.kill(victim, signal.SIGKILL)
     wait_for(lambda: victim not in replicas(rt, name), timeout_s=5, step_s=0.002)
     noticed = time.monotonic() - killed
-    outcomes: list[Any] = []
-    for response in responses:
-        try:
-            outcomes.append(response.result(timeout_s=20))
-        except Exception as exc:
-            outcomes.append(exc)
+    outcomes = settle(responses)
     return victim, outcomes, noticed
 
 
@@ -145,12 +140,7 @@ def test_every_worker_killed_at_once_under_load_ends_every_call_and_capacity_ret
     started = time.monotonic()
     for victim in victims:
         os.kill(victim, signal.SIGKILL)
-    outcomes: list[Any] = []
-    for response in responses:
-        try:
-            outcomes.append(response.result(timeout_s=20))
-        except Exception as exc:
-            outcomes.append(exc)
+    outcomes = settle(responses)
     assert time.monotonic() - started < 20  # nothing hung
     failures = [o for o in outcomes if isinstance(o, Exception)]
     # At most what both were running fails, as started; the queued calls waited for the
