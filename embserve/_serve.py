@@ -28,7 +28,7 @@ from embserve.errors import (
     ReplicaDiedError,
     RequestTimeoutError,
 )
-from embserve.metrics import PENDING_MAX, DeploymentMetrics
+from embserve.metrics import DeploymentMetrics
 from embserve.replica import Replica
 from embserve.request import Request
 from embserve.router import Lease, Router
@@ -106,7 +106,7 @@ class RequestPath:
         lease = self.router.try_assign(request)
         if lease is None:
             return start_task(loop, self._attempts(request, None, began))
-        if type(lease.replica).send is not _NO_SEND:
+        if type(lease.replica).send is not _NO_SEND:  # in-thread replicas: not worth a future
             sent = self._send(request, lease, loop, began)
             if sent is not None:
                 return sent
@@ -133,11 +133,10 @@ class RequestPath:
     def _send(
         self, request: Request, lease: Lease, loop: asyncio.AbstractEventLoop, began: float
     ) -> _Sent | None:
-        # The fast path: the replica's answer settles the future and releases the lease.
+        # The fast path, for replicas that take requests as messages (the callers checked):
+        # the replica's answer settles the future and releases the lease.
         replica = lease.replica
         request.lease = lease
-        if type(replica).send is _NO_SEND:  # an in-thread replica: not worth a future
-            return None
         future = _Sent(loop=loop)
         withdraw = replica.send(request, future)
         if withdraw is None:
@@ -218,13 +217,8 @@ class RequestPath:
                             raise
                         self.replica_died(replica, str(exc))
                 else:
-                    if began is not None:  # metrics.finished("ok", ...), inlined: hot path
-                        metrics = self.metrics
-                        metrics.requests["ok"] += 1
-                        pending = metrics.duration.pending
-                        pending.append(perf_counter() - began)
-                        if len(pending) >= PENDING_MAX:
-                            metrics.duration.flush()
+                    if began is not None:
+                        self.metrics.finished("ok", perf_counter() - began)
                     return result
                 finally:
                     lease.release()
