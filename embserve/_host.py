@@ -27,7 +27,7 @@ from embserve._loop import running_loop
 from embserve.batching import batch_sizes, close_batchers
 from embserve.context import ReplicaContext, reset_replica_context, set_replica_context
 from embserve.errors import DeploymentFailedError, attach_traceback, format_traceback
-from embserve.metrics import PENDING_MAX, Histogram, ReplicaStats
+from embserve.metrics import Histogram, ReplicaStats
 from embserve.multiplex import model_loads
 from embserve.replica import ReplicaSpec
 from embserve.request import Request, reset_current_request, set_current_request
@@ -187,10 +187,7 @@ class ReplicaHost:
             attach_traceback(exc)
             raise
         finally:
-            pending = execution.pending  # execution.observe(), without a call of its own
-            pending.append(perf_counter() - began)
-            if len(pending) >= PENDING_MAX:
-                execution.flush()
+            execution.observe(perf_counter() - began)
             if traced is not None:
                 traced.__exit__(*sys.exc_info())
             reset_current_request(current)

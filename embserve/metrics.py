@@ -76,8 +76,7 @@ class Histogram:
         self.bounds = tuple(bounds)
         self._counts = [0] * (len(self.bounds) + 1)  # the last: above every bound
         self._sum = 0.0
-        #: Observations not yet in their buckets. A hot path appends to it and calls
-        #: :meth:`flush` once it holds :data:`PENDING_MAX` (what :meth:`observe` does).
+        #: Observations not yet in their buckets (:meth:`flush` puts them there).
         self.pending: list[float] = []
 
     def observe(self, value: float) -> None:
@@ -156,10 +155,7 @@ class DeploymentMetrics:
     def finished(self, outcome: str, duration_s: float) -> None:
         """One request ended with ``outcome`` after ``duration_s`` (queueing included)."""
         self.requests[outcome] += 1
-        pending = self.duration.pending  # observe(), without a call of its own
-        pending.append(duration_s)
-        if len(pending) >= PENDING_MAX:
-            self.duration.flush()
+        self.duration.observe(duration_s)
 
 
 @dataclasses.dataclass
