@@ -44,11 +44,9 @@ def _otel() -> Any:
 
 def capture() -> dict[str, str] | None:
     """The current trace context as a carrier, or None when no span is active."""
-    if _context_var is not None and not _context_var.get():
-        return None  # the usual case: nothing is traced here
     propagate, trace, _ = _api or _otel()
     if _context_var is not None and not _context_var.get():
-        return None
+        return None  # the usual case: nothing is traced here
     if not trace.get_current_span().get_span_context().is_valid:
         return None
     carrier: dict[str, str] = {}
