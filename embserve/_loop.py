@@ -2,8 +2,9 @@
 foreign loops), and tasks that start at once.
 
 This is the one module that uses asyncio's private names (``_get_running_loop``,
-``_enter_task``/``_leave_task``, ``_asyncio_future_blocking``); tests/test_start_task.py checks
-each of them on every Python version the project supports (3.10 to 3.13).
+``_current_tasks`` before 3.12, ``_enter_task``/``_leave_task``, ``_asyncio_future_blocking``);
+tests/test_start_task.py checks each of them on every Python version the project supports (3.10
+to 3.13).
 """
 
 from __future__ import annotations
@@ -21,6 +22,13 @@ T = TypeVar("T")
 #: The running loop of this thread, or None: asyncio.get_running_loop without the exception,
 #: which costs more than the whole check on the hot path of a call.
 running_loop = asyncio._get_running_loop
+
+if sys.version_info >= (3, 12):
+    #: The task running on ``loop`` (``current_task(loop)``), or None.
+    current_task = asyncio.current_task  # in C from 3.12
+else:
+    # What asyncio.current_task reads, without its Python frame around a dict look-up.
+    current_task = asyncio.tasks._current_tasks.get  # type: ignore[attr-defined]
 
 
 class LoopThread:
@@ -76,10 +84,14 @@ def start_task(loop: asyncio.AbstractEventLoop, coro: Coroutine[Any, Any, T]) ->
     code in it is inside a task as far as asyncio can tell (``asyncio.timeout``, anyio's cancel
     scopes and task groups work), and a coroutine that waits goes on in that same task.
     """
-    runners = _runners_of(loop)
-    if runners is None:
-        return _plain_task(loop, coro)
-    return runners.start(coro)
+    try:
+        runners: _Runners = loop._embserve_runners  # type: ignore[attr-defined]
+    except AttributeError:
+        found = _runners_of(loop)
+        if found is None:
+            return _plain_task(loop, coro)
+        runners = found
+    return runners.start(coro)  # type: ignore[return-value]
 
 
 def spawn_task(
@@ -87,18 +99,18 @@ def spawn_task(
 ) -> asyncio.Future[None] | None:
     """:func:`start_task` for a call that reports its own outcome: None when it ended in its
     first step (an error that escaped it goes to the loop's exception handler)."""
-    runners = _runners_of(loop)
-    if runners is None:
-        return _plain_task(loop, coro)
-    return runners.spawn(coro)
+    try:
+        runners: _Runners = loop._embserve_runners  # type: ignore[attr-defined]
+    except AttributeError:
+        found = _runners_of(loop)
+        if found is None:
+            return _plain_task(loop, coro)
+        runners = found
+    return runners.start(coro, False)
 
 
 def _runners_of(loop: asyncio.AbstractEventLoop) -> _Runners | None:
-    # The runner tasks of ``loop`` (None for a loop that takes no attributes of ours).
-    try:
-        return loop._embserve_runners  # type: ignore[attr-defined,no-any-return]
-    except AttributeError:
-        pass
+    # New runner tasks for ``loop``, which has none yet (None: it takes no attributes of ours).
     runners = _Runners(loop)
     try:
         # Kept by the loop itself: they live and go with it, and hold nothing else alive.
@@ -161,18 +173,9 @@ class _Runners:
         self.idle: list[_Runner] = []
         self.closed = False
 
-    def start(self, coro: Coroutine[Any, Any, T]) -> asyncio.Future[T]:
-        """What :func:`start_task` does."""
-        future = self._start(coro, True)
-        assert future is not None
-        return future
-
-    def spawn(self, coro: Coroutine[Any, Any, None]) -> asyncio.Future[None] | None:
-        """:meth:`start` for a call that reports its own outcome: None when it ended in its first
-        step (an error that escaped it goes to the loop's exception handler)."""
-        return self._start(coro, False)
-
-    def _start(self, coro: Coroutine[Any, Any, T], keep: bool) -> asyncio.Future[T] | None:
+    def start(self, coro: Coroutine[Any, Any, T], keep: bool = True) -> asyncio.Future[T] | None:
+        """What :func:`start_task` does (never None with ``keep``), or without ``keep``
+        :func:`spawn_task`."""
         loop = self.loop
         idle = self.idle
         while idle:
@@ -184,14 +187,15 @@ class _Runners:
             return _plain_task(loop, coro)
         context = contextvars.copy_context()
         task = runner.task
-        outer = asyncio.current_task(loop)
+        outer = current_task(loop)
         if outer is not None:
             _leave_task(loop, outer)
         _enter_task(loop, task)
         try:
             yielded = context.run(coro.send, None)
         except BaseException as exc:  # the call is over: its outcome, now
-            self._park(runner)
+            if not runner.wake.done():  # back to idle, unless the call cancelled the runner
+                idle.append(runner)
             if isinstance(exc, (KeyboardInterrupt, SystemExit)):
                 raise
             if not keep:
@@ -215,11 +219,6 @@ class _Runners:
         if not runner.wake.done():  # not when the first step cancelled its own task
             runner.wake.set_result(None)
         return outcome
-
-    def _park(self, runner: _Runner) -> None:
-        # Back to idle, unless the call cancelled the runner's task (it ends on its next step).
-        if not runner.wake.done():
-            self.idle.append(runner)
 
 
 class _Outcome(asyncio.Future):  # type: ignore[type-arg]

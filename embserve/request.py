@@ -110,7 +110,7 @@ class Request:
                 self.multiplexed_model_id,
                 dict(self.trace_context) if self.trace_context is not None else None,
             )
-        return (self.method, self.args, self.kwargs, self.ensure_id(), meta)
+        return (self.method, self.args, self.kwargs, self.request_id or self.ensure_id(), meta)
 
     @classmethod
     def from_wire(cls, target: str, wire: Wire) -> Request:

@@ -44,9 +44,12 @@ def _otel() -> Any:
 
 def capture() -> dict[str, str] | None:
     """The current trace context as a carrier, or None when no span is active."""
+    variable = _context_var
+    if variable is not None and not variable.get():
+        return None  # the usual case: nothing is traced here
     propagate, trace, _ = _api or _otel()
     if _context_var is not None and not _context_var.get():
-        return None  # the usual case: nothing is traced here
+        return None
     if not trace.get_current_span().get_span_context().is_valid:
         return None
     carrier: dict[str, str] = {}

@@ -303,3 +303,19 @@ async def test_the_private_asyncio_names_it_relies_on_behave_as_it_expects() -> 
     future = loop.create_future()
     assert hasattr(future, "_asyncio_future_blocking")
     future.cancel()
+
+
+async def test_current_task_is_asyncio_s() -> None:
+    """_loop.current_task(loop) finds what asyncio.current_task() does: in a task, and in a
+    call's first step inside a runner."""
+    from embserve._loop import current_task
+
+    loop = asyncio.get_running_loop()
+    assert current_task(loop) is asyncio.current_task()
+
+    async def seen() -> tuple[Any, Any]:
+        return current_task(loop), asyncio.current_task()
+
+    await warm()
+    mine, theirs = await start_task(loop, seen())
+    assert mine is theirs is not None

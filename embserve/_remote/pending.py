@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import itertools
+import pickle
 from collections.abc import AsyncGenerator, Callable
 from typing import TYPE_CHECKING, Any
 
@@ -165,6 +166,14 @@ class Pending:
             queue.put_nowait(self._decode(outcome, frames))
             return
         if future.done():
+            return
+        if outcome == OK and len(frames) == 1:  # a plain value, the usual answer
+            try:
+                value = pickle.loads(frames[0])
+            except Exception as exc:  # an answer this process cannot unpickle fails its call
+                future.set_exception(exc)
+            else:
+                future.set_result(value)
             return
         outcome, value = self._decode(outcome, frames)
         if outcome == OK:

@@ -89,7 +89,20 @@ class SocketTransport(Transport):
         if count == 1:
             head = frames[0]
             if type(head) is bytes and len(head) < _SMALL:  # a small value, the usual message
-                self._send_bytes(_ONE.pack(kind, ident, 1, len(head)) + head)
+                data = _ONE.pack(kind, ident, 1, len(head)) + head
+                if self._out or self.closed:
+                    self._send_bytes(data)
+                    return
+                try:  # what _send_bytes does, without its call
+                    sent = self._sock.send(data)
+                except (BlockingIOError, InterruptedError):
+                    sent = 0
+                except OSError as exc:
+                    self.broken(f"sending failed: {exc}")
+                    return
+                if sent < len(data):
+                    self._out.append(memoryview(data)[sent:])
+                    self._loop.add_writer(self._fd, self._writable)
                 return
         sizes = [memoryview(f).nbytes for f in frames]
         header = _FIXED.pack(kind, ident, count) + b"".join(_LENGTH.pack(n) for n in sizes)
@@ -184,6 +197,17 @@ class SocketTransport(Transport):
             if available < _FIXED.size:
                 break
             kind, ident, count = _FIXED.unpack_from(buf, start)
+            if count == 1 and available >= _ONE.size:  # one frame, the usual message
+                position = start + _ONE.size
+                stop = position + _ONE.unpack_from(buf, start)[3]
+                if stop <= end:
+                    self._start = start = stop
+                    try:
+                        self._on_message(kind, ident, [bytes(view[position:stop])])
+                    except Exception:
+                        logger.exception("handling a %r message failed", name_of(kind))
+                    start, end = self._start, self._end
+                    continue
             header = _FIXED.size + count * _LENGTH.size
             if available < header:
                 if start + header > _BUFFER:
