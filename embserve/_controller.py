@@ -57,6 +57,7 @@ class DeploymentController(RequestPath):
         self.init_args = init_args
         self.init_kwargs = init_kwargs
         self.backend = backend
+        self.runs_in_process = backend.in_process
         self.runtime_id = runtime_id
         self.router = router or make_router(
             self.config.router,

@@ -19,7 +19,7 @@ from embserve._endpoint import Endpoint
 from embserve._loop import start_task
 from embserve.errors import EmbserveError
 from embserve.request import Request
-from embserve.response import ResponseStream, has_responses, resolve_responses
+from embserve.response import NOT_HERE, ResponseStream, has_responses, resolve_responses
 
 logger = logging.getLogger("embserve.runtime")
 _NO_SHADOWS: list[str] = []  # shared, never changed: most requests have no shadow
@@ -80,6 +80,34 @@ class Dispatcher:
             done.set_result(route)
             return done
         return route.start(request)
+
+    def may_run_here(self, request: Request) -> bool:
+        """Whether ``request``, from a plain thread, may run in that thread: its endpoint sends
+        everything to one deployment, with no shadow, and that deployment
+        :meth:`~RequestPath.runs_here` its method (a hint: :meth:`call_here` decides)."""
+        endpoint = self.endpoints.get(request.target)
+        if endpoint is None:
+            name = request.target
+        elif endpoint.shadow or endpoint.single is None:
+            return False
+        else:
+            name = endpoint.single
+        controller = self.controllers.get(name)
+        return controller is not None and controller.runs_here(request.method)
+
+    def call_here(self, request: Request, loop: asyncio.AbstractEventLoop) -> Any:
+        """From a plain thread: serve ``request`` in it (see :meth:`RequestPath.call_here`), or
+        return :data:`~embserve.response.NOT_HERE`. Requests with shadows, or with responses
+        among their arguments, go through the loop."""
+        if self.closed or has_responses(request.args, request.kwargs):
+            return NOT_HERE
+        try:
+            controller, shadows = self.controller(request.target, request.routing_key)
+        except EmbserveError:
+            return NOT_HERE  # the loop's path raises it
+        if shadows or controller.streams(request.method):
+            return NOT_HERE
+        return controller.call_here(request, loop)
 
     def serve(self, request: Request) -> Awaitable[Any]:
         """What serves ``request`` in the calling task, to await at once there (see

@@ -72,6 +72,11 @@ class Endpoint:
         """Every deployment this endpoint may send a request or a shadow copy to."""
         return set(self.traffic) | set(self.shadow)
 
+    @property
+    def single(self) -> str | None:
+        """The one deployment that gets every request, or None during a split."""
+        return self._single
+
     def pick(self, routing_key: str | None = None) -> str:
         """The deployment that serves the next request.
 

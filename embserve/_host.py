@@ -23,11 +23,16 @@ from time import perf_counter
 from typing import Any
 
 from embserve import tracing
-from embserve._loop import running_loop
+from embserve._loop import current_task, running_loop
 from embserve.batching import batch_sizes, close_batchers
 from embserve.context import ReplicaContext, reset_replica_context, set_replica_context
-from embserve.errors import DeploymentFailedError, attach_traceback, format_traceback
-from embserve.metrics import Histogram, ReplicaStats
+from embserve.errors import (
+    DeploymentFailedError,
+    ReplicaDiedError,
+    attach_traceback,
+    format_traceback,
+)
+from embserve.metrics import PENDING_MAX, Histogram, ReplicaStats
 from embserve.multiplex import model_loads
 from embserve.replica import ReplicaSpec
 from embserve.request import Request, reset_current_request, set_current_request
@@ -101,6 +106,10 @@ class ReplicaHost:
         self._methods: dict[str, tuple[Callable[..., Any], _Kind, Histogram]] = {}
         self._in_threads: set[Future[Any]] = set()
         self._execution: dict[str, Histogram] = {}
+        # The tasks running a call here, so that end_calls() can end the ones that outlived
+        # the drain with ReplicaDiedError instead of leaving them to hang.
+        self._calls: set[asyncio.Task[Any] | None] = set()
+        self._ended: set[asyncio.Task[Any]] = set()
 
     async def start(self) -> None:
         """Construct the user object and apply ``user_config``.
@@ -171,6 +180,9 @@ class ReplicaHost:
         if request.trace_context is not None and tracing.ENABLED:
             traced = self._span(request)
             traced.__enter__()
+        task = current_task(running_loop())
+        calls = self._calls
+        calls.add(task)
         began = perf_counter()
         try:
             if kind is _Kind.ASYNC:
@@ -186,8 +198,64 @@ class ReplicaHost:
         except Exception as exc:
             attach_traceback(exc)
             raise
+        except asyncio.CancelledError:
+            if task not in self._ended:
+                raise
+            self._ended.discard(task)
+            if sys.version_info >= (3, 11):
+                task.uncancel()  # type: ignore[union-attr]
+            raise ReplicaDiedError(
+                f"replica {self.spec.replica_id} stopped before the request finished "
+                "(graceful_shutdown_timeout_s ran out)"
+            ) from None
         finally:
-            execution.observe(perf_counter() - began)
+            calls.discard(task)
+            pending = execution.pending  # Histogram.observe, without its call: once a call
+            pending.append(perf_counter() - began)
+            if len(pending) >= PENDING_MAX:
+                execution.flush()
+            if traced is not None:
+                traced.__exit__(*sys.exc_info())
+            reset_current_request(current)
+            reset_replica_context(token)
+
+    def run_here(self, request: Request) -> Callable[[], Any] | None:
+        """What runs ``request`` in the calling thread (a sync caller's own), as :meth:`call`
+        would in one of the host's threads; None unless its method is sync."""
+        entry = self._methods.get(request.method)
+        if entry is None:
+            try:
+                entry = self._resolve(request.method)
+            except AttributeError:
+                return None  # call() says why
+        if entry[1] is not _Kind.SYNC or self._instance is None:
+            return None
+        return functools.partial(self._run_here, entry, request)
+
+    def _run_here(
+        self, entry: tuple[Callable[..., Any], _Kind, Histogram], request: Request
+    ) -> Any:
+        fn, _, execution = entry
+        args = request.args
+        if args:
+            args = _materialize(args)
+        token = set_replica_context(self.context)
+        current = set_current_request(request)
+        traced = None
+        if request.trace_context is not None and tracing.ENABLED:
+            traced = self._span(request)
+            traced.__enter__()
+        began = perf_counter()
+        try:
+            return fn(*args, **request.kwargs)
+        except Exception as exc:
+            attach_traceback(exc)
+            raise
+        finally:
+            pending = execution.pending
+            pending.append(perf_counter() - began)
+            if len(pending) >= PENDING_MAX:
+                execution.flush()
             if traced is not None:
                 traced.__exit__(*sys.exc_info())
             reset_current_request(current)
@@ -307,6 +375,14 @@ class ReplicaHost:
                 let_go = lease.hold()
                 work.add_done_callback(lambda _: _call_soon(loop, let_go))
             raise
+
+    def end_calls(self) -> None:
+        """End the calls still running here: each raises :class:`~embserve.ReplicaDiedError`
+        (async user code is cancelled; sync code in a thread runs on, its result dropped)."""
+        for task in self._calls:
+            if task is not None:
+                self._ended.add(task)
+                task.cancel()
 
     def close(self) -> None:
         """Release the thread pool; threads still inside user code are left to finish alone."""

@@ -31,6 +31,7 @@ from embserve.errors import (
 from embserve.metrics import DeploymentMetrics
 from embserve.replica import Replica
 from embserve.request import Request
+from embserve.response import NOT_HERE
 from embserve.router import Lease, Router
 
 # A request whose replica vanished before it started is sent again; this bounds how often, so a
@@ -53,6 +54,8 @@ class RequestPath:
     router: Router
     running: list[Replica]
     clock: Clock
+    #: Whether replicas run user code in this process (their backend's ``in_process``).
+    runs_in_process: bool = False
     #: Why requests fail at once: set while no replica runs and the last start failed.
     unavailable: str | None
 
@@ -68,6 +71,8 @@ class RequestPath:
         config = deployment.config
         # Every request needs watching (a task of its own): a timeout or retries.
         self._always_watched = bool(config.request_timeout_s is not None or config.max_retries)
+        self._threads_asked = False
+        self._here: dict[str, bool] = {}
 
     def replica_died(self, replica: Replica, reason: str) -> None:
         """A replica vanished under a request: stop routing to it (the lifecycle's part)."""
@@ -79,6 +84,18 @@ class RequestPath:
         if kind is None:
             kind = self._streams[method] = is_generator_method(self.deployment.target, method)
         return kind
+
+    def runs_here(self, method: str) -> bool:
+        """Whether a sync caller may run ``method`` in its own thread (:meth:`call_here`):
+        plain sync code on replicas in this process, and nothing to watch."""
+        here = self._here.get(method)
+        if here is None:
+            here = self._here[method] = (
+                self.runs_in_process
+                and not self._always_watched
+                and is_sync_method(self.deployment.target, method)
+            )
+        return here
 
     def check_http_method(self, method: str) -> None:
         """Raise :class:`~embserve.MethodNotAllowedError` unless the deployment answers
@@ -129,6 +146,44 @@ class RequestPath:
             if sent is not None:
                 return sent
         return self._attempts(request, lease, began)
+
+    def call_here(self, request: Request, loop: asyncio.AbstractEventLoop) -> Any:
+        """Serve ``request`` in the calling thread, a plain thread that is not ``loop``'s:
+        its result, or :data:`NOT_HERE` when it must go through the loop instead.
+
+        Runs here when nothing needs watching and a replica with room runs the method as sync
+        code in this process (:meth:`~embserve.replica.Replica.run_here`): the same lease,
+        ``max_ongoing_requests`` and metrics as on the loop, but no thread hop. Requests that
+        would wait for a replica, or need a timeout, go through the loop.
+        """
+        if self._always_watched or request.deadline is not None or self.unavailable is not None:
+            return NOT_HERE
+        router = self.router
+        if router._lock is None:
+            if not self._threads_asked:  # the loop turns on the shared counts, once
+                self._threads_asked = True
+                loop.call_soon_threadsafe(router.allow_threads)
+            return NOT_HERE
+        lease = router.try_assign_here(request)
+        if lease is None:
+            return NOT_HERE
+        run = lease.replica.run_here(request)
+        if run is None:
+            lease.release_here(loop)
+            return NOT_HERE
+        began = perf_counter()
+        outcome = "error"
+        try:
+            result = run()
+            outcome = "ok"
+            return result
+        except BaseException as exc:
+            outcome = outcome_of(exc)
+            raise
+        finally:
+            lease.release_here(loop)
+            with router._lock:
+                self.metrics.finished(outcome, perf_counter() - began)
 
     def _send(
         self, request: Request, lease: Lease, loop: asyncio.AbstractEventLoop, began: float
@@ -356,15 +411,31 @@ def outcome_of(error: BaseException) -> str:
     return "error"
 
 
+def _method_of(target: Any, method: str) -> Any:
+    # The function behind ``method`` of a deployment target (class or function), or None.
+    if inspect.isclass(target):
+        return getattr(target, method, None)
+    fn = target if method == "__call__" else None
+    if fn is not None and not inspect.isfunction(fn) and not inspect.ismethod(fn):
+        fn = getattr(fn, "__call__", None)  # noqa: B004  (a callable object)
+    return fn
+
+
 def is_generator_method(target: Any, method: str) -> bool:
     """Whether ``method`` of a deployment target (class or function) is a generator."""
-    if inspect.isclass(target):
-        fn = getattr(target, method, None)
-    else:
-        fn = target if method == "__call__" else None
-        if fn is not None and not inspect.isfunction(fn) and not inspect.ismethod(fn):
-            fn = getattr(fn, "__call__", None)  # noqa: B004  (a callable object)
+    fn = _method_of(target, method)
     return inspect.isasyncgenfunction(fn) or inspect.isgeneratorfunction(fn)
+
+
+def is_sync_method(target: Any, method: str) -> bool:
+    """Whether ``method`` of a deployment target is plain sync code (not a coroutine or a
+    generator of either kind)."""
+    fn = _method_of(target, method)
+    return callable(fn) and not (
+        inspect.iscoroutinefunction(fn)
+        or inspect.isasyncgenfunction(fn)
+        or inspect.isgeneratorfunction(fn)
+    )
 
 
 def http_methods_of(target: Any) -> frozenset[str] | None:

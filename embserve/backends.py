@@ -47,6 +47,9 @@ class Backend(ABC):
 
     #: The scheme or name this backend registers under.
     name: ClassVar[str] = ""
+    #: Whether replicas run user code in this process, with :meth:`Replica.run_here
+    #: <embserve.replica.Replica.run_here>` (sync callers then run it in their own thread).
+    in_process: ClassVar[bool] = False
 
     def __init__(self) -> None:
         self.on_replica_died: ReplicaDied = _ignore_death

@@ -6,10 +6,8 @@ the test mode too: a call reaches async user code with no thread hop and no copy
 
 from __future__ import annotations
 
-import asyncio
 import functools
-import sys
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncIterator, Callable, Coroutine, Mapping
 from typing import Any, ClassVar
 
 from embserve._host import ReplicaHost
@@ -30,10 +28,6 @@ class LocalReplica(Replica):
     def __init__(self, host: ReplicaHost) -> None:
         super().__init__(host.spec.replica_id, host.spec.deployment)
         self.host = host
-        # The tasks running a call here, so that stop() can end the ones that outlived the
-        # drain with ReplicaDiedError instead of leaving them to hang.
-        self._calls: set[asyncio.Task[Any]] = set()
-        self._killed: set[asyncio.Task[Any]] = set()
         self._stopped = False
 
     @property
@@ -44,26 +38,16 @@ class LocalReplica(Replica):
         if self.state is ReplicaState.STOPPED:
             raise ReplicaDiedError(f"replica {self.replica_id} is stopped", started=False)
 
-    async def call(self, request: Request) -> Any:
+    def call(self, request: Request) -> Coroutine[Any, Any, Any]:
+        # Not a coroutine of its own: the caller awaits the host's, one frame less per call.
         if self.state is ReplicaState.STOPPED:
             self._check_alive()
-        task = asyncio.current_task()
-        assert task is not None
-        self._calls.add(task)
-        try:
-            return await self.host.call(request)
-        except asyncio.CancelledError:
-            if task not in self._killed:
-                raise
-            self._killed.discard(task)
-            if sys.version_info >= (3, 11):
-                task.uncancel()
-            raise ReplicaDiedError(
-                f"replica {self.replica_id} stopped before the request finished "
-                "(graceful_shutdown_timeout_s ran out)"
-            ) from None
-        finally:
-            self._calls.discard(task)
+        return self.host.call(request)
+
+    def run_here(self, request: Request) -> Callable[[], Any] | None:
+        if self.state is ReplicaState.STOPPED:
+            return None
+        return self.host.run_here(request)
 
     async def stream(self, request: Request) -> AsyncIterator[Any]:
         self._check_alive()
@@ -85,9 +69,7 @@ class LocalReplica(Replica):
         if not self._stopped:
             self._stopped = True
             self.state = ReplicaState.STOPPED
-            for task in self._calls:
-                self._killed.add(task)
-                task.cancel()
+            self.host.end_calls()
             self.host.close()
 
 
@@ -116,6 +98,7 @@ class LocalBackend(Backend):
     """
 
     name: ClassVar[str] = "local"
+    in_process: ClassVar[bool] = True
 
     def __init__(
         self,

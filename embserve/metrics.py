@@ -16,6 +16,7 @@ import asyncio
 import bisect
 import dataclasses
 import logging
+import threading
 from collections.abc import Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -57,6 +58,7 @@ BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
 
 #: Observations a histogram keeps before it puts them in their buckets.
 PENDING_MAX = 512
+_flushing = threading.Lock()  # one flush at a time: taken once per PENDING_MAX observations
 
 #: How a request ended (the ``outcome`` label of ``embserve_requests``).
 OUTCOMES = ("ok", "error", "timeout", "rejected", "cancelled")
@@ -87,13 +89,17 @@ class Histogram:
             self.flush()
 
     def flush(self) -> None:
-        """Put the pending observations in their buckets."""
-        pending, self.pending = self.pending, []
-        counts, bounds = self._counts, self.bounds
-        where = bisect.bisect_left
-        for value in pending:
-            counts[where(bounds, value)] += 1
-        self._sum += sum(pending)
+        """Put the pending observations in their buckets.
+
+        Safe from any thread (sync callers observe from theirs, see ``ReplicaHost.run_here``).
+        """
+        with _flushing:
+            pending, self.pending = self.pending, []
+            counts, bounds = self._counts, self.bounds
+            where = bisect.bisect_left
+            for value in pending:
+                counts[where(bounds, value)] += 1
+            self._sum += sum(pending)
 
     @property
     def counts(self) -> list[int]:
@@ -155,7 +161,10 @@ class DeploymentMetrics:
     def finished(self, outcome: str, duration_s: float) -> None:
         """One request ended with ``outcome`` after ``duration_s`` (queueing included)."""
         self.requests[outcome] += 1
-        self.duration.observe(duration_s)
+        pending = self.duration.pending  # Histogram.observe, without its call: once a request
+        pending.append(duration_s)
+        if len(pending) >= PENDING_MAX:
+            self.duration.flush()
 
 
 @dataclasses.dataclass

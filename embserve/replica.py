@@ -70,7 +70,8 @@ class Replica(ABC):
         self.state = ReplicaState.STARTING
         self.message = ""
         self.ongoing = 0
-        self._idle: asyncio.Event | None = None
+        #: Set by the router when ``ongoing`` drops to 0; None until :meth:`wait_idle` waits.
+        self.idle: asyncio.Event | None = None
 
     @property
     def info(self) -> Mapping[str, Any]:
@@ -89,6 +90,15 @@ class Replica(ABC):
         Returns the function that withdraws the call when the caller cancels ``future``; None,
         having sent nothing, when the replica does not do this (the default) or cannot send
         now, and the caller uses :meth:`call`, which reports why.
+        """
+        return None
+
+    def run_here(self, request: Request) -> Callable[[], Any] | None:
+        """What runs ``request`` in the calling thread (any thread but the loop's), for
+        replicas whose user code runs in this process and whose method is sync; None (the
+        default) when the request must go through :meth:`call`.
+
+        The caller holds the request's lease while the function runs.
         """
         return None
 
@@ -113,21 +123,16 @@ class Replica(ABC):
     async def stop(self) -> None:
         """Stop the replica and release what it holds. Draining is done by the caller first."""
 
-    def mark_released(self) -> None:
-        """Called by the router after ``ongoing`` went down, to wake :meth:`wait_idle`."""
-        if self.ongoing == 0 and self._idle is not None:
-            self._idle.set()
-
     async def wait_idle(self) -> None:
         """Wait until no request is in flight on this replica."""
         if self.ongoing == 0:
             return
-        if self._idle is None:
-            self._idle = asyncio.Event()
-        self._idle.clear()
+        if self.idle is None:
+            self.idle = asyncio.Event()
+        self.idle.clear()
         while self.ongoing:
-            await self._idle.wait()
-            self._idle.clear()
+            await self.idle.wait()
+            self.idle.clear()
 
     def __repr__(self) -> str:
         return f"<{type(self).__name__} {self.replica_id} {self.state.value}>"

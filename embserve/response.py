@@ -11,14 +11,19 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import functools
+import threading
+import weakref
 from collections.abc import AsyncIterator, Callable, Coroutine, Generator, Iterator
-from typing import Any
+from typing import Any, Protocol
 
 from embserve._loop import running_loop, start_task
 
 __all__ = [
+    "NOT_HERE",
     "Response",
     "ResponseStream",
+    "Runner",
+    "deferred",
     "has_responses",
     "resolve_responses",
     "start_call",
@@ -160,6 +165,191 @@ class Response:
     def done(self) -> bool:
         """Whether the call finished (with a result, an error, or cancelled)."""
         return self._future.done()
+
+
+#: What a deferred call's ``call_here`` returns when the call must go through the loop.
+NOT_HERE: Any = object()
+
+
+class Runner(Protocol):
+    """What serves a :func:`deferred` call: in the calling thread, or on the loop."""
+
+    def call_here(self, request: Any, loop: asyncio.AbstractEventLoop) -> Any:
+        """Serve ``request`` in this thread and return its result, or return
+        :data:`NOT_HERE` when it must go through the loop."""
+        ...
+
+    def start(self, request: Any) -> asyncio.Future[Any]:
+        """Start ``request`` on the loop (called on it); the future of its outcome."""
+        ...
+
+
+# A deferred call's states. Changes are made under one lock: the fast path takes it twice.
+_PENDING, _HERE, _DONE, _STARTED = range(4)
+_deferred_lock = threading.Lock()
+# Per loop, the deferred calls it starts unless their thread used them within a grace time;
+# one wake of the loop covers every call made meanwhile (a busy thread's calls share it).
+_unstarted: dict[asyncio.AbstractEventLoop, list[_Deferred]] = {}
+_GRACE_S = 0.02
+_thread = threading.local()  # the last deferred call each thread made, weakly
+
+
+def deferred(loop: asyncio.AbstractEventLoop, runner: Runner, request: Any) -> Response:
+    """A :class:`Response` for a call from a plain thread to sync user code that may run in
+    that thread (see :class:`_Deferred`)."""
+    response = _Deferred(loop, runner, request)
+    last = getattr(_thread, "last", None)
+    _thread.last = weakref.ref(response)
+    if last is not None:
+        earlier = last()
+        if earlier is not None and earlier._state == _PENDING:
+            earlier._concurrent()  # another call before that one was read: it starts now
+    with _deferred_lock:
+        queue = _unstarted.get(loop)
+        if queue is None:
+            _unstarted[loop] = [response]
+        else:
+            queue.append(response)
+    if queue is None:
+        loop.call_soon_threadsafe(loop.call_later, _GRACE_S, _start_unstarted, loop)
+    return response
+
+
+def _start_unstarted(loop: asyncio.AbstractEventLoop) -> None:
+    # On ``loop``: start the deferred calls their threads did not use meanwhile.
+    with _deferred_lock:
+        queue = _unstarted.pop(loop, ())
+    for response in queue:
+        if response._state == _PENDING:
+            response._concurrent()
+
+
+class _Deferred(Response):
+    # A call from a plain thread to sync user code in this process. ``result()`` in a thread
+    # runs it right there, under the same admission as on the loop (the runner says whether
+    # it may). Otherwise it starts on the loop: when the thread makes another call first (so
+    # calls made one after another run together), when it is awaited or read with a timeout,
+    # or at the latest after _GRACE_S unused (so it runs even if nobody reads it).
+
+    __slots__ = (
+        "__weakref__",
+        "_error",
+        "_request",
+        "_runner",
+        "_started",
+        "_state",
+        "_value",
+        "_waiting",
+    )
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, runner: Runner, request: Any) -> None:
+        self._loop = loop
+        self._runner = runner
+        self._request = request
+        self._state = _PENDING
+        self._value: Any = None
+        self._error: BaseException | None = None
+        # The call started on the loop; and what other threads wait on while it runs here.
+        self._started: concurrent.futures.Future[Any] | None = None
+        self._waiting: concurrent.futures.Future[Any] | None = None
+
+    def __await__(self) -> Generator[Any, None, Any]:
+        return (yield from asyncio.wrap_future(self._concurrent()).__await__())
+
+    def _concurrent(self) -> concurrent.futures.Future[Any]:
+        with _deferred_lock:
+            state = self._state
+            if state == _PENDING:
+                self._state = _STARTED
+                begin = functools.partial(self._runner.start, self._request)
+                if running_loop() is self._loop:
+                    started: concurrent.futures.Future[Any] = concurrent.futures.Future()
+                    try:
+                        _link(self._loop, begin(), started)
+                    except Exception as exc:
+                        started.set_exception(exc)
+                else:
+                    started = start_threadsafe(self._loop, begin)
+                self._started = self._future = started
+            if self._started is not None:
+                return self._started
+            if self._waiting is None:  # running in a thread, or done there
+                self._waiting = concurrent.futures.Future()
+                if state == _DONE:
+                    self._settle(self._waiting)
+            return self._waiting
+
+    def _settle(self, future: concurrent.futures.Future[Any]) -> None:
+        if self._error is not None:
+            future.set_exception(self._error)
+        else:
+            future.set_result(self._value)
+
+    def result(self, timeout_s: float | None = None) -> Any:
+        if self._state == _PENDING and timeout_s is None and running_loop() is None:
+            with _deferred_lock:
+                claimed = self._state == _PENDING
+                if claimed:
+                    self._state = _HERE
+            if claimed:
+                self._run_here()
+        if self._state == _DONE:
+            if self._error is not None:
+                raise self._error
+            return self._value
+        return super().result(timeout_s)
+
+    def _run_here(self) -> None:
+        try:
+            value = self._runner.call_here(self._request, self._loop)
+        except BaseException as exc:
+            self._finish(None, exc)
+            if not isinstance(exc, Exception):
+                raise
+            return
+        if value is NOT_HERE:  # through the loop after all
+            with _deferred_lock:
+                waiting, self._waiting = self._waiting, None
+                self._state = _PENDING
+            started = self._concurrent()
+            if waiting is not None:
+                started.add_done_callback(functools.partial(_copy_outcome, waiting))
+            return
+        self._finish(value, None)
+
+    def _finish(self, value: Any, error: BaseException | None) -> None:
+        with _deferred_lock:
+            self._value, self._error = value, error
+            self._state = _DONE
+            waiting = self._waiting
+        if waiting is not None:  # another thread or loop awaits it meanwhile
+            self._settle(waiting)
+
+    def cancel(self) -> bool:
+        with _deferred_lock:
+            if self._state == _PENDING:  # never started: it never will
+                self._error = asyncio.CancelledError("the request was cancelled")
+                self._state = _DONE
+                return True
+            if self._state != _STARTED:
+                return False  # running in a thread (sync code cannot be stopped), or done
+        return super().cancel()
+
+    def done(self) -> bool:
+        if self._started is not None:
+            return self._started.done()
+        return self._state == _DONE
+
+
+def _copy_outcome(
+    target: concurrent.futures.Future[Any], source: concurrent.futures.Future[Any]
+) -> None:
+    if source.cancelled():
+        target.cancel()
+    elif (error := source.exception()) is not None:
+        target.set_exception(error)
+    else:
+        target.set_result(source.result())
 
 
 class ResponseStream:

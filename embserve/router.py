@@ -25,6 +25,7 @@ import bisect
 import contextlib
 import hashlib
 import random
+import threading
 from abc import ABC, abstractmethod
 from collections import OrderedDict, deque
 from collections.abc import Callable, Sequence
@@ -80,11 +81,33 @@ class Lease:
     def _free(self) -> None:
         # Released and no longer held: the one place a slot goes back to its router.
         router, replica = self._router, self.replica
-        replica.ongoing -= 1
-        if router._waiters.count:
-            router._serve_waiters()
-        if replica.ongoing == 0:
-            replica.mark_released()
+        lock = router._lock
+        if lock is not None:  # threads share the counts (Router.allow_threads)
+            lock.acquire()
+        try:
+            replica.ongoing -= 1
+            if router._waiters.count:
+                router._serve_waiters()
+            if replica.ongoing == 0 and replica.idle is not None:
+                replica.idle.set()  # wakes Replica.wait_idle
+        finally:
+            if lock is not None:
+                lock.release()
+
+    def release_here(self, loop: asyncio.AbstractEventLoop) -> None:
+        """:meth:`release` from a thread other than ``loop``'s, for a lease that
+        :meth:`Router.try_assign_here` gave (never held): what must happen on the loop (waking
+        a waiter, or :meth:`~embserve.replica.Replica.wait_idle`) is handed to it."""
+        router, replica = self._router, self.replica
+        assert router._lock is not None
+        with router._lock:
+            if self._released:
+                return
+            self._released = True
+            replica.ongoing -= 1
+            wake = router._waiters.count or (replica.ongoing == 0 and replica.idle is not None)
+        if wake:
+            loop.call_soon_threadsafe(router._released_here, replica)
 
     def hold(self) -> Callable[[], None]:
         """Keep the slot taken past :meth:`release`; the returned function lets go (once)."""
@@ -174,7 +197,9 @@ class _WaitQueue:
 class Router(ABC):
     """Assigns requests to replicas of one deployment.
 
-    Contract: every method runs on the runtime's event loop. :meth:`assign` returns a
+    Contract: every method runs on the runtime's event loop, but :meth:`try_assign_here`
+    (with :meth:`Lease.release_here`), which sync callers use from their own threads once
+    :meth:`allow_threads` ran. :meth:`assign` returns a
     :class:`Lease` on a replica whose ``ongoing`` it has already counted; the lease's
     :meth:`~Lease.release` gives it back. Waiting requests leave the queue highest
     ``request.priority`` first, in arrival order within a priority. A replica removed by
@@ -201,6 +226,9 @@ class Router(ABC):
         self._models: dict[str, OrderedDict[str, None]] = {}
         # Requests waiting for a free replica.
         self._waiters = _WaitQueue()
+        # Set by allow_threads(): threads then take leases too, and every change of the counts
+        # is made under it.
+        self._lock: threading.Lock | None = None
 
     @abstractmethod
     def choose(self, replicas: Sequence[Replica], request: Request) -> Replica | None:
@@ -217,6 +245,14 @@ class Router(ABC):
 
     def set_replicas(self, replicas: Sequence[Replica]) -> None:
         """Route to exactly ``replicas`` from now on, and serve waiters that now fit."""
+        lock = self._lock
+        if lock is not None:
+            with lock:
+                self._set_replicas(replicas)
+        else:
+            self._set_replicas(replicas)
+
+    def _set_replicas(self, replicas: Sequence[Replica]) -> None:
         self.replicas = list(replicas)
         if self._models:
             ids = {r.replica_id for r in self.replicas}
@@ -236,6 +272,35 @@ class Router(ABC):
             return None
         replica.ongoing += 1
         return Lease(self, replica)
+
+    def allow_threads(self) -> None:
+        """From now on, :meth:`try_assign_here` may be called from other threads (call on the
+        loop: the counts are then changed under a lock, by the loop too)."""
+        if self._lock is None:
+            self._lock = threading.Lock()
+            self.try_assign = self._try_assign_locked  # type: ignore[method-assign]
+
+    def _try_assign_locked(self, request: Request) -> Lease | None:
+        assert self._lock is not None
+        with self._lock:
+            return Router.try_assign(self, request)
+
+    def try_assign_here(self, request: Request) -> Lease | None:
+        """:meth:`try_assign` from any thread, once :meth:`allow_threads` ran (None before);
+        give the lease back with :meth:`Lease.release_here`."""
+        lock = self._lock
+        if lock is None:
+            return None
+        with lock:
+            return Router.try_assign(self, request)
+
+    def _released_here(self, replica: Replica) -> None:
+        # On the loop, after Lease.release_here freed a slot that a waiter or wait_idle wants.
+        assert self._lock is not None
+        with self._lock:
+            self._serve_waiters()
+            if replica.ongoing == 0 and replica.idle is not None:
+                replica.idle.set()
 
     async def assign(self, request: Request) -> Lease:
         """A lease for ``request``, waiting in the queue when every replica is full.
@@ -259,7 +324,13 @@ class Router(ABC):
                 raise self._full()
         waiter: asyncio.Future[Lease] = asyncio.get_running_loop().create_future()
         entry = (waiter, request)
-        waiters.push(entry)
+        lock = self._lock
+        if lock is None:
+            waiters.push(entry)
+        else:
+            with lock:  # a thread may have freed a slot since try_assign: look again
+                waiters.push(entry)
+                self._serve_waiters()
         try:
             return await waiter
         except asyncio.CancelledError:

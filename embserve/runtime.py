@@ -29,7 +29,7 @@ from embserve.handle import Handle, register_submitter, unregister_submitter
 from embserve.metrics import scrape
 from embserve.replica import Replica
 from embserve.request import Request
-from embserve.response import Response, ResponseStream, start_threadsafe
+from embserve.response import Response, ResponseStream, deferred, start_threadsafe
 from embserve.snapshot import EndpointStatus, RuntimeStatus
 
 __all__ = ["Runtime"]
@@ -428,8 +428,11 @@ class Runtime:
         dispatch = self._dispatch
         if request.stream:
             return ResponseStream(functools.partial(dispatch.stream, request), loop)
-        if running_loop() is loop:
+        caller = running_loop()
+        if caller is loop:
             return Response(dispatch.start(request), loop)
+        if caller is None and request.stream is False and dispatch.may_run_here(request):
+            return deferred(loop, dispatch, request)  # sync code: may run in this thread
         return Response(start_threadsafe(loop, functools.partial(dispatch.start, request)), loop)
 
     def call_async(self, request: Request) -> Awaitable[Any]:
