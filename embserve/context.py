@@ -54,11 +54,9 @@ def get_replica_context() -> ReplicaContext:
     return context
 
 
-def set_replica_context(context: ReplicaContext | None) -> contextvars.Token[ReplicaContext | None]:
-    """Make ``context`` the current replica's (used by replica hosts)."""
-    return _current.set(context)
-
-
-def reset_replica_context(token: contextvars.Token[ReplicaContext | None]) -> None:
-    """Undo :func:`set_replica_context`."""
-    _current.reset(token)
+#: Make a context the current replica's (used by replica hosts; ``initializer`` of their thread
+#: pools); returns the token for :data:`reset_replica_context`. The context variable's own
+#: method: no frame of ours on the hot path of a call.
+set_replica_context = _current.set
+#: Undo :data:`set_replica_context`.
+reset_replica_context = _current.reset
