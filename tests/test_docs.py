@@ -52,7 +52,11 @@ class Block:
 
 def python_blocks(page: Path) -> list[Block]:
     """The ```python blocks of ``page`` in order, each with the ```text block right after it."""
-    text = page.read_text()
+    return python_blocks_of(page.read_text())
+
+
+def python_blocks_of(text: str) -> list[Block]:
+    """The ```python blocks of a page's ``text``, as :func:`python_blocks`."""
     fences = list(FENCE.finditer(text))
     found = []
     for i, fence in enumerate(fences):
