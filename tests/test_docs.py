@@ -64,10 +64,9 @@ def python_blocks_of(text: str) -> list[Block]:
             continue
         after = fences[i + 1] if i + 1 < len(fences) else None
         shown = None
-        if after is not None and after.group(1) == "text":
-            # Only blank lines may stand between a block and its output.
-            if not text[fence.end() : after.start()].strip():
-                shown = after.group(2)
+        # Only blank lines may stand between a block and its output.
+        if after and after.group(1) == "text" and not text[fence.end() : after.start()].strip():
+            shown = after.group(2)
         found.append(Block(text.count("\n", 0, fence.start()) + 1, fence.group(2), shown))
     return found
 
@@ -103,7 +102,7 @@ def run_page(page: str) -> tuple[list[Block], list[str]]:
 def test_every_python_block_of_the_page_runs_and_prints_what_it_shows(page: str) -> None:
     runnable, printed = run_page(page)
     assert runnable, f"{page} has no Python block that runs"
-    for block, output in zip(runnable, printed):
+    for block, output in zip(runnable, printed, strict=True):
         where = f"{page}:{block.line}"
         if block.shown is None:
             assert not output.strip(), f"{where} prints this but shows no ```text block:\n{output}"
