@@ -118,7 +118,9 @@ def __getattr__(name: str) -> Any:
         try:
             return getattr(importlib.import_module("embserve_asgi"), name)
         except ImportError:
+            from embserve._install import install_command
+
             raise AttributeError(
-                f"embserve.{name} needs the ASGI adapter: pip install embserve-asgi"
+                f"embserve.{name} needs the ASGI adapter: {install_command('asgi')}"
             ) from None
     raise AttributeError(f"module 'embserve' has no attribute {name!r}")

@@ -12,7 +12,9 @@ def main() -> int:
     try:
         cli = importlib.import_module("embserve_asgi.cli")
     except ImportError:
-        print("the embserve command needs the ASGI adapter: pip install embserve-asgi")
+        from embserve._install import install_command
+
+        print(f"the embserve command needs the ASGI adapter: {install_command('asgi')}")
         return 1
     code: int = cli.main(sys.argv[1:])
     return code

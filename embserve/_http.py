@@ -96,8 +96,10 @@ def start_http(
     try:
         server_module = importlib.import_module("embserve_asgi.server")
     except ImportError:
+        from embserve._install import install_command
+
         raise EmbserveError(
-            "serving over HTTP needs the ASGI adapter: pip install embserve-asgi"
+            f"serving over HTTP needs the ASGI adapter: {install_command('asgi')}"
         ) from None
     try:
         sock = server_module.bind(host, port)

@@ -25,13 +25,9 @@ ENTRY_POINT_GROUP = "embserve.backends"
 #: Called by a backend, on the runtime's loop, when a replica dies on its own.
 ReplicaDied = Callable[[Replica, str], None]
 
-# Where to find the backends this project ships, for the error that names what to install.
-_DISTRIBUTIONS = {
-    "process": "embserve-process",
-    "dask": "embserve-dask",
-    "tls": "embserve-dask",
-    "tcp": "embserve-dask",
-}
+# Which extra of embserve holds the backends this project ships, for the error that names what
+# to install.
+_EXTRAS = {"process": "process", "dask": "dask", "tls": "dask", "tcp": "dask"}
 
 
 class Backend(ABC):
@@ -101,8 +97,12 @@ def load_backend(name: str) -> type[Backend]:
     entry = _entry_points().get(name)
     if entry is None:
         known = ", ".join(sorted({"local", *_entry_points()}))
-        hint = _DISTRIBUTIONS.get(name)
-        install = f"; install it with `pip install {hint}`" if hint else ""
+        extra = _EXTRAS.get(name)
+        install = ""
+        if extra is not None:
+            from embserve._install import install_command
+
+            install = f"; install it with `{install_command(extra)}`"
         raise BackendNotFoundError(
             f"no embserve backend named {name!r} is installed{install} (installed: {known})"
         )

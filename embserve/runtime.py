@@ -385,8 +385,10 @@ class Runtime:
         try:
             adapter = importlib.import_module("embserve_asgi")
         except ImportError:
+            from embserve._install import install_command
+
             raise EmbserveError(
-                "serving over HTTP needs the ASGI adapter: pip install embserve-asgi"
+                f"serving over HTTP needs the ASGI adapter: {install_command('asgi')}"
             ) from None
         return adapter.App(runtime=self, **options)
 

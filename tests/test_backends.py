@@ -25,11 +25,12 @@ def test_unknown_backend_names_what_is_installed() -> None:
 
 
 def test_missing_backend_says_what_to_install(monkeypatch: pytest.MonkeyPatch) -> None:
-    # As on a machine where only the core is installed.
+    # As on a machine where only the core is installed (from this checkout: the folder to
+    # install is named; tests/test_install.py checks the message of an installed wheel).
     monkeypatch.setattr(backends, "_entry_points", dict)
-    with pytest.raises(embserve.BackendNotFoundError, match="pip install embserve-dask"):
+    with pytest.raises(embserve.BackendNotFoundError, match=r"pip install /.*/backends/dask`"):
         backends.resolve_backend("dask://127.0.0.1:8786")
-    with pytest.raises(embserve.BackendNotFoundError, match="pip install embserve-process"):
+    with pytest.raises(embserve.BackendNotFoundError, match=r"pip install /.*/backends/process`"):
         backends.ProcessBackend  # noqa: B018
 
 
