@@ -89,20 +89,7 @@ class SocketTransport(Transport):
         if count == 1:
             head = frames[0]
             if type(head) is bytes and len(head) < _SMALL:  # a small value, the usual message
-                data = _ONE.pack(kind, ident, 1, len(head)) + head
-                if self._out or self.closed:
-                    self._send_bytes(data)
-                    return
-                try:  # what _send_bytes does, without its call
-                    sent = self._sock.send(data)
-                except (BlockingIOError, InterruptedError):
-                    sent = 0
-                except OSError as exc:
-                    self.broken(f"sending failed: {exc}")
-                    return
-                if sent < len(data):
-                    self._out.append(memoryview(data)[sent:])
-                    self._loop.add_writer(self._fd, self._writable)
+                self._send_bytes(_ONE.pack(kind, ident, 1, len(head)) + head)
                 return
         sizes = [memoryview(f).nbytes for f in frames]
         header = _FIXED.pack(kind, ident, count) + b"".join(_LENGTH.pack(n) for n in sizes)
