@@ -39,6 +39,7 @@ from embserve._batch_policy import LoopClock as LoopClock
 from embserve._batch_policy import Timer as Timer
 from embserve._batcher import DynamicBatcher, live_batchers
 from embserve.context import get_replica_context
+from embserve.metrics import Histogram
 
 __all__ = [
     "AdaptivePolicy",
@@ -52,6 +53,8 @@ __all__ = [
     "batch",
     "batch_capacity",
     "batch_sizes",
+    "batcher_of",
+    "batchers_of",
     "close_batchers",
     "live_batchers",
 ]
@@ -115,6 +118,11 @@ def close_batchers(replica_id: str) -> list[asyncio.Future[None]]:
     if not batchers:
         return []
     return [asyncio.ensure_future(b.close()) for b in list(batchers) if not b.closed]
+
+
+def batchers_of(replica_id: str) -> list[Batcher[Any, Any]]:
+    """The batchers made for replica ``replica_id`` and not closed yet."""
+    return [b for b in list(_replica_batchers.get(replica_id, ())) if not b.closed]
 
 
 def batch_sizes(replica_id: str) -> dict[str, dict[int, int]]:
@@ -271,10 +279,11 @@ def batch(
 
 def _wrap(fn: Callable[..., Any], settings: BatchSettings) -> BatchedFunction:
     streaming = inspect.isasyncgenfunction(fn)
-    if not streaming and not inspect.iscoroutinefunction(fn):
+    in_thread = not streaming and not inspect.iscoroutinefunction(fn)
+    if in_thread and (inspect.isgeneratorfunction(fn) or not callable(fn)):
         raise TypeError(
-            f"@embserve.batch needs an async function or async generator, got {fn!r}; "
-            "write `async def` (a batch call may block the loop, but must be awaitable)"
+            f"@embserve.batch needs a function, async function or async generator, got {fn!r}; "
+            "a streaming batch must be an `async def` generator"
         )
     name = getattr(fn, "__qualname__", repr(fn))
     attr = f"_embserve_batcher_{getattr(fn, '__name__', 'fn')}"
@@ -293,6 +302,7 @@ def _wrap(fn: Callable[..., Any], settings: BatchSettings) -> BatchedFunction:
             batch_size_fn=settings.batch_size_fn,
             bucket_key=settings.bucket_key,
             streaming=streaming,
+            in_thread=in_thread,
             name=name,
         )
         limits.batchers.add(batcher)
@@ -335,6 +345,14 @@ def _wrap(fn: Callable[..., Any], settings: BatchSettings) -> BatchedFunction:
 
         wrapper = call_wrapper
 
+    def sending_batcher(owner: Any, execution: Histogram) -> DynamicBatcher:
+        # The replica host's way in (see batcher_of): it queues items with batcher.send.
+        batcher, _ = batcher_for((None,) if owner is None else (owner, None))
+        assert isinstance(batcher, DynamicBatcher)
+        if batcher.execution is None:
+            batcher.execution = execution
+        return batcher
+
     def set_max_batch_size(value: int) -> None:
         """Change this replica's ``max_batch_size`` (call from ``reconfigure``)."""
         _check_positive_int("max_batch_size", value)
@@ -359,7 +377,23 @@ def _wrap(fn: Callable[..., Any], settings: BatchSettings) -> BatchedFunction:
     wrapper.set_max_batch_size = set_max_batch_size
     wrapper.set_batch_wait_timeout_s = set_batch_wait_timeout_s
     wrapper._embserve_batch = settings
+    if not streaming:
+        wrapper._embserve_batcher = sending_batcher
     return wrapper  # type: ignore[no-any-return]
+
+
+def batcher_of(method: Callable[..., Any], execution: Histogram) -> DynamicBatcher | None:
+    """The batcher behind a (bound) method or function made by :func:`batch` (made now if need
+    be, for the replica whose context is current), or None for anything else and for
+    streaming batches; items it gets through :meth:`DynamicBatcher.send` have their time to
+    an answer recorded in ``execution``. What replica hosts use to skip a coroutine per
+    request. Call it on the replica's loop."""
+    target = getattr(method, "__func__", method)
+    make = getattr(target, "_embserve_batcher", None)
+    if make is None:
+        return None
+    batcher: DynamicBatcher = make(getattr(method, "__self__", None), execution)
+    return batcher
 
 
 def _batched_callables(target: Any) -> Iterator[tuple[str, BatchSettings]]:

@@ -313,8 +313,11 @@ def test_adaptive_policy_sizes_batches_to_the_target() -> None:
 
 
 def test_decorator_validates_its_arguments() -> None:
-    with pytest.raises(TypeError, match="async function"):
-        embserve.batch(lambda xs: xs)
+    def rows(xs: list[int]) -> Any:
+        yield xs
+
+    with pytest.raises(TypeError, match="streaming batch must be an `async def` generator"):
+        embserve.batch(rows)
     with pytest.raises(ValueError, match="max_batch_size"):
         embserve.batch(max_batch_size=0)
     with pytest.raises(ValueError, match="batch_wait_timeout_s"):
@@ -350,7 +353,7 @@ def test_a_batched_deployment_admits_a_full_batch() -> None:
 
     assert batch_capacity(Model)[0] == 32
     dep = embserve.deployment(Model)
-    assert dep.config.ongoing_limit == 32
+    assert dep.config.ongoing_limit == 64  # twice: the next batch fills while one runs
     assert embserve.deployment(max_ongoing_requests=40)(Model).config.ongoing_limit == 40
     with pytest.raises(ValueError, match=r"max_ongoing_requests=8 is smaller than 32.*Model"):
         embserve.deployment(max_ongoing_requests=8)(Model)

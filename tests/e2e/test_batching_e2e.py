@@ -94,7 +94,7 @@ def call_all(handle: embserve.Handle, inputs: list[int]) -> list[Any]:
 
 def test_batches_fill_results_map_in_order(doubler: embserve.Handle) -> None:
     seen("doubler").clear()
-    # 32 callers and no max_ongoing_requests given: the replica admits 16 (not the default 5),
+    # 32 callers and no max_ongoing_requests given: the replica admits 32 (not the default 5),
     # so full batches of 16 form at once instead of 2 s waits.
     start = time.perf_counter()
     assert call_all(doubler, list(range(32))) == [2 * x for x in range(32)]
