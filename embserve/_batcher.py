@@ -144,6 +144,8 @@ class DynamicBatcher(Batcher[Any, Any]):
         self._arrivals = 0
         self._quiet_check: int | None = None  # arrivals seen when the last check was set
         self._in_thread = in_thread
+        self._running_cost = 0  # the cost of the items of running batches
+        self._peak = 0.0  # requests in the batcher lately (see _pipelined_limit)
         self._executor: ThreadPoolExecutor | None = None
         #: Where :meth:`send` records each item's time from arrival to result (set by the
         #: replica host, whose per-method execution histogram it is), or None.
@@ -238,7 +240,14 @@ class DynamicBatcher(Batcher[Any, Any]):
         policy = self.policy
         if bucket.cost >= policy.max_size():
             self._pump()
-        elif policy.quiesce and self._quiet_check is None:
+        elif policy.quiesce:
+            if bucket.timer is not None:
+                # Quiet means no arrival for a loop turn: callers still coming back from the
+                # last batch go together, not split at whatever moment a slot frees. (Not once
+                # the backstop wait has passed: then it goes with the next free slot.)
+                bucket.due = False
+            if self._quiet_check is not None:
+                return
             self._quiet_check = self._arrivals
             self.loop.call_soon(self._check_quiet)
 
@@ -307,9 +316,22 @@ class DynamicBatcher(Batcher[Any, Any]):
                     ready = bucket
             if ready is None:
                 return
+            if self._in_thread and self.policy.quiesce:
+                limit = min(limit, self._pipelined_limit())
             items = self._take(ready, limit)
             if items:
                 self._start(items)
+
+    def _pipelined_limit(self) -> int:
+        # A quiescing policy whose batches run in a thread: at most half of the requests in
+        # the batcher lately (waiting and running), so that one batch computes while the
+        # callers of the other come back and fill the next. Sending all that wait would keep
+        # the callers in step for good, the loop and the thread taking turns instead of
+        # working at once. The peak follows a rise at once and a fall slowly.
+        present = self._running_cost + sum(b.cost for b in self._buckets.values())
+        peak = self._peak * 0.98
+        self._peak = peak = present if present > peak else peak
+        return max(1, int(peak + 1) // 2)
 
     def _take(self, bucket: _Bucket, limit: int) -> list[_Item]:
         items: list[_Item] = []
@@ -364,6 +386,7 @@ class DynamicBatcher(Batcher[Any, Any]):
     def _start(self, items: list[_Item]) -> None:
         now = self._clock.now()
         metrics = self.metrics
+        self._running_cost += sum(entry.cost for entry in items)
         for entry in items:
             waited = now - entry.arrived
             metrics.queue_wait_s_sum += waited
@@ -379,8 +402,11 @@ class DynamicBatcher(Batcher[Any, Any]):
 
     def _finished(self, batch: asyncio.Task[None] | Future[Any]) -> None:
         # A batch slot is free: the next ready batch starts now, before its callers wake.
-        if self._running.pop(batch, None) is not None and not self._closed:
-            self._pump()
+        items = self._running.pop(batch, None)
+        if items is not None:
+            self._running_cost -= sum(entry.cost for entry in items)
+            if not self._closed:
+                self._pump()
 
     # -- sync batch functions, in the batcher's threads
 
@@ -535,6 +561,11 @@ class DynamicBatcher(Batcher[Any, Any]):
         return self._closed
 
     @property
+    def running(self) -> int:
+        """Items in batches that are running."""
+        return sum(len(items) for items in self._running.values())
+
+    @property
     def waiting(self) -> int:
         """Items queued and not yet in a batch."""
         return sum(len(bucket.items) for bucket in self._buckets.values())
@@ -544,6 +575,7 @@ class DynamicBatcher(Batcher[Any, Any]):
         running batches (the replica stopped before they ended)."""
         self._fail_waiting(error)
         running, self._running = self._running, {}
+        self._running_cost = 0
         for batch, items in running.items():
             for entry in items:
                 self._fail(entry, error)
