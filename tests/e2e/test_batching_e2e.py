@@ -280,3 +280,39 @@ def test_requests_in_a_batch_that_outlives_the_drain_fail_with_replica_died() ->
         for response in responses:
             with pytest.raises(embserve.ReplicaDiedError):
                 response.result(timeout_s=5)
+
+
+@embserve.deployment
+class RemoteBatches:
+    """Batches in a worker process: answers, errors, and what cannot be pickled."""
+
+    @embserve.batch(max_batch_size=4, batch_wait_timeout_s=2.0)
+    def __call__(self, xs: list[int]) -> list[Any]:
+        if -1 in xs:
+            raise KeyError("a negative input")
+        return [threading.Lock() if x == -2 else x * 2 for x in xs]
+
+
+def test_batches_in_a_worker_process_answer_fail_and_withdraw() -> None:
+    pytest.importorskip("embserve_process")
+    with Runtime(backend="process") as rt:
+        handle = rt.run(RemoteBatches.bind())
+        assert call_all(handle, list(range(8))) == [x * 2 for x in range(8)]
+        failed = call_all(handle, [1, 2, 3, -1])
+        assert all(isinstance(r, KeyError) for r in failed)
+        unpicklable = call_all(handle, [1, 2, 3, -2])
+        assert unpicklable[:3] == [2, 4, 6] and isinstance(unpicklable[3], Exception)
+        # A request cancelled while it waits in the worker's batch leaves it; the slot it held
+        # comes back (the replica admits 8), and the next full batch goes at once.
+        doomed = handle.remote(100)
+        deadline = time.monotonic() + 5
+        while rt.status().deployments["RemoteBatches"].replicas[0].ongoing_requests != 1:
+            assert time.monotonic() < deadline
+            time.sleep(0.001)
+        assert doomed.cancel()
+        while rt.status().deployments["RemoteBatches"].replicas[0].ongoing_requests != 0:
+            assert time.monotonic() < deadline  # the worker said the request ended
+            time.sleep(0.001)
+        start = time.perf_counter()
+        assert call_all(handle, [5, 6, 7, 8]) == [10, 12, 14, 16]
+        assert time.perf_counter() - start < 1.5
