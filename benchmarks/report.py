@@ -259,19 +259,21 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("files", nargs="*", type=Path, help="reports (default: results/*.json)")
     parser.add_argument("--check", action="store_true", help="exit 1 if the README is stale")
+    parser.add_argument("--readme", type=Path, default=README, help=argparse.SUPPRESS)
     options = parser.parse_args()
+    readme: Path = options.readme
     files = options.files or sorted(RESULTS.glob("*.json"))
     if not files:
         sys.exit(f"no reports: run a benchmark with --out {RESULTS}/<name>.json first")
-    text = README.read_text()
+    text = readme.read_text()
     if START not in text or END not in text:
-        sys.exit(f"{README} has no {START} ... {END} markers")
+        sys.exit(f"{readme} has no {START} ... {END} markers")
     head, rest = text.split(START, 1)
     _, tail = rest.split(END, 1)
     updated = f"{head}{START}\n{table(files)}\n{END}{tail}"
     if options.check:
         sys.exit(0 if updated == text else 1)
-    README.write_text(updated)
+    readme.write_text(updated)
 
 
 if __name__ == "__main__":
