@@ -15,6 +15,7 @@ import asyncio
 import concurrent.futures
 import contextlib
 import contextvars
+import functools
 import sys
 import threading
 from asyncio.tasks import _enter_task, _leave_task
@@ -452,4 +453,66 @@ def wrap_future(
 
     waiter.add_done_callback(cancelled)
     future.add_done_callback(settled)
+    return waiter
+
+
+def start_from_loop(
+    loop: asyncio.AbstractEventLoop,
+    here: asyncio.AbstractEventLoop,
+    start: Callable[[], asyncio.Future[T]],
+    discard: Callable[[], object] | None = None,
+) -> asyncio.Future[T]:
+    """Run ``start`` on ``loop`` from a coroutine on ``here``, another loop running in this
+    thread; a future of ``here`` settled with the outcome of the future ``start`` returns.
+
+    What ``asyncio.wrap_future(start_threadsafe(...))`` does without the thread-safe future
+    between (its lock and condition, and a second callback chain): the call is handed to
+    ``loop`` and its outcome back to ``here`` through :func:`call_soon_threadsafe`, one wake
+    per burst each way. Cancelling the returned future cancels the call (``discard`` runs
+    instead of ``start`` when that happened before ``loop`` got to it).
+    """
+    waiter: asyncio.Future[T] = here.create_future()
+    started: list[asyncio.Future[T]] = []  # the source, once ``loop`` made it
+
+    def copy(source: asyncio.Future[T]) -> None:  # on ``here``; ``source`` is done
+        if waiter.done():
+            return
+        if source.cancelled():
+            waiter.cancel()
+        elif (exc := source.exception()) is not None:
+            waiter.set_exception(exc)
+        else:
+            waiter.set_result(source.result())
+
+    def settled(source: asyncio.Future[T]) -> None:  # on ``loop``
+        with contextlib.suppress(RuntimeError):  # ``here`` closed: nobody is left to tell
+            call_soon_threadsafe(here, functools.partial(copy, source), copy_context=False)
+
+    def begin() -> None:  # on ``loop``
+        if waiter.cancelled():
+            if discard is not None:
+                discard()
+            return
+        try:
+            source = start()
+        except BaseException as exc:
+            failed: asyncio.Future[T] = loop.create_future()
+            failed.set_exception(exc)
+            settled(failed)
+            if not isinstance(exc, Exception):
+                raise
+            return
+        started.append(source)
+        source.add_done_callback(settled)
+        if waiter.cancelled():  # cancelled while this ran: the done callback below missed it
+            source.cancel()
+
+    def cancelled(_: asyncio.Future[T]) -> None:  # on ``here``
+        if waiter.cancelled() and started:
+            source = started[0]
+            with contextlib.suppress(RuntimeError):
+                loop.call_soon_threadsafe(source.cancel)
+
+    waiter.add_done_callback(cancelled)
+    call_soon_threadsafe(loop, begin)
     return waiter

@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from embserve._loop import call_soon_threadsafe, wrap_future
+from embserve._loop import call_soon_threadsafe, start_from_loop, wrap_future
 
 who: contextvars.ContextVar[str] = contextvars.ContextVar("who", default="nobody")
 
@@ -146,3 +146,56 @@ def test_wrap_future_settles_many_futures_from_another_thread_with_one_wake() ->
         loop.run_until_complete(main())
     finally:
         loop.close()
+
+
+def test_start_from_loop_answers_fails_and_cancels_across_loops(loop: CountingLoop) -> None:
+    async def main() -> None:
+        here = asyncio.get_running_loop()
+
+        def ready(value: int) -> Callable[[], asyncio.Future[int]]:
+            def start() -> asyncio.Future[int]:
+                assert asyncio.get_running_loop() is loop
+                future: asyncio.Future[int] = loop.create_future()
+                future.set_result(value)
+                return future
+
+            return start
+
+        assert await asyncio.gather(
+            *(start_from_loop(loop, here, ready(i)) for i in range(50))
+        ) == list(range(50))
+
+        def broken() -> asyncio.Future[int]:
+            raise ValueError("no start")
+
+        with pytest.raises(ValueError, match="no start"):
+            await start_from_loop(loop, here, broken)
+
+        # Cancelled once started: the source on the other loop is cancelled too.
+        sources: list[asyncio.Future[int]] = []
+        started = threading.Event()
+
+        def pending() -> asyncio.Future[int]:
+            sources.append(loop.create_future())
+            started.set()
+            return sources[0]
+
+        waiter = start_from_loop(loop, here, pending)
+        assert await asyncio.to_thread(started.wait, 10)
+        waiter.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await waiter
+        deadline = here.time() + 10
+        while not sources[0].cancelled():
+            assert here.time() < deadline
+            await asyncio.sleep(0.001)
+
+        # Cancelled before the other loop got to it: discard runs instead of start.
+        gate = block(loop)
+        discarded = threading.Event()
+        waiter = start_from_loop(loop, here, ready(1), discard=discarded.set)
+        waiter.cancel()
+        gate.set()
+        assert await asyncio.to_thread(discarded.wait, 10)
+
+    asyncio.run(main())
