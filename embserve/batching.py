@@ -1,6 +1,6 @@
 """The Batcher seam: single requests in, batches to user code, single answers out.
 
-:func:`batch` turns an async function of a list into one that callers call with a single item.
+:func:`batch` turns a function of a list into one that callers call with a single item.
 Behind it, one :class:`DynamicBatcher` per replica (created on the replica's first call, on the
 loop the replica runs on, so it works on every backend) groups waiting items and sends a batch when
 ``max_batch_size`` worth of items wait or when the *first* waiting item has waited
@@ -222,14 +222,14 @@ def batch(
     bucket_key: Callable[[Any], Hashable] | None = None,
     target_latency_s: float | None = None,
 ) -> BatchedFunction | Callable[[Callable[..., Any]], BatchedFunction]:
-    """Let callers send one item at a time to an async function that works on lists.
+    """Let callers send one item at a time to a function that works on lists.
 
-    The decorated ``async def f(self, items: list) -> list`` (method) or ``async def f(items)``
-    (function) is called with up to ``max_batch_size`` items and returns one result per item, in
-    order; callers call it with one item and get their own result. An async generator is batched
-    the same way: each ``yield`` is a list with one output per item, and each caller streams its
-    own outputs (call it through ``handle.options(stream=True)``); ``StopIteration`` in an
-    item's place ends that item's stream while the others go on.
+    The decorated ``def f(self, items: list) -> list`` (method) or ``def f(items)`` (function),
+    ``async def`` or not, is called with up to ``max_batch_size`` items and returns one result
+    per item, in order; callers call it with one item and get their own result. An async
+    generator is batched the same way: each ``yield`` is a list with one output per item, and
+    each caller streams its own outputs (call it through ``handle.options(stream=True)``);
+    ``StopIteration`` in an item's place ends that item's stream while the others go on.
 
     Args:
         max_batch_size: largest batch (in items, or in ``batch_size_fn`` units). Default 10.
@@ -246,9 +246,12 @@ def batch(
             batch times, sizes batches to fit half this latency (at most ``max_batch_size``) and
             sends a batch as soon as no more items are on their way.
 
+    A plain ``def`` runs in a thread of the batcher's own, so that the replica's loop fills the
+    next batch while one computes; an ``async def`` runs on the replica's loop.
+
     The deployment is validated so that a replica admits at least
-    ``max_batch_size * max_concurrent_batches`` requests (``max_ongoing_requests`` rises to that
-    when not given, and a smaller given value is a ``ValueError``). From ``reconfigure``, call
+    ``max_batch_size * max_concurrent_batches`` requests (``max_ongoing_requests`` defaults to
+    twice that, and a smaller given value is a ``ValueError``). From ``reconfigure``, call
     ``self.method.set_max_batch_size(n)`` or ``self.method.set_batch_wait_timeout_s(s)`` to change
     this replica's limits.
     """
