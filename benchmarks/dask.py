@@ -25,9 +25,11 @@ import argparse  # noqa: E402
 import asyncio  # noqa: E402
 import collections  # noqa: E402
 import json  # noqa: E402
+import platform  # noqa: E402
 import statistics  # noqa: E402
 import time  # noqa: E402
 from collections.abc import Awaitable, Callable  # noqa: E402
+from pathlib import Path  # noqa: E402
 from typing import Any  # noqa: E402
 
 import embserve  # noqa: E402
@@ -197,9 +199,17 @@ async def main(quick: bool) -> dict[str, Any]:
     return results
 
 
+def write_report(report: dict[str, Any], out: str | None) -> None:
+    """Print ``report`` as JSON; with ``out``, write it there too, with the machine it ran on."""
+    print(json.dumps(report, indent=2))
+    if out:
+        machine = {"cpus": os.cpu_count(), "platform": platform.platform()}
+        Path(out).write_text(json.dumps({**report, "machine": machine}, indent=2) + "\n")
+
+
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="a smoke run of a few seconds")
+    parser.add_argument("--out", metavar="FILE", help="also write the JSON report to FILE")
     options = parser.parse_args()
-    json.dump(asyncio.run(main(options.quick)), sys.stdout, indent=2)
-    print()
+    write_report(asyncio.run(main(options.quick)), options.out)

@@ -21,12 +21,15 @@ import argparse
 import asyncio
 import gc
 import json
+import os
+import platform
 import resource
 import statistics
 import sys
 import threading
 import time
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 from typing import Any
 
 import embserve
@@ -140,6 +143,7 @@ def rss_mib() -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="few iterations (smoke test)")
+    parser.add_argument("--out", metavar="FILE", help="also write the JSON report to FILE")
     options = parser.parse_args()
     count = 500 if options.quick else 20_000
     total = 64 * (10 if options.quick else 1_000)
@@ -200,7 +204,15 @@ def main() -> None:
         "startup_lt_50ms": idle["startup_ms"] < 50,
         "idle_rss_le_80mib": idle["idle_rss_mib"] <= 80,
     }
+    write_report(report, options.out)
+
+
+def write_report(report: dict[str, Any], out: str | None) -> None:
+    """Print ``report`` as JSON; with ``out``, write it there too, with the machine it ran on."""
     print(json.dumps(report, indent=2))
+    if out:
+        machine = {"cpus": os.cpu_count(), "platform": platform.platform()}
+        Path(out).write_text(json.dumps({**report, "machine": machine}, indent=2) + "\n")
 
 
 if __name__ == "__main__":

@@ -19,6 +19,7 @@ import asyncio
 import functools
 import json
 import os
+import platform
 import re
 import shutil
 import signal
@@ -293,6 +294,7 @@ def main() -> None:
     """Alternate rounds of load on the two servers and print the figures as JSON."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="a smoke run of a few seconds")
+    parser.add_argument("--out", metavar="FILE", help="also write the JSON report to FILE")
     parser.add_argument("--connections", type=int, default=64)
     parser.add_argument("--rounds", type=int, default=None)
     parser.add_argument("--seconds", type=float, default=None)
@@ -334,7 +336,7 @@ def main() -> None:
         }
 
     plain, embserve_ = summary(results["plain"]), summary(results["embserve"])
-    print(
+    write_report(
         json.dumps(
             {
                 "benchmark": "http",
@@ -353,8 +355,18 @@ def main() -> None:
                 },
             },
             indent=2,
-        )
+        ),
+        args.out,
     )
+
+
+def write_report(text: str, out: str | None) -> None:
+    """Print the JSON ``text``; with ``out``, write it there too, with the machine it ran on."""
+    print(text)
+    if out:
+        machine = {"cpus": os.cpu_count(), "platform": platform.platform()}
+        report = {**json.loads(text), "machine": machine}
+        Path(out).write_text(json.dumps(report, indent=2) + "\n")
 
 
 if __name__ == "__main__":

@@ -27,12 +27,14 @@ import json
 import multiprocessing
 import os
 import pickle
+import platform
 import socket
 import statistics
 import sys
 import time
 from collections.abc import Awaitable, Callable
 from multiprocessing.connection import Connection
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -277,12 +279,14 @@ def main() -> None:
     """Run every figure and print the JSON report."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="a smoke run of a few seconds")
+    parser.add_argument("--out", metavar="FILE", help="also write the JSON report to FILE")
     options = parser.parse_args()
     count, rounds = (600, 6) if options.quick else (6000, 30)
     window = 64
     payload = np.random.default_rng(0).random(1_048_576)  # 8 MiB of float64
     figures = asyncio.run(measure(count, rounds, window, payload))
     report = {
+        "benchmark": "process",
         "python": sys.version.split()[0],
         "cpus": os.cpu_count(),
         "quick": options.quick,
@@ -310,7 +314,15 @@ def main() -> None:
             "target_ratio": 1.5,
         },
     }
+    write_report(report, options.out)
+
+
+def write_report(report: dict[str, Any], out: str | None) -> None:
+    """Print ``report`` as JSON; with ``out``, write it there too, with the machine it ran on."""
     print(json.dumps(report, indent=2))
+    if out:
+        machine = {"cpus": os.cpu_count(), "platform": platform.platform()}
+        Path(out).write_text(json.dumps({**report, "machine": machine}, indent=2) + "\n")
 
 
 if __name__ == "__main__":

@@ -21,6 +21,7 @@ import asyncio
 import contextlib
 import json
 import os
+import platform
 import random
 import signal
 import statistics
@@ -28,6 +29,7 @@ import sys
 import time
 from collections import Counter
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 import embserve
@@ -250,6 +252,7 @@ def main() -> None:
     parser.add_argument("--hang-s", type=float, default=30.0, metavar="SECONDS")
     parser.add_argument("--measure-s", type=float, default=3.0, metavar="SECONDS")
     parser.add_argument("--backend", default="process")
+    parser.add_argument("--out", metavar="FILE", help="also write the JSON report to FILE")
     parser.add_argument(
         "--max-in-flight",
         type=int,
@@ -261,6 +264,9 @@ def main() -> None:
         args.seconds = args.minutes * 60
     summary = asyncio.run(soak(args))
     print(json.dumps(summary), flush=True)
+    if args.out:
+        machine = {"cpus": os.cpu_count(), "platform": platform.platform()}
+        Path(args.out).write_text(json.dumps({**summary, "machine": machine}, indent=2) + "\n")
     sys.exit(0 if all(summary["targets"].values()) else 1)
 
 

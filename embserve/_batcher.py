@@ -6,14 +6,20 @@ Public through :mod:`embserve.batching`; import the names from there.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import contextvars
 import functools
 import weakref
 from collections import deque
 from collections.abc import AsyncIterator, Callable, Hashable
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 from embserve._batch_contract import Batcher
 from embserve._batch_policy import BatchMetrics, BatchPolicy, Clock, LoopClock, Timer
+from embserve.errors import attach_traceback
+from embserve.metrics import PENDING_MAX, Histogram
+from embserve.request import set_current_request
 
 __all__ = ["DynamicBatcher", "live_batchers"]
 
@@ -33,6 +39,8 @@ class _Item:
 
     __slots__ = ("arrived", "cost", "future", "queue", "started", "value")
 
+    sent = False  # whether it came through send() (the batcher records its execution time)
+
     def __init__(self, value: Any, cost: int, arrived: float) -> None:
         self.value = value
         self.cost = cost
@@ -40,6 +48,29 @@ class _Item:
         self.started = False
         self.future: asyncio.Future[Any] | None = None
         self.queue: asyncio.Queue[tuple[bool, Any]] | None = None  # streaming only
+
+
+class _SentItem(_Item):
+    """An item queued by :meth:`DynamicBatcher.send`; calling it withdraws it (one object per
+    request for both)."""
+
+    __slots__ = ("batcher",)
+
+    sent = True
+
+    def __init__(
+        self, batcher: DynamicBatcher, value: Any, future: asyncio.Future[Any], arrived: float
+    ) -> None:
+        self.batcher = batcher
+        self.value = value
+        self.cost = 1
+        self.arrived = arrived
+        self.started = False
+        self.future = future
+        self.queue = None
+
+    def __call__(self) -> None:
+        self.batcher._withdraw(self)
 
     @property
     def gone(self) -> bool:
@@ -73,9 +104,13 @@ class DynamicBatcher(Batcher[Any, Any]):
         bucket_key: inputs with different keys never share a batch.
         clock: time and timers (default: the running loop's).
         streaming: ``batch_fn`` is an async generator; use :meth:`submit_stream`.
+        in_thread: ``batch_fn`` is a plain (sync) function: each batch runs in a thread of the
+            batcher's own (``max_concurrent_batches`` of them), so the loop goes on taking
+            requests, and filling the next batch, while one computes.
         name: used in error messages.
 
-    Must be created and used on one event loop (the replica's).
+    Must be created and used on one event loop (the replica's). Batches run in a copy of the
+    context the batcher was made in, with no current request (a batch serves many).
     """
 
     def __init__(
@@ -88,6 +123,7 @@ class DynamicBatcher(Batcher[Any, Any]):
         bucket_key: Callable[[Any], Hashable] | None = None,
         clock: Clock | None = None,
         streaming: bool = False,
+        in_thread: bool = False,
         name: str = "batched function",
     ) -> None:
         self.loop = asyncio.get_running_loop()
@@ -99,12 +135,24 @@ class DynamicBatcher(Batcher[Any, Any]):
         self._size_fn = batch_size_fn
         self._key_fn = bucket_key
         self._clock: Clock = clock or LoopClock(self.loop)
+        self._now = self._clock.now
         self._streaming = streaming
         self._buckets: dict[Hashable, _Bucket] = {}
-        self._running: set[asyncio.Task[None]] = set()
+        # The running batches (tasks, or thread work for in_thread) and their items.
+        self._running: dict[asyncio.Task[None] | Future[Any], list[_Item]] = {}
         self._closed = False
         self._arrivals = 0
         self._quiet_check: int | None = None  # arrivals seen when the last check was set
+        self._in_thread = in_thread
+        self._running_cost = 0  # the cost of the items of running batches
+        self._peak = 0.0  # requests in the batcher lately (see _pipelined_limit)
+        self._executor: ThreadPoolExecutor | None = None
+        #: Where :meth:`send` records each item's time from arrival to result (set by the
+        #: replica host, whose per-method execution histogram it is), or None.
+        self.execution: Histogram | None = None
+        # Batch tasks start in this context, not in that of whichever caller filled the batch.
+        self._context = contextvars.copy_context()
+        self._context.run(set_current_request, None)
         _live.add(self)
 
     # -- the caller's side
@@ -119,6 +167,22 @@ class DynamicBatcher(Batcher[Any, Any]):
         except asyncio.CancelledError:
             self._withdraw(entry)
             raise
+
+    def send(self, item: Any, future: asyncio.Future[Any]) -> Callable[[], None]:
+        """Queue ``item`` and settle ``future`` with its result (or its batch's error) once its
+        batch ran; returns the function that withdraws it (for when ``future`` is cancelled).
+
+        :meth:`submit` without a coroutine or a future of its own: what the replica host uses
+        when the request path awaits ``future`` itself, so that a finished batch settles its
+        callers' futures in one loop over them and wakes nothing else. Raises what
+        :meth:`submit` raises at once (a closed batcher, an item over the size limit).
+        """
+        # The checks of _enqueue, paid only by batchers that need them.
+        cost = self._enqueue(item).cost if self._size_fn is not None or self._closed else 1
+        entry = _SentItem(self, item, future, self._now())
+        entry.cost = cost
+        self._after_arrival(entry)
+        return entry
 
     async def submit_stream(self, item: Any) -> AsyncIterator[Any]:
         """Queue ``item`` for a streaming batch and yield its own outputs as they come."""
@@ -152,7 +216,7 @@ class DynamicBatcher(Batcher[Any, Any]):
                 raise ValueError(f"{self.name}: batch_size_fn must return >= 1 for an item")
             if cost > self.policy.max_batch_size:
                 raise self._oversize_error(cost, self.policy.max_batch_size)
-        return _Item(value, cost, self._clock.now())
+        return _Item(value, cost, self._now())
 
     def _size_of(self, values: list[Any]) -> int:
         """``batch_size_fn`` of a list of inputs, checked."""
@@ -167,14 +231,23 @@ class DynamicBatcher(Batcher[Any, Any]):
         bucket = self._buckets.get(key)
         if bucket is None:
             bucket = self._buckets[key] = _Bucket(key)
-        bucket.items.append(entry)
+        items = bucket.items
+        items.append(entry)
         bucket.cost += entry.cost
         self._arrivals += 1
-        if len(bucket.items) == 1:
+        if len(items) == 1:
             self._arm(bucket)
-        if bucket.cost >= self.policy.max_size():
+        policy = self.policy
+        if bucket.cost >= policy.max_size():
             self._pump()
-        elif self.policy.quiesce and self._quiet_check is None:
+        elif policy.quiesce:
+            if bucket.timer is not None:
+                # Quiet means no arrival for a loop turn: callers still coming back from the
+                # last batch go together, not split at whatever moment a slot frees. (Not once
+                # the backstop wait has passed: then it goes with the next free slot.)
+                bucket.due = False
+            if self._quiet_check is not None:
+                return
             self._quiet_check = self._arrivals
             self.loop.call_soon(self._check_quiet)
 
@@ -243,9 +316,22 @@ class DynamicBatcher(Batcher[Any, Any]):
                     ready = bucket
             if ready is None:
                 return
+            if self._in_thread and self.policy.quiesce:
+                limit = min(limit, self._pipelined_limit())
             items = self._take(ready, limit)
             if items:
                 self._start(items)
+
+    def _pipelined_limit(self) -> int:
+        # A quiescing policy whose batches run in a thread: at most half of the requests in
+        # the batcher lately (waiting and running), so that one batch computes while the
+        # callers of the other come back and fill the next. Sending all that wait would keep
+        # the callers in step for good, the loop and the thread taking turns instead of
+        # working at once. The peak follows a rise at once and a fall slowly.
+        present = self._running_cost + sum(b.cost for b in self._buckets.values())
+        peak = self._peak * 0.98
+        self._peak = peak = present if present > peak else peak
+        return max(1, int(peak + 1) // 2)
 
     def _take(self, bucket: _Bucket, limit: int) -> list[_Item]:
         items: list[_Item] = []
@@ -300,20 +386,61 @@ class DynamicBatcher(Batcher[Any, Any]):
     def _start(self, items: list[_Item]) -> None:
         now = self._clock.now()
         metrics = self.metrics
+        self._running_cost += sum(entry.cost for entry in items)
         for entry in items:
             waited = now - entry.arrived
             metrics.queue_wait_s_sum += waited
             if waited > metrics.queue_wait_s_max:
                 metrics.queue_wait_s_max = waited
+        if self._in_thread:
+            self._start_in_thread(items, now)
+            return
         run = self._run_stream if self._streaming else self._run
-        task = self.loop.create_task(run(items, now))
-        self._running.add(task)
+        task = self._context.run(self.loop.create_task, run(items, now))
+        self._running[task] = items
         task.add_done_callback(self._finished)
 
-    def _finished(self, task: asyncio.Task[None]) -> None:
-        self._running.discard(task)
-        if not self._closed:
-            self._pump()
+    def _finished(self, batch: asyncio.Task[None] | Future[Any]) -> None:
+        # A batch slot is free: the next ready batch starts now, before its callers wake.
+        items = self._running.pop(batch, None)
+        if items is not None:
+            self._running_cost -= sum(entry.cost for entry in items)
+            if not self._closed:
+                self._pump()
+
+    # -- sync batch functions, in the batcher's threads
+
+    def _start_in_thread(self, items: list[_Item], started: float) -> None:
+        executor = self._executor
+        if executor is None:
+            executor = self._executor = ThreadPoolExecutor(
+                max_workers=self._concurrency, thread_name_prefix="embserve-batch"
+            )
+        # A copy per batch: one context cannot be entered by two threads at once.
+        work = executor.submit(self._context.copy().run, self._fn, [e.value for e in items])
+        self._running[work] = items
+        work.add_done_callback(functools.partial(self._thread_done, started))
+
+    def _thread_done(self, started: float, work: Future[Any]) -> None:
+        # In the batch's thread: one wake of the loop for the whole batch.
+        with contextlib.suppress(RuntimeError):  # a closed loop: nobody is waiting
+            self.loop.call_soon_threadsafe(self._settle_thread_batch, work, started)
+
+    def _settle_thread_batch(self, work: Future[Any], started: float) -> None:
+        items = self._running.get(work)
+        self._finished(work)  # the thread takes the next batch while we answer this one
+        if items is None:
+            return  # abandoned
+        try:
+            results = work.result()
+            if not _fits(results, len(items)):
+                raise self._length_error(results, len(items))
+        except Exception as exc:
+            self._record(len(items), started, True)
+            self._fail_batch(items, exc)
+            return
+        self._record(len(items), started, False)
+        self._settle(items, results)
 
     def _record(self, size: int, started: float, failed: bool) -> None:
         elapsed = self._clock.now() - started
@@ -348,15 +475,42 @@ class DynamicBatcher(Batcher[Any, Any]):
             raise
         except Exception as exc:
             self._record(len(items), started, True)
-            for entry in items:
-                if entry.future is not None and not entry.future.done():
-                    entry.future.set_exception(exc)
+            self._fail_batch(items, exc)
             return
         self._record(len(items), started, False)
-        for entry, result in zip(items, results):  # noqa: B905 (lengths checked above)
+        task = asyncio.current_task()
+        if task is not None:
+            self._finished(task)
+        self._settle(items, results)
+
+    def _settle(self, items: list[_Item], results: Any) -> None:
+        # Every caller's answer in this one loop turn: each set_result only schedules its
+        # caller's wake-up, and the loop runs them all in its next turn.
+        for entry, result in zip(items, results):  # noqa: B905 (lengths checked by callers)
             future = entry.future
             if future is not None and not future.done():
                 future.set_result(result)
+        self._observe(items)
+
+    def _fail_batch(self, items: list[_Item], exc: Exception) -> None:
+        attach_traceback(exc)  # once for the batch: every caller re-raises this one
+        for entry in items:
+            if entry.future is not None and not entry.future.done():
+                entry.future.set_exception(exc)
+        self._observe(items)
+
+    def _observe(self, items: list[_Item]) -> None:
+        # Items that came through send(): time from arrival to answer, as the host would have.
+        execution = self.execution
+        if execution is None:
+            return
+        now = self._now()
+        pending = execution.pending
+        for entry in items:
+            if entry.sent:
+                pending.append(now - entry.arrived)
+        if len(pending) >= PENDING_MAX:
+            execution.flush()
 
     async def _run_stream(self, items: list[_Item], started: float) -> None:
         agen = self._fn([entry.value for entry in items])
@@ -407,22 +561,49 @@ class DynamicBatcher(Batcher[Any, Any]):
         return self._closed
 
     @property
+    def running(self) -> int:
+        """Items in batches that are running."""
+        return sum(len(items) for items in self._running.values())
+
+    @property
     def waiting(self) -> int:
         """Items queued and not yet in a batch."""
         return sum(len(bucket.items) for bucket in self._buckets.values())
 
-    async def close(self) -> None:
-        """Fail the waiting items with ``RuntimeError``; wait for the running batches."""
-        self._closed = True
-        error = RuntimeError(f"{self.name}: the replica is shutting down")
+    def abandon(self, error: BaseException) -> None:
+        """Fail every item, waiting or in a running batch, with ``error``, and cancel the
+        running batches (the replica stopped before they ended)."""
+        self._fail_waiting(error)
+        running, self._running = self._running, {}
+        self._running_cost = 0
+        for batch, items in running.items():
+            for entry in items:
+                self._fail(entry, error)
+            batch.cancel()  # a thread's batch runs on (it cannot be stopped), its answer dropped
+
+    def _fail_waiting(self, error: BaseException) -> None:
         for bucket in self._buckets.values():
             self._disarm(bucket)
             for entry in bucket.items:
                 self._fail(entry, error)
             bucket.items.clear()
             bucket.cost = 0
-        if self._running:
-            await asyncio.gather(*self._running, return_exceptions=True)
+
+    async def close(self) -> None:
+        """Fail the waiting items with ``RuntimeError``; wait for the running batches."""
+        self._closed = True
+        self._fail_waiting(RuntimeError(f"{self.name}: the replica is shutting down"))
+        try:
+            if self._running:
+                waits = [
+                    b if isinstance(b, asyncio.Future) else asyncio.wrap_future(b)
+                    for b in self._running
+                ]
+                await asyncio.gather(*waits, return_exceptions=True)
+        finally:
+            if self._executor is not None:
+                # A batch stuck in user code must not hold the replica's stop.
+                self._executor.shutdown(wait=False)
 
 
 _live: weakref.WeakSet[DynamicBatcher] = weakref.WeakSet()

@@ -24,7 +24,13 @@ from typing import Any
 
 from embserve import tracing
 from embserve._loop import current_task, running_loop
-from embserve.batching import batch_sizes, close_batchers
+from embserve.batching import (
+    DynamicBatcher,
+    batch_sizes,
+    batcher_of,
+    batchers_of,
+    close_batchers,
+)
 from embserve.context import ReplicaContext, reset_replica_context, set_replica_context
 from embserve.errors import (
     DeploymentFailedError,
@@ -72,6 +78,9 @@ def _materialize(args: tuple[Any, ...]) -> tuple[Any, ...]:
     return (materialize(), *args[1:])
 
 
+_UNKNOWN: Any = object()
+
+
 def _in_request(request: Request, fn: Callable[[], Any]) -> Any:
     # In a host thread: the request is the current one while its code runs.
     token = set_current_request(request)
@@ -110,6 +119,8 @@ class ReplicaHost:
         # the drain with ReplicaDiedError instead of leaving them to hang.
         self._calls: set[asyncio.Task[Any] | None] = set()
         self._ended: set[asyncio.Task[Any]] = set()
+        # Per method: the batcher send() queues its items in, or None (not batched: call() it).
+        self._senders: dict[str, DynamicBatcher | None] = {}
 
     async def start(self) -> None:
         """Construct the user object and apply ``user_config``.
@@ -261,6 +272,53 @@ class ReplicaHost:
             reset_current_request(current)
             reset_replica_context(token)
 
+    def send(self, request: Request, future: asyncio.Future[Any]) -> Callable[[], None] | None:
+        """Queue ``request`` for its method's batch and settle ``future`` with its result; the
+        withdraw function, or None (nothing sent) when the method is not batched, or the call
+        needs more than a batch gives (keyword arguments, a trace), or cannot be queued: then
+        :meth:`call` serves it, and raises what went wrong.
+
+        The batched path of :meth:`call` with no coroutine per request: the batch's end sets
+        its callers' futures in one loop over them.
+        """
+        method = request.method
+        batcher = self._senders.get(method, _UNKNOWN)
+        if batcher is _UNKNOWN or (batcher is not None and batcher.closed):
+            batcher = self._batcher(method)
+        if batcher is None or request.kwargs or len(request.args) != 1:
+            return None
+        if request.trace_context is not None and tracing.ENABLED:
+            return None
+        try:
+            withdraw: Callable[[], None] = batcher.send(_materialize(request.args)[0], future)
+        except Exception:
+            return None
+        return withdraw
+
+    def _batcher(self, method: str) -> DynamicBatcher | None:
+        if self._instance is None:
+            return None
+        try:
+            fn, _, execution = self._methods.get(method) or self._resolve(method)
+        except AttributeError:
+            found = None
+        else:
+            token = set_replica_context(self.context)  # a batcher made now is this replica's
+            try:
+                found = batcher_of(fn, execution)
+            finally:
+                reset_replica_context(token)
+        self._senders[method] = found
+        return found
+
+    def abandon_batches(self, error: BaseException) -> None:
+        """Fail the items of this replica's batchers, waiting or running, with ``error`` (the
+        replica stopped before they ended)."""
+        for batcher in batchers_of(self.spec.replica_id):
+            abandon = getattr(batcher, "abandon", None)
+            if abandon is not None:
+                abandon(error)
+
     def _span(self, request: Request) -> contextlib.AbstractContextManager[None]:
         # The execution span of a traced request: user code (and its handle calls) runs in it.
         return tracing.span(
@@ -398,3 +456,4 @@ class ReplicaHost:
             close_batchers(self.spec.replica_id)
         self._instance = None
         self._methods.clear()
+        self._senders.clear()

@@ -1,6 +1,9 @@
 """Event-loop plumbing: a loop in a thread of its own (for runtimes used from sync code and
 foreign loops), and tasks that start at once.
 
+Calls handed to a loop from other threads go through :func:`call_soon_threadsafe` and
+:func:`wrap_future`, which wake a loop once per burst of calls, not once per call.
+
 This is the one module that uses asyncio's private names (``_get_running_loop``,
 ``_current_tasks`` before 3.12, ``_enter_task``/``_leave_task``, ``_asyncio_future_blocking``);
 tests/test_start_task.py checks each of them on every Python version the project supports (3.10
@@ -10,11 +13,15 @@ to 3.13).
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
+import contextlib
 import contextvars
+import functools
 import sys
 import threading
 from asyncio.tasks import _enter_task, _leave_task
-from collections.abc import Coroutine, Generator
+from collections import deque
+from collections.abc import Callable, Coroutine, Generator
 from typing import Any, TypeVar
 
 T = TypeVar("T")
@@ -343,3 +350,168 @@ class _Drive:
                     yielded = run(coro.send, sent)
         except StopIteration as stop:
             return stop.value
+
+
+# --------------------------------------------------------------------------- other threads
+
+
+class _Inbox:
+    # Calls handed to one loop from other threads, run by one callback per burst: the first call
+    # of a burst wakes the loop (call_soon_threadsafe writes to its self-pipe), the others find
+    # the drain already on its way and only append. Each call runs in the context it was handed
+    # over in, as call_soon_threadsafe would run it.
+
+    __slots__ = ("calls", "loop", "scheduled")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        self.calls: deque[tuple[contextvars.Context | None, Callable[[], object]]] = deque()
+        self.scheduled = False
+
+    def put(self, call: Callable[[], object], context: contextvars.Context | None) -> None:
+        self.calls.append((context, call))
+        if not self.scheduled:
+            # Set before the wake: a drain that starts now sees this call, or a later drain
+            # is scheduled for it (drain() clears the flag before it takes the calls).
+            self.scheduled = True
+            try:
+                self.loop.call_soon_threadsafe(self.drain)
+            except RuntimeError:  # the loop is closed: nothing will ever run these
+                self.scheduled = False
+                self.calls.clear()
+                raise
+
+    def drain(self) -> None:
+        self.scheduled = False
+        calls = self.calls
+        # Only the calls there now: those added meanwhile have a drain of their own scheduled.
+        for _ in range(len(calls)):
+            context, call = calls.popleft()
+            try:
+                if context is None:
+                    call()
+                else:
+                    context.run(call)
+            except (KeyboardInterrupt, SystemExit):
+                raise
+            except BaseException as exc:
+                self.loop.call_exception_handler({"message": f"{call!r} failed", "exception": exc})
+
+
+def call_soon_threadsafe(
+    loop: asyncio.AbstractEventLoop, call: Callable[[], object], *, copy_context: bool = True
+) -> None:
+    """``loop.call_soon_threadsafe(call)``, from another thread, with one wake of ``loop`` per
+    burst of calls instead of one per call.
+
+    ``call`` runs on ``loop`` in a copy of the calling thread's context (``copy_context``), or
+    in the loop's drain callback's own (for plumbing that reads no context). Raises
+    ``RuntimeError`` when ``loop`` is closed.
+    """
+    inbox: _Inbox | None = getattr(loop, "_embserve_inbox", None)
+    if inbox is None:
+        inbox = _Inbox(loop)
+        try:
+            loop._embserve_inbox = inbox  # type: ignore[attr-defined]
+        except AttributeError:  # a loop that takes no attributes: each call wakes it
+            loop.call_soon_threadsafe(call)
+            return
+    inbox.put(call, contextvars.copy_context() if copy_context else None)
+
+
+def wrap_future(
+    future: concurrent.futures.Future[T], loop: asyncio.AbstractEventLoop
+) -> asyncio.Future[T]:
+    """``asyncio.wrap_future(future, loop=loop)`` (``loop`` running in this thread), with the
+    outcomes of many futures settled in other threads reaching ``loop`` in one wake per burst.
+
+    Cancelling the returned future cancels ``future``.
+    """
+    waiter: asyncio.Future[T] = loop.create_future()
+
+    def copy() -> None:
+        if waiter.done():
+            return
+        if future.cancelled():
+            waiter.cancel()
+        elif (exc := future.exception()) is not None:
+            waiter.set_exception(exc)
+        else:
+            waiter.set_result(future.result())
+
+    def settled(_: concurrent.futures.Future[T]) -> None:
+        if running_loop() is loop:
+            copy()
+            return
+        with contextlib.suppress(RuntimeError):  # the waiting loop closed: nobody is left
+            call_soon_threadsafe(loop, copy, copy_context=False)
+
+    def cancelled(_: asyncio.Future[T]) -> None:
+        if waiter.cancelled():
+            future.cancel()
+
+    waiter.add_done_callback(cancelled)
+    future.add_done_callback(settled)
+    return waiter
+
+
+def start_from_loop(
+    loop: asyncio.AbstractEventLoop,
+    here: asyncio.AbstractEventLoop,
+    start: Callable[[], asyncio.Future[T]],
+    discard: Callable[[], object] | None = None,
+) -> asyncio.Future[T]:
+    """Run ``start`` on ``loop`` from a coroutine on ``here``, another loop running in this
+    thread; a future of ``here`` settled with the outcome of the future ``start`` returns.
+
+    What ``asyncio.wrap_future(start_threadsafe(...))`` does without the thread-safe future
+    between (its lock and condition, and a second callback chain): the call is handed to
+    ``loop`` and its outcome back to ``here`` through :func:`call_soon_threadsafe`, one wake
+    per burst each way. Cancelling the returned future cancels the call (``discard`` runs
+    instead of ``start`` when that happened before ``loop`` got to it).
+    """
+    waiter: asyncio.Future[T] = here.create_future()
+    started: list[asyncio.Future[T]] = []  # the source, once ``loop`` made it
+
+    def copy(source: asyncio.Future[T]) -> None:  # on ``here``; ``source`` is done
+        if waiter.done():
+            return
+        if source.cancelled():
+            waiter.cancel()
+        elif (exc := source.exception()) is not None:
+            waiter.set_exception(exc)
+        else:
+            waiter.set_result(source.result())
+
+    def settled(source: asyncio.Future[T]) -> None:  # on ``loop``
+        with contextlib.suppress(RuntimeError):  # ``here`` closed: nobody is left to tell
+            call_soon_threadsafe(here, functools.partial(copy, source), copy_context=False)
+
+    def begin() -> None:  # on ``loop``
+        if waiter.cancelled():
+            if discard is not None:
+                discard()
+            return
+        try:
+            source = start()
+        except BaseException as exc:
+            failed: asyncio.Future[T] = loop.create_future()
+            failed.set_exception(exc)
+            settled(failed)
+            if not isinstance(exc, Exception):
+                raise
+            return
+        started.append(source)
+        source.add_done_callback(settled)
+        if waiter.cancelled():  # cancelled while this ran: the done callback below missed it
+            source.cancel()
+
+    def cancelled(_: asyncio.Future[T]) -> None:  # on ``here``
+        if waiter.cancelled() and started:
+            source = started[0]
+            with contextlib.suppress(RuntimeError):
+                loop.call_soon_threadsafe(source.cancel)
+
+    waiter.add_done_callback(cancelled)
+    call_soon_threadsafe(loop, begin)
+    return waiter

@@ -1,6 +1,6 @@
 """The Batcher seam: single requests in, batches to user code, single answers out.
 
-:func:`batch` turns an async function of a list into one that callers call with a single item.
+:func:`batch` turns a function of a list into one that callers call with a single item.
 Behind it, one :class:`DynamicBatcher` per replica (created on the replica's first call, on the
 loop the replica runs on, so it works on every backend) groups waiting items and sends a batch when
 ``max_batch_size`` worth of items wait or when the *first* waiting item has waited
@@ -39,6 +39,7 @@ from embserve._batch_policy import LoopClock as LoopClock
 from embserve._batch_policy import Timer as Timer
 from embserve._batcher import DynamicBatcher, live_batchers
 from embserve.context import get_replica_context
+from embserve.metrics import Histogram
 
 __all__ = [
     "AdaptivePolicy",
@@ -52,6 +53,8 @@ __all__ = [
     "batch",
     "batch_capacity",
     "batch_sizes",
+    "batcher_of",
+    "batchers_of",
     "close_batchers",
     "live_batchers",
 ]
@@ -115,6 +118,11 @@ def close_batchers(replica_id: str) -> list[asyncio.Future[None]]:
     if not batchers:
         return []
     return [asyncio.ensure_future(b.close()) for b in list(batchers) if not b.closed]
+
+
+def batchers_of(replica_id: str) -> list[Batcher[Any, Any]]:
+    """The batchers made for replica ``replica_id`` and not closed yet."""
+    return [b for b in list(_replica_batchers.get(replica_id, ())) if not b.closed]
 
 
 def batch_sizes(replica_id: str) -> dict[str, dict[int, int]]:
@@ -214,14 +222,14 @@ def batch(
     bucket_key: Callable[[Any], Hashable] | None = None,
     target_latency_s: float | None = None,
 ) -> BatchedFunction | Callable[[Callable[..., Any]], BatchedFunction]:
-    """Let callers send one item at a time to an async function that works on lists.
+    """Let callers send one item at a time to a function that works on lists.
 
-    The decorated ``async def f(self, items: list) -> list`` (method) or ``async def f(items)``
-    (function) is called with up to ``max_batch_size`` items and returns one result per item, in
-    order; callers call it with one item and get their own result. An async generator is batched
-    the same way: each ``yield`` is a list with one output per item, and each caller streams its
-    own outputs (call it through ``handle.options(stream=True)``); ``StopIteration`` in an
-    item's place ends that item's stream while the others go on.
+    The decorated ``def f(self, items: list) -> list`` (method) or ``def f(items)`` (function),
+    ``async def`` or not, is called with up to ``max_batch_size`` items and returns one result
+    per item, in order; callers call it with one item and get their own result. An async
+    generator is batched the same way: each ``yield`` is a list with one output per item, and
+    each caller streams its own outputs (call it through ``handle.options(stream=True)``);
+    ``StopIteration`` in an item's place ends that item's stream while the others go on.
 
     Args:
         max_batch_size: largest batch (in items, or in ``batch_size_fn`` units). Default 10.
@@ -238,9 +246,12 @@ def batch(
             batch times, sizes batches to fit half this latency (at most ``max_batch_size``) and
             sends a batch as soon as no more items are on their way.
 
+    A plain ``def`` runs in a thread of the batcher's own, so that the replica's loop fills the
+    next batch while one computes; an ``async def`` runs on the replica's loop.
+
     The deployment is validated so that a replica admits at least
-    ``max_batch_size * max_concurrent_batches`` requests (``max_ongoing_requests`` rises to that
-    when not given, and a smaller given value is a ``ValueError``). From ``reconfigure``, call
+    ``max_batch_size * max_concurrent_batches`` requests (``max_ongoing_requests`` defaults to
+    twice that, and a smaller given value is a ``ValueError``). From ``reconfigure``, call
     ``self.method.set_max_batch_size(n)`` or ``self.method.set_batch_wait_timeout_s(s)`` to change
     this replica's limits.
     """
@@ -271,10 +282,11 @@ def batch(
 
 def _wrap(fn: Callable[..., Any], settings: BatchSettings) -> BatchedFunction:
     streaming = inspect.isasyncgenfunction(fn)
-    if not streaming and not inspect.iscoroutinefunction(fn):
+    in_thread = not streaming and not inspect.iscoroutinefunction(fn)
+    if in_thread and (inspect.isgeneratorfunction(fn) or not callable(fn)):
         raise TypeError(
-            f"@embserve.batch needs an async function or async generator, got {fn!r}; "
-            "write `async def` (a batch call may block the loop, but must be awaitable)"
+            f"@embserve.batch needs a function, async function or async generator, got {fn!r}; "
+            "a streaming batch must be an `async def` generator"
         )
     name = getattr(fn, "__qualname__", repr(fn))
     attr = f"_embserve_batcher_{getattr(fn, '__name__', 'fn')}"
@@ -293,6 +305,7 @@ def _wrap(fn: Callable[..., Any], settings: BatchSettings) -> BatchedFunction:
             batch_size_fn=settings.batch_size_fn,
             bucket_key=settings.bucket_key,
             streaming=streaming,
+            in_thread=in_thread,
             name=name,
         )
         limits.batchers.add(batcher)
@@ -335,6 +348,14 @@ def _wrap(fn: Callable[..., Any], settings: BatchSettings) -> BatchedFunction:
 
         wrapper = call_wrapper
 
+    def sending_batcher(owner: Any, execution: Histogram) -> DynamicBatcher:
+        # The replica host's way in (see batcher_of): it queues items with batcher.send.
+        batcher, _ = batcher_for((None,) if owner is None else (owner, None))
+        assert isinstance(batcher, DynamicBatcher)
+        if batcher.execution is None:
+            batcher.execution = execution
+        return batcher
+
     def set_max_batch_size(value: int) -> None:
         """Change this replica's ``max_batch_size`` (call from ``reconfigure``)."""
         _check_positive_int("max_batch_size", value)
@@ -359,7 +380,23 @@ def _wrap(fn: Callable[..., Any], settings: BatchSettings) -> BatchedFunction:
     wrapper.set_max_batch_size = set_max_batch_size
     wrapper.set_batch_wait_timeout_s = set_batch_wait_timeout_s
     wrapper._embserve_batch = settings
+    if not streaming:
+        wrapper._embserve_batcher = sending_batcher
     return wrapper  # type: ignore[no-any-return]
+
+
+def batcher_of(method: Callable[..., Any], execution: Histogram) -> DynamicBatcher | None:
+    """The batcher behind a (bound) method or function made by :func:`batch` (made now if need
+    be, for the replica whose context is current), or None for anything else and for
+    streaming batches; items it gets through :meth:`DynamicBatcher.send` have their time to
+    an answer recorded in ``execution``. What replica hosts use to skip a coroutine per
+    request. Call it on the replica's loop."""
+    target = getattr(method, "__func__", method)
+    make = getattr(target, "_embserve_batcher", None)
+    if make is None:
+        return None
+    batcher: DynamicBatcher = make(getattr(method, "__self__", None), execution)
+    return batcher
 
 
 def _batched_callables(target: Any) -> Iterator[tuple[str, BatchSettings]]:

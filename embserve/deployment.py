@@ -88,7 +88,8 @@ class DeploymentConfig:
     def ongoing_limit(self) -> int:
         """``max_ongoing_requests``, or its default when not given."""
         if self.max_ongoing_requests is None:
-            return max(DEFAULT_MAX_ONGOING_REQUESTS, self.batch_capacity)
+            # Twice the batch capacity: the next batches fill while the running ones compute.
+            return max(DEFAULT_MAX_ONGOING_REQUESTS, 2 * self.batch_capacity)
         return self.max_ongoing_requests
 
     @property

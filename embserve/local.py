@@ -6,6 +6,7 @@ the test mode too: a call reaches async user code with no thread hop and no copy
 
 from __future__ import annotations
 
+import asyncio
 import functools
 from collections.abc import AsyncIterator, Callable, Coroutine, Mapping
 from typing import Any, ClassVar
@@ -87,6 +88,35 @@ class _HoldingReplica(LocalReplica):
             self._release()
 
 
+class _Batching(LocalReplica):
+    # A replica of a deployment with batched methods: their requests go straight into the
+    # batcher (Replica.send), whose finished batch settles the callers' futures itself. Only
+    # these replicas have send(), so that others pay nothing for it.
+
+    def send(self, request: Request, future: asyncio.Future[Any]) -> Callable[[], None] | None:
+        if self.state is ReplicaState.STOPPED:
+            return None  # call() says so
+        return self.host.send(request, future)
+
+    async def stop(self) -> None:
+        if not self._stopped:
+            self.host.abandon_batches(
+                ReplicaDiedError(
+                    f"replica {self.replica_id} stopped before the request finished "
+                    "(graceful_shutdown_timeout_s ran out)"
+                )
+            )
+        await super().stop()
+
+
+class _BatchingReplica(_Batching):
+    pass
+
+
+class _BatchingHoldingReplica(_Batching, _HoldingReplica):
+    pass
+
+
 class LocalBackend(Backend):
     """Runs each replica as an object in this process (the default backend).
 
@@ -115,7 +145,7 @@ class LocalBackend(Backend):
         demand = spec.config.resources
         if not demand:
             host = ReplicaHost(spec, ReplicaContext(spec.deployment, spec.replica_id))
-            replica = LocalReplica(host)
+            replica = _BatchingReplica(host) if spec.config.batch_capacity else LocalReplica(host)
             await host.start()
             replica.state = ReplicaState.RUNNING
             return replica
@@ -141,7 +171,8 @@ class LocalBackend(Backend):
             extra={"resources": dict(demand)},
         )
         host = ReplicaHost(spec, context)
-        replica = _HoldingReplica(host, functools.partial(pool.release, owner))
+        holding = _BatchingHoldingReplica if spec.config.batch_capacity else _HoldingReplica
+        replica = holding(host, functools.partial(pool.release, owner))
         try:
             await host.start()
         except BaseException:

@@ -16,7 +16,7 @@ import weakref
 from collections.abc import AsyncIterator, Callable, Coroutine, Generator, Iterator
 from typing import Any, Protocol
 
-from embserve._loop import running_loop, start_task
+from embserve._loop import call_soon_threadsafe, running_loop, start_task, wrap_future
 
 __all__ = [
     "NOT_HERE",
@@ -70,7 +70,7 @@ def start_threadsafe(
             return
         _link(loop, future, bridge)
 
-    loop.call_soon_threadsafe(begin)
+    call_soon_threadsafe(loop, begin)  # one wake of the loop per burst of calls
     return bridge
 
 
@@ -121,7 +121,8 @@ class Response:
         future = self._future
         if isinstance(future, asyncio.Future) and running_loop() is self._loop:
             return (yield from future.__await__())
-        return (yield from asyncio.wrap_future(self._concurrent()).__await__())
+        waiter = wrap_future(self._concurrent(), running_loop() or asyncio.get_event_loop())
+        return (yield from waiter.__await__())
 
     def _concurrent(self) -> concurrent.futures.Future[Any]:
         future = self._future

@@ -20,7 +20,7 @@ from embserve._deploy import Deployer
 from embserve._dispatch import Dispatcher
 from embserve._endpoint import Endpoint
 from embserve._http import HTTPServer, start_http
-from embserve._loop import LoopThread, running_loop, stop_runners
+from embserve._loop import LoopThread, running_loop, start_from_loop, stop_runners
 from embserve.backends import Backend, resolve_backend
 from embserve.clock import Clock
 from embserve.deployment import Application, Deployment
@@ -435,7 +435,10 @@ class Runtime:
             return Response(dispatch.start(request), loop)
         if caller is None and request.stream is False and dispatch.may_run_here(request):
             return deferred(loop, dispatch, request)  # sync code: may run in this thread
-        return Response(start_threadsafe(loop, functools.partial(dispatch.start, request)), loop)
+        start = functools.partial(dispatch.start, request)
+        if caller is not None:  # a coroutine on another loop: no thread-safe future between
+            return Response(start_from_loop(loop, caller, start), caller)
+        return Response(start_threadsafe(loop, start), loop)
 
     def call_async(self, request: Request) -> Awaitable[Any]:
         """Serve ``request`` in the calling task, which must run on the runtime's loop: await

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import threading
 from collections.abc import AsyncIterator, Callable, Coroutine
 from typing import Any
 
@@ -18,6 +19,8 @@ from embserve.batching import (
     batch_capacity,
     live_batchers,
 )
+from embserve.errors import remote_traceback
+from embserve.metrics import Histogram
 from tests.clock import FakeClock, settle
 
 pytestmark = pytest.mark.anyio
@@ -313,8 +316,11 @@ def test_adaptive_policy_sizes_batches_to_the_target() -> None:
 
 
 def test_decorator_validates_its_arguments() -> None:
-    with pytest.raises(TypeError, match="async function"):
-        embserve.batch(lambda xs: xs)
+    def rows(xs: list[int]) -> Any:
+        yield xs
+
+    with pytest.raises(TypeError, match="streaming batch must be an `async def` generator"):
+        embserve.batch(rows)
     with pytest.raises(ValueError, match="max_batch_size"):
         embserve.batch(max_batch_size=0)
     with pytest.raises(ValueError, match="batch_wait_timeout_s"):
@@ -350,7 +356,7 @@ def test_a_batched_deployment_admits_a_full_batch() -> None:
 
     assert batch_capacity(Model)[0] == 32
     dep = embserve.deployment(Model)
-    assert dep.config.ongoing_limit == 32
+    assert dep.config.ongoing_limit == 64  # twice: the next batch fills while one runs
     assert embserve.deployment(max_ongoing_requests=40)(Model).config.ongoing_limit == 40
     with pytest.raises(ValueError, match=r"max_ongoing_requests=8 is smaller than 32.*Model"):
         embserve.deployment(max_ongoing_requests=8)(Model)
@@ -481,3 +487,138 @@ async def test_a_replica_that_stops_closes_its_batchers() -> None:
         assert [b.closed for b in mine] == [True]
         with pytest.raises(embserve.EmbserveError):
             await waiting
+
+
+# --------------------------------------------------------------------------- send()
+
+
+async def test_send_settles_the_given_futures_and_withdraw_leaves_the_batch() -> None:
+    clock, fn = FakeClock(), Recorder()
+    batcher = make(fn, clock, size=3)
+    loop = asyncio.get_running_loop()
+    futures = [loop.create_future() for _ in range(4)]
+    withdraws = [batcher.send(i, f) for i, f in enumerate(futures)]
+    withdraws[3]()  # before its batch started: it leaves
+    assert batcher.waiting == 0
+    await settle()
+    assert fn.batches == [[0, 1, 2]]
+    assert [f.result() for f in futures[:3]] == [("out", i) for i in range(3)]
+    assert not futures[3].done()  # nobody settles a withdrawn item
+    withdraws[0]()  # after its batch ran: nothing happens
+    assert clock.pending == 0
+
+
+async def test_send_fails_every_future_of_a_failed_batch_with_the_traceback_attached() -> None:
+    clock, fn = FakeClock(), Recorder()
+    fn.fail_on = 1
+    batcher = make(fn, clock, size=2)
+    loop = asyncio.get_running_loop()
+    futures = [loop.create_future() for _ in range(4)]
+    for i, future in enumerate(futures):
+        batcher.send(i, future)
+    await settle()
+    errors = [f.exception() for f in futures[:2]]
+    assert isinstance(errors[0], KeyError) and errors[0] is errors[1]
+    assert "bad 1" in (remote_traceback(errors[0]) or "")
+    assert [f.result() for f in futures[2:]] == [("out", 2), ("out", 3)]
+
+
+async def test_send_records_each_items_time_to_its_answer() -> None:
+    clock, fn = FakeClock(), Recorder()
+    batcher = make(fn, clock, size=10, wait=0.01)
+    execution = Histogram()
+    batcher.execution = execution
+    loop = asyncio.get_running_loop()
+    futures = [loop.create_future() for _ in range(2)]
+    batcher.send("a", futures[0])
+    await clock.advance(0.004)
+    batcher.send("b", futures[1])
+    await clock.advance(0.01)
+    assert all(f.done() for f in futures)
+    assert execution.pending == [pytest.approx(0.01), pytest.approx(0.006)]
+    submitted = spawn(batcher.submit("c"))  # not sent: the host records those itself
+    await clock.advance(0.01)
+    assert await submitted == ("out", "c")
+    assert len(execution.pending) == 2
+
+
+async def test_send_refuses_what_submit_refuses() -> None:
+    rows: Callable[[list[Any]], int] = lambda batch: sum(len(x) for x in batch)  # noqa: E731
+    batcher = make(Recorder(), FakeClock(), size=2, batch_size_fn=rows)
+    loop = asyncio.get_running_loop()
+    with pytest.raises(ValueError, match="more than max_batch_size=2"):
+        batcher.send([1, 2, 3], loop.create_future())
+    await batcher.close()
+    with pytest.raises(RuntimeError, match="closed"):
+        batcher.send(1, loop.create_future())
+
+
+# --------------------------------------------------------------------------- sync batches
+
+
+class ThreadRecorder:
+    """A sync batch function that records its batches and the thread each ran in."""
+
+    def __init__(self) -> None:
+        self.batches: list[list[Any]] = []
+        self.threads: set[str] = set()
+        self.gate = threading.Event()
+        self.gate.set()
+        self.entered = threading.Event()
+
+    def __call__(self, items: list[Any]) -> list[Any]:
+        self.threads.add(threading.current_thread().name)
+        self.batches.append(list(items))
+        self.entered.set()
+        assert self.gate.wait(10)
+        return [item * 10 for item in items]
+
+
+async def test_a_sync_batch_runs_in_a_thread_while_the_loop_fills_the_next() -> None:
+    fn = ThreadRecorder()
+    fn.gate.clear()
+    batcher = DynamicBatcher(fn, FixedPolicy(4, 0.01), in_thread=True)
+    first = [spawn(batcher.submit(i)) for i in range(4)]
+    assert await asyncio.to_thread(fn.entered.wait, 10)
+    # The loop is free while the batch computes: the next batch fills and waits for the slot.
+    second = [spawn(batcher.submit(i)) for i in range(4, 8)]
+    await settle()
+    assert batcher.waiting == 4 and fn.batches == [[0, 1, 2, 3]]
+    fn.gate.set()
+    assert await asyncio.gather(*first, *second) == [i * 10 for i in range(8)]
+    assert fn.batches == [[0, 1, 2, 3], [4, 5, 6, 7]]
+    assert fn.threads and threading.current_thread().name not in fn.threads
+    await batcher.close()
+
+
+async def test_abandon_fails_waiting_and_running_items() -> None:
+    fn = ThreadRecorder()
+    fn.gate.clear()
+    batcher = DynamicBatcher(fn, FixedPolicy(2, 10.0), in_thread=True)
+    loop = asyncio.get_running_loop()
+    running = [loop.create_future() for _ in range(2)]
+    for i, future in enumerate(running):
+        batcher.send(i, future)
+    assert await asyncio.to_thread(fn.entered.wait, 10)
+    waiting = loop.create_future()
+    batcher.send(9, waiting)
+    batcher.abandon(embserve.ReplicaDiedError("gone"))
+    for future in (*running, waiting):
+        assert isinstance(future.exception(), embserve.ReplicaDiedError)
+    fn.gate.set()
+    await batcher.close()
+
+
+async def test_adaptive_batches_in_a_thread_take_half_of_who_waits() -> None:
+    # 8 callers at once: a batch of 4 computes while the other 4 wait, rather than all 8 in
+    # one batch and nobody filling the next while it runs.
+    fn = ThreadRecorder()
+    fn.gate.clear()
+    batcher = DynamicBatcher(fn, AdaptivePolicy(1.0, 64), in_thread=True)
+    tasks = [spawn(batcher.submit(i)) for i in range(8)]
+    assert await asyncio.to_thread(fn.entered.wait, 10)
+    assert fn.batches == [[0, 1, 2, 3]]
+    fn.gate.set()
+    assert await asyncio.gather(*tasks) == [i * 10 for i in range(8)]
+    assert [len(b) for b in fn.batches] == [4, 4]
+    await batcher.close()

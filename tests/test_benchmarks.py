@@ -26,6 +26,42 @@ def test_handles_benchmark_quick_run_reports_every_figure() -> None:
     assert set(report["targets"]) >= {"async_p50_le_25us", "calls_per_s_ge_40000"}
 
 
+def test_batching_benchmark_quick_run_and_the_table_written_from_it(tmp_path: Path) -> None:
+    out = tmp_path / "batching.json"
+    subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "benchmarks" / "batching.py"),
+            "--quick",
+            "--backends",
+            "none",
+            "--out",
+            str(out),
+        ],
+        check=True,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    report = json.loads(out.read_text())
+    assert report["benchmark"] == "batching" and report["floor_items_per_s"] > 0
+    assert report["blas"]["source"]
+    for place in ("loop", "foreign_loop", "threads"):
+        for load in ("4", "16", "64"):
+            cells = report["callers"][place][load]
+            assert cells["unbatched"]["items_per_s"] > 0
+            assert cells["fixed_32_10ms"]["ratio_to_unbatched"] > 0
+    assert "loop_64_ge_0.5x_floor" in report["targets"]
+    readme = tmp_path / "README.md"
+    readme.write_text("# x\n<!-- figures:start -->\nold\n<!-- figures:end -->\nafter\n")
+    script = [sys.executable, str(ROOT / "benchmarks" / "report.py"), "--readme", str(readme)]
+    subprocess.run([*script, str(out)], check=True, timeout=60)
+    text = readme.read_text()
+    assert "old" not in text and text.endswith("<!-- figures:end -->\nafter\n")
+    assert "| batching | batched, 64 callers on the runtime's loop |" in text
+    assert subprocess.run([*script, "--check", str(out)], timeout=60).returncode == 0
+
+
 def test_threads_benchmark_quick_run_reports_its_floor() -> None:
     output = subprocess.run(
         [sys.executable, str(ROOT / "benchmarks" / "threads.py"), "--quick"],

@@ -195,6 +195,14 @@ class ReplicaServer:
         found = self._request(ident, frames)
         if found is not None:
             host, request = found
+            # A batched method: the request waits in its batch with no task of its own, and
+            # the batch's end sends every answer in one pass (see _Reply).
+            reply = _Reply(self, ident, loop=self._loop)
+            withdraw = host.send(request, reply)
+            if withdraw is not None:
+                reply.withdraw = withdraw
+                self._work[ident] = (reply, request)
+                return
             self._spawn(ident, self._answer(ident, host.call(request)), request)
 
     def _on_health(self, ident: int, frames: list[Frame]) -> None:
@@ -293,6 +301,49 @@ class ReplicaServer:
         lease = self._cancelled.pop(ident, None)
         if lease is not None:
             lease.release()
+
+
+class _Reply(asyncio.Future):  # type: ignore[type-arg]
+    # The future a batched request's batch settles: settling it sends the answer at once.
+    # Cancelling it (the caller's CANCEL) withdraws the request from its batch and ends its
+    # work there, as cancelling a request's task would.
+
+    __slots__ = ("_ident", "_server", "withdraw")
+
+    def __init__(
+        self, server: ReplicaServer, ident: int, *, loop: asyncio.AbstractEventLoop
+    ) -> None:
+        super().__init__(loop=loop)
+        self._server = server
+        self._ident = ident
+        self.withdraw: Callable[[], None] | None = None
+
+    def set_result(self, result: Any) -> None:
+        super().set_result(result)
+        server, ident = self._server, self._ident
+        try:
+            frames = encode(result)
+        except Exception as exc:  # the result cannot be pickled: the caller's error says so
+            attach_traceback(exc)
+            server._transport.send(ERR, ident, encode_error(exc))
+        else:
+            server._transport.send(OK, ident, frames)
+        server._work_done(ident, self)
+
+    def set_exception(self, exception: type | BaseException) -> None:
+        super().set_exception(exception)
+        self.exception()  # retrieved: it goes to the caller, not to the loop's log
+        error = exception if isinstance(exception, BaseException) else exception()
+        self._server._transport.send(ERR, self._ident, encode_error(error))
+        self._server._work_done(self._ident, self)
+
+    def cancel(self, msg: Any = None) -> bool:
+        if not super().cancel(msg):
+            return False
+        if self.withdraw is not None:
+            self.withdraw()
+        self._server._work_done(self._ident, self)
+        return True
 
 
 def run_replica_process(main: Callable[[], object]) -> NoReturn:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import threading
 import time
 from collections.abc import AsyncIterator, Iterator
@@ -94,7 +95,7 @@ def call_all(handle: embserve.Handle, inputs: list[int]) -> list[Any]:
 
 def test_batches_fill_results_map_in_order(doubler: embserve.Handle) -> None:
     seen("doubler").clear()
-    # 32 callers and no max_ongoing_requests given: the replica admits 16 (not the default 5),
+    # 32 callers and no max_ongoing_requests given: the replica admits 32 (not the default 5),
     # so full batches of 16 form at once instead of 2 s waits.
     start = time.perf_counter()
     assert call_all(doubler, list(range(32))) == [2 * x for x in range(32)]
@@ -220,3 +221,98 @@ def test_batching_in_a_worker_process() -> None:
         start = time.perf_counter()
         assert call_all(handle, list(range(16))) == [(x, 8) for x in range(16)]
         assert time.perf_counter() - start < 1.5  # full batches, not the 2 s wait
+
+
+@embserve.deployment
+class Gated:
+    """An async batch that waits for the test's gate, and a sync one that runs in a thread."""
+
+    def __init__(self) -> None:
+        self.gate = asyncio.Event()
+        self.threads: set[str] = set()
+
+    @embserve.batch(max_batch_size=32, batch_wait_timeout_s=2.0)
+    async def __call__(self, xs: list[int]) -> list[int]:
+        await self.gate.wait()
+        return [x + 1 for x in xs]
+
+    def open(self) -> None:
+        self.gate.set()
+
+    @embserve.batch(max_batch_size=8, batch_wait_timeout_s=2.0)
+    def in_thread(self, xs: list[int]) -> list[tuple[int, str, str]]:
+        # Runs in the batcher's thread, with the replica's context.
+        where = threading.current_thread().name
+        replica = embserve.get_replica_context().deployment
+        return [(x * 3, where, replica) for x in xs]
+
+
+@pytest.mark.anyio
+async def test_batched_requests_take_no_task_each_and_one_pass_answers_them() -> None:
+    async with Runtime() as rt:
+        handle = await rt.run_async(Gated.bind(), name="gated")
+        before = len(asyncio.all_tasks())
+        responses = [handle.remote(i) for i in range(32)]  # one full batch, held at the gate
+        await asyncio.sleep(0)
+        # The batch's task, and nothing per request (each used to hold a runner task).
+        assert len(asyncio.all_tasks()) - before <= 2
+        await handle.open.remote()
+        assert [await r for r in responses] == [i + 1 for i in range(32)]
+
+
+def test_a_sync_batch_runs_in_a_thread_with_the_replica_context(runtime: Runtime) -> None:
+    handle = runtime.run(Gated.bind(), name="gated-sync").in_thread
+    results = call_all(handle, list(range(16)))
+    assert [r[0] for r in results] == [x * 3 for x in range(16)]
+    assert all(r[1].startswith("embserve-batch") for r in results)  # not the loop's thread
+    assert {r[2] for r in results} == {"gated-sync"}
+
+
+def test_requests_in_a_batch_that_outlives_the_drain_fail_with_replica_died() -> None:
+    with Runtime() as rt:
+        handle = rt.run(Gated.options(graceful_shutdown_timeout_s=0).bind(), name="held")
+        responses = [handle.remote(i) for i in range(32)]  # held at the gate
+        deadline = time.monotonic() + 5
+        while sum(b.running for b in live_batchers() if b.name == "Gated.__call__") != 32:
+            assert time.monotonic() < deadline  # until the batch runs
+            time.sleep(0.001)
+        rt.delete("held")
+        for response in responses:
+            with pytest.raises(embserve.ReplicaDiedError):
+                response.result(timeout_s=5)
+
+
+@embserve.deployment
+class RemoteBatches:
+    """Batches in a worker process: answers, errors, and what cannot be pickled."""
+
+    @embserve.batch(max_batch_size=4, batch_wait_timeout_s=2.0)
+    def __call__(self, xs: list[int]) -> list[Any]:
+        if -1 in xs:
+            raise KeyError("a negative input")
+        return [threading.Lock() if x == -2 else x * 2 for x in xs]
+
+
+def test_batches_in_a_worker_process_answer_fail_and_withdraw() -> None:
+    pytest.importorskip("embserve_process")
+    with Runtime(backend="process") as rt:
+        handle = rt.run(RemoteBatches.bind())
+        assert call_all(handle, list(range(8))) == [x * 2 for x in range(8)]
+        failed = call_all(handle, [1, 2, 3, -1])
+        assert all(isinstance(r, KeyError) for r in failed)
+        unpicklable = call_all(handle, [1, 2, 3, -2])
+        assert unpicklable[:3] == [2, 4, 6] and isinstance(unpicklable[3], Exception)
+        # A request cancelled while it waits in the worker's batch leaves it; the slot it held
+        # comes back (the replica admits 8), and the next full batch goes at once.
+        doomed = handle.remote(100)
+        deadline = time.monotonic() + 5
+        while rt.status().deployments["RemoteBatches"].replicas[0].ongoing_requests != 1:
+            assert time.monotonic() < deadline
+            time.sleep(0.001)
+        assert doomed.cancel()
+        while rt.status().deployments["RemoteBatches"].replicas[0].ongoing_requests != 0:
+            assert time.monotonic() < deadline  # the worker said the request ended
+            time.sleep(0.001)
+        start = time.perf_counter()
+        assert call_all(handle, [5, 6, 7, 8]) == [10, 12, 14, 16]
+        assert time.perf_counter() - start < 1.5
