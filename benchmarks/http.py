@@ -12,6 +12,10 @@ uvloop where installed). Rounds take the servers in turn, each round in a new or
 all see the same machine; the figures are the medians over rounds. The floors are the plain
 Starlette apps, measured in the same run; ``ratio`` is embserve's req/s over the floor's.
 
+Beside req/s, each server's CPU time per request (from ``/proc``, on Linux) and its ratio: the
+floor's CPU per request over embserve's, so that higher is better, as for req/s. On a shared
+machine, where a server does not always have a core, it is the steadier of the two figures.
+
 ``app_alone`` adds the microseconds each app takes per request when called directly in this
 process, without server or network (medians of interleaved rounds): embserve's App end to end,
 the runtime's share of it (the same handle call without HTTP), and plain Starlette.
@@ -213,12 +217,23 @@ def run_load(port: int, seconds: float, connections: int) -> None:
         json.dumps(
             {
                 "req_per_s": result["requests"] / result["seconds"],
+                "requests": result["requests"],
                 "p50_ms": latencies[len(latencies) // 2] * 1e3,
                 "p99_ms": latencies[int(len(latencies) * 0.99)] * 1e3,
                 "errors": result["errors"],
             }
         )
     )
+
+
+def cpu_seconds(pid: int) -> float | None:
+    """CPU time (user and system) that process ``pid`` used so far; None off Linux."""
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            fields = stat.read().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def load_once(port: int, seconds: float, connections: int) -> dict[str, float]:
@@ -253,12 +268,14 @@ def _parse_wrk(out: str) -> dict[str, float]:
         return value * {"us": 1e-3, "ms": 1.0, "s": 1e3}[unit]
 
     rate = re.search(r"Requests/sec:\s*([\d.]+)", out)
+    count = re.search(r"(\d+) requests in", out)
     # Lines of the latency distribution only: a "+/- Stdev" column such as 62.50% also ends in 50%.
     p50 = re.search(r"^\s*50%\s+(\S+)", out, re.MULTILINE)
     p99 = re.search(r"^\s*99%\s+(\S+)", out, re.MULTILINE)
     assert rate and p50 and p99, out
     return {
         "req_per_s": float(rate.group(1)),
+        "requests": float(count.group(1)) if count else 0.0,
         "p50_ms": ms(p50.group(1)),
         "p99_ms": ms(p99.group(1)),
         "errors": 0.0,
@@ -403,7 +420,13 @@ def main() -> None:
         for _ in range(rounds):
             shuffle.shuffle(order)
             for name in order:
-                results[name].append(load_once(servers[name][1], seconds, connections))
+                process, port = servers[name]
+                before = cpu_seconds(process.pid)
+                row = load_once(port, seconds, connections)
+                after = cpu_seconds(process.pid)
+                if before is not None and after is not None and row["requests"]:
+                    row["cpu_us_per_request"] = (after - before) / row["requests"] * 1e6
+                results[name].append(row)
     finally:
         for process, _ in servers.values():
             process.send_signal(signal.SIGTERM)
@@ -420,6 +443,9 @@ def main() -> None:
             for key in ("req_per_s", "p50_ms", "p99_ms")
         }
         figures["errors"] = sum(row.get("errors", 0) for row in rows)
+        cpu = [row["cpu_us_per_request"] for row in rows if "cpu_us_per_request" in row]
+        if cpu:
+            figures["cpu_us_per_request"] = round(statistics.median(cpu), 1)
         return figures
 
     served = {name: summary(rows) for name, rows in results.items()}
@@ -427,6 +453,17 @@ def main() -> None:
         f"{name}_to_{floor}": round(served[name]["req_per_s"] / served[floor]["req_per_s"], 3)
         for name, floor in SERVERS.items()
         if floor is not None
+    }
+    # The server's own CPU per request, floor over embserve (higher is better, as req/s):
+    # steadier than req/s on a shared machine, where a server is not always on a core.
+    cpu_ratios = {
+        f"{name}_to_{floor}": round(
+            served[floor]["cpu_us_per_request"] / served[name]["cpu_us_per_request"], 3
+        )
+        for name, floor in SERVERS.items()
+        if floor is not None
+        and "cpu_us_per_request" in served[name]
+        and "cpu_us_per_request" in served[floor]
     }
     from embserve_asgi.server import choose_server
 
@@ -444,6 +481,7 @@ def main() -> None:
                 "servers": served,
                 "floors": {name: floor for name, floor in SERVERS.items() if floor},
                 "ratios_req_per_s": ratios,
+                "ratios_cpu_per_request": cpu_ratios,
                 "target_ratio": TARGET_RATIO,
                 "app_alone_per_request": direct(*((1000, 3) if args.quick else (4000, 15))),
                 "rounds_req_per_s": {
