@@ -100,29 +100,31 @@ def run_plain(server: str) -> None:
     asyncio.run(serve(starlette_app, hypercorn_config))
 
 
-def start_server(name: str) -> tuple[subprocess.Popen[str], int]:
-    """A server process for ``name`` (see SERVERS) and its port, once it accepts."""
+def start_server(name: str) -> subprocess.Popen[str]:
+    """A server process for ``name`` (see SERVERS); :func:`port_of` waits for its port."""
     env = {**os.environ, "PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": "1"}
     if name.startswith("embserve_"):
         embserve = Path(sys.executable).with_name("embserve")
         target = f"{HERE.parent / 'noop_service.py'}:app"
         command = [str(embserve), "run", target, "--port", "0"]
         command += ["--server", name.removeprefix("embserve_"), "--graceful-timeout", "1"]
-        process = subprocess.Popen(
-            command, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env
-        )
-        assert process.stdout is not None
-        for line in process.stdout:  # ends with the process: no hang if it fails
-            found = re.search(r"serving on http://127\.0\.0\.1:(\d+)", line)
-            if found:
-                return process, int(found.group(1))
-        raise RuntimeError(f"{name} did not start (exit status {process.wait()})")
-    server = name.removesuffix("_starlette")
-    process = subprocess.Popen(
-        [sys.executable, str(HERE), "--serve", server], stdout=subprocess.PIPE, text=True, env=env
+    else:
+        command = [sys.executable, str(HERE), "--serve", name.removesuffix("_starlette")]
+    return subprocess.Popen(
+        command, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env
     )
+
+
+def port_of(name: str, process: subprocess.Popen[str]) -> int:
+    """The port ``process`` serves on, read from what it prints once it accepts."""
     assert process.stdout is not None
-    return process, int(process.stdout.readline())
+    for line in process.stdout:  # ends with the process: no hang if it fails
+        found = re.search(r"serving on http://127\.0\.0\.1:(\d+)", line)
+        if found:
+            return int(found.group(1))
+        if line.strip().isdigit():  # the plain servers print their port alone
+            return int(line)
+    raise RuntimeError(f"{name} did not start (exit status {process.wait()})")
 
 
 # -- the Python load generator ----------------------------------------------------------------
@@ -405,18 +407,22 @@ def main() -> None:
         run_load(args.load, args.seconds, args.connections)
         return
     rounds = args.rounds or (1 if args.quick else 5)
-    seconds = args.seconds or (0.5 if args.quick else 3.0)
+    seconds = args.seconds or (0.4 if args.quick else 3.0)
     connections = 8 if args.quick and args.connections == 32 else args.connections
 
     servers: dict[str, tuple[subprocess.Popen[str], int]] = {}
+    started: dict[str, subprocess.Popen[str]] = {}
     results: dict[str, list[dict[str, float]]] = {name: [] for name in SERVERS}
     order = list(SERVERS)
     shuffle = random.Random(0)
     try:
-        for name in SERVERS:
-            servers[name] = start_server(name)
-        for _, port in servers.values():  # warm up every server before any round counts
-            load_once(port, min(0.5, seconds), connections)
+        for name in SERVERS:  # all start at once
+            started[name] = start_server(name)
+        for name, process in started.items():
+            servers[name] = (process, port_of(name, process))
+        if not args.quick:  # warm up every server before any round counts
+            for _, port in servers.values():
+                load_once(port, 0.5, connections)
         for _ in range(rounds):
             shuffle.shuffle(order)
             for name in order:
@@ -428,9 +434,9 @@ def main() -> None:
                     row["cpu_us_per_request"] = (after - before) / row["requests"] * 1e6
                 results[name].append(row)
     finally:
-        for process, _ in servers.values():
+        for process in started.values():
             process.send_signal(signal.SIGTERM)
-        for process, _ in servers.values():
+        for process in started.values():
             try:
                 process.wait(15)
             except subprocess.TimeoutExpired:
@@ -483,7 +489,7 @@ def main() -> None:
                 "ratios_req_per_s": ratios,
                 "ratios_cpu_per_request": cpu_ratios,
                 "target_ratio": TARGET_RATIO,
-                "app_alone_per_request": direct(*((1000, 3) if args.quick else (4000, 15))),
+                "app_alone_per_request": direct(*((500, 3) if args.quick else (4000, 15))),
                 "rounds_req_per_s": {
                     name: [round(row["req_per_s"]) for row in rows]
                     for name, rows in results.items()
