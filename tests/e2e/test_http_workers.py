@@ -80,14 +80,15 @@ def test_workers_are_refused_when_each_process_would_start_its_own_replicas(
     assert not (folder / "started.log").exists()  # no replica started, anywhere
 
 
+@pytest.mark.parametrize("server", ["uvicorn", "hypercorn"])
 def test_two_workers_answer_on_one_port_when_replicas_are_shared(
-    service: tuple[Path, dict[str, str]],
+    service: tuple[Path, dict[str, str]], server: str
 ) -> None:
     folder, env = service
     command = [str(EMBSERVE), "run", "service.py:shared", "--workers", "2", "--port", "0"]
-    process, url, banner = start(command, folder, env)
+    process, url, banner = start([*command, "--server", server], folder, env)
     try:
-        assert any("with " in line and ", 2 workers (Ctrl-C to stop)" in line for line in banner)
+        assert any(f"with {server}, 2 workers (Ctrl-C to stop)" in line for line in banner)
         # Both workers serve once the banner is out: each has its replica running.
         started = (folder / "started.log").read_text().split()
         assert len(started) == 2 and str(process.pid) not in started
