@@ -285,6 +285,12 @@ RAISES_ON_IMPORT = "import os\n\nraise RuntimeError('SERVICE_CONFIG is not set')
         ),
         (
             "broken.py:app",
+            ["--server", "uvicorn", "--read-timeout", "5"],
+            "embserve run: --server uvicorn: uvicorn has no read timeout; use hypercorn for one",
+            False,
+        ),
+        (
+            "broken.py:app",
             [],
             "embserve run: the constructor of deployment 'Broken' raised ValueError: "
             "no weights at /models/m.bin",

@@ -5,7 +5,9 @@
 with a route prefix). ``module`` is a dotted module name or a path to a ``.py`` file. The runtime
 starts and every route is deployed before the command says where it serves; progress goes to
 stderr meanwhile. Ctrl-C or SIGTERM stops it gracefully: no new connections, in-flight requests
-finish, then the runtime drains.
+finish, then the runtime drains. It serves with uvicorn (httptools, uvloop) where installed, else
+hypercorn (``--server`` chooses); ``--workers N`` runs N server processes on the one port, for a
+backend whose replicas they share (see :mod:`embserve_asgi.workers`).
 
 ``embserve status URL`` prints the status table of the server at ``URL`` (its ``/-/status``).
 
@@ -39,7 +41,7 @@ from embserve_asgi.app import App
 from embserve_asgi.server import SERVERS, bind, choose_server, loop_factory, serve
 from embserve_asgi.workers import refuse_unshared, supervise
 
-__all__ = ["as_app", "curl_hint", "describe", "load", "main", "run_on"]
+__all__ = ["as_app", "curl_hint", "describe", "load", "main"]
 
 T = TypeVar("T")
 
@@ -234,7 +236,7 @@ def _run(args: argparse.Namespace) -> int:
     }
     note = server if args.workers == 1 else f"{server}, {args.workers} workers"
     serving = _serve(app, sock, url, options, note, args.ready_fd)
-    served = run_on(loop_factory(server), serving)
+    served = _run_on(loop_factory(server), serving)
     if args.worker_fd is None:
         print("embserve: stopped", flush=True)
     if not served:
@@ -271,7 +273,7 @@ def _worker_command(args: argparse.Namespace, server: str) -> tuple[list[str], d
     return command, env
 
 
-def run_on(factory: Callable[[], asyncio.AbstractEventLoop] | None, main: Awaitable[T]) -> T:
+def _run_on(factory: Callable[[], asyncio.AbstractEventLoop] | None, main: Awaitable[T]) -> T:
     """``asyncio.run(main)``, on a loop that ``factory`` makes (None: asyncio's)."""
     if sys.version_info >= (3, 11):
         with asyncio.Runner(loop_factory=factory) as runner:
