@@ -30,20 +30,18 @@ import socket
 import sys
 import urllib.error
 import urllib.request
-from collections.abc import Awaitable, Callable, Sequence
-from typing import Any, TypeVar
+from collections.abc import Sequence
+from typing import Any
 
 from embserve.errors import DeploymentFailedError, EmbserveError
 from embserve.snapshot import RuntimeStatus
 from embserve_asgi._target import CommandError, as_app, load, print_user_traceback
 from embserve_asgi.admin import ADMIN_TOKEN_ENV, unready
 from embserve_asgi.app import App
-from embserve_asgi.server import SERVERS, bind, choose_server, loop_factory, serve
-from embserve_asgi.workers import refuse_unshared, supervise
+from embserve_asgi.server import SERVERS, bind, choose_server, loop_factory, run_on, serve
+from embserve_asgi.workers import refuse_unshared, supervise, worker_command
 
 __all__ = ["as_app", "curl_hint", "describe", "load", "main"]
-
-T = TypeVar("T")
 
 SIGNALS = (signal.SIGINT, signal.SIGTERM)
 ADMIN_PAGES = "/-/healthz /-/ready /-/routes /-/status /-/metrics"
@@ -225,7 +223,7 @@ def _run(args: argparse.Namespace) -> int:
     shown = f"[{host}]" if ":" in host else host
     url = f"http://{shown}:{port}"
     if args.workers > 1 and args.worker_fd is None:
-        command, env = _worker_command(args, server)
+        command, env = worker_command(args, server)
         return supervise(sock, args.workers, command, env, args.graceful_timeout)
     options = {
         "server": server,
@@ -236,7 +234,7 @@ def _run(args: argparse.Namespace) -> int:
     }
     note = server if args.workers == 1 else f"{server}, {args.workers} workers"
     serving = _serve(app, sock, url, options, note, args.ready_fd)
-    served = _run_on(loop_factory(server), serving)
+    served = run_on(loop_factory(server), serving)
     if args.worker_fd is None:
         print("embserve: stopped", flush=True)
     if not served:
@@ -247,53 +245,6 @@ def _run(args: argparse.Namespace) -> int:
         sys.stderr.flush()
         os._exit(0)
     return 0
-
-
-def _worker_command(args: argparse.Namespace, server: str) -> tuple[list[str], dict[str, str]]:
-    """The command line and environment of the processes ``--workers N`` starts (without
-    their descriptors); the admin token goes in the environment, which ps does not show."""
-    env = dict(os.environ)
-    if args.admin_token is not None:
-        env[ADMIN_TOKEN_ENV] = args.admin_token
-    command = [sys.executable, "-m", "embserve_asgi.cli", "run", args.target]
-    command += ["--server", server, "--workers", str(args.workers)]
-    command += ["--graceful-timeout", repr(args.graceful_timeout)]
-    command += ["--keep-alive-timeout", repr(args.keep_alive_timeout)]
-    for option, value in (
-        ("--backend", args.backend),
-        ("--body-timeout", args.body_timeout),
-        ("--read-timeout", args.read_timeout),
-    ):
-        if value is not None:
-            command += [option, str(value)]
-    if args.no_admin:
-        command.append("--no-admin")
-    if args.access_log:
-        command.append("--access-log")
-    return command, env
-
-
-def _run_on(factory: Callable[[], asyncio.AbstractEventLoop] | None, main: Awaitable[T]) -> T:
-    """``asyncio.run(main)``, on a loop that ``factory`` makes (None: asyncio's)."""
-    if sys.version_info >= (3, 11):
-        with asyncio.Runner(loop_factory=factory) as runner:
-            return runner.run(_awaited(main))
-    if factory is not None:  # Python 3.10: no Runner; a policy makes the loop
-        asyncio.set_event_loop_policy(_FactoryPolicy(factory))
-    return asyncio.run(_awaited(main))
-
-
-async def _awaited(main: Awaitable[T]) -> T:
-    return await main
-
-
-class _FactoryPolicy(asyncio.DefaultEventLoopPolicy):
-    def __init__(self, factory: Callable[[], asyncio.AbstractEventLoop]) -> None:
-        super().__init__()
-        self._factory = factory
-
-    def new_event_loop(self) -> asyncio.AbstractEventLoop:
-        return self._factory()
 
 
 async def _serve(

@@ -12,13 +12,16 @@ from __future__ import annotations
 import asyncio
 import logging
 import socket
+import sys
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import Any, TypeVar
 
-__all__ = ["SERVERS", "bind", "choose_server", "loop_factory", "serve"]
+__all__ = ["SERVERS", "bind", "choose_server", "loop_factory", "run_on", "serve"]
 
 #: The names ``server=`` takes: ``auto`` is uvicorn where it and httptools are installed.
 SERVERS = ("auto", "uvicorn", "hypercorn")
+
+T = TypeVar("T")
 
 LISTEN_BACKLOG = 1024
 # How much longer than the App's graceful timeout the server waits, for the App's answers to
@@ -72,6 +75,29 @@ def loop_factory(server: str) -> Callable[[], asyncio.AbstractEventLoop] | None:
     from embserve_asgi import _uvicorn
 
     return _uvicorn.loop_factory()
+
+
+def run_on(factory: Callable[[], asyncio.AbstractEventLoop] | None, main: Awaitable[T]) -> T:
+    """``asyncio.run(main)``, on a loop that ``factory`` makes (None: asyncio's)."""
+    if sys.version_info >= (3, 11):
+        with asyncio.Runner(loop_factory=factory) as runner:
+            return runner.run(_awaited(main))
+    if factory is not None:  # Python 3.10: no Runner; a policy makes the loop
+        asyncio.set_event_loop_policy(_FactoryPolicy(factory))
+    return asyncio.run(_awaited(main))
+
+
+async def _awaited(main: Awaitable[T]) -> T:
+    return await main
+
+
+class _FactoryPolicy(asyncio.DefaultEventLoopPolicy):
+    def __init__(self, factory: Callable[[], asyncio.AbstractEventLoop]) -> None:
+        super().__init__()
+        self._factory = factory
+
+    def new_event_loop(self) -> asyncio.AbstractEventLoop:
+        return self._factory()
 
 
 async def serve(

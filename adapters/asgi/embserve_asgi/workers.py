@@ -11,6 +11,7 @@ worker serves, and on Ctrl-C or SIGTERM stops them all gracefully.
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import os
 import signal
@@ -24,9 +25,10 @@ from embserve.backends import Backend, resolve_backend
 from embserve.errors import EmbserveError
 from embserve.runtime import Runtime
 from embserve_asgi._target import CommandError
+from embserve_asgi.admin import ADMIN_TOKEN_ENV
 from embserve_asgi.app import App
 
-__all__ = ["refuse_unshared", "supervise"]
+__all__ = ["refuse_unshared", "supervise", "worker_command"]
 
 SIGNALS = (signal.SIGINT, signal.SIGTERM)
 # How long stopped workers get to drain, past their graceful timeout, before they are killed.
@@ -54,6 +56,30 @@ def _backend_of(runtime: Runtime) -> Backend:
         return resolve_backend(runtime.backend_spec)
     except (EmbserveError, ValueError, TypeError) as exc:
         raise CommandError((str(exc).splitlines() or [type(exc).__name__])[0]) from None
+
+
+def worker_command(args: argparse.Namespace, server: str) -> tuple[list[str], dict[str, str]]:
+    """The command line and environment of the processes ``--workers N`` starts (without
+    their descriptors); the admin token goes in the environment, which ps does not show."""
+    env = dict(os.environ)
+    if args.admin_token is not None:
+        env[ADMIN_TOKEN_ENV] = args.admin_token
+    command = [sys.executable, "-m", "embserve_asgi.cli", "run", args.target]
+    command += ["--server", server, "--workers", str(args.workers)]
+    command += ["--graceful-timeout", repr(args.graceful_timeout)]
+    command += ["--keep-alive-timeout", repr(args.keep_alive_timeout)]
+    for option, value in (
+        ("--backend", args.backend),
+        ("--body-timeout", args.body_timeout),
+        ("--read-timeout", args.read_timeout),
+    ):
+        if value is not None:
+            command += [option, str(value)]
+    if args.no_admin:
+        command.append("--no-admin")
+    if args.access_log:
+        command.append("--access-log")
+    return command, env
 
 
 def supervise(
