@@ -181,18 +181,18 @@ def dask_rows(r: dict[str, Any]) -> Iterator[Row]:
 
 
 def http_rows(r: dict[str, Any]) -> Iterator[Row]:
-    """``embserve run`` against a plain Starlette app under the same server."""
-    ours, plain = r.get("embserve", {}), r.get("plain_starlette", {})
-    target = r.get("target_ratio")
-    ratio = r.get("ratio_req_per_s")
-    yield (
-        f"HTTP no-op, {r.get('connections', '?')} connections ({r.get('load_generator', '?')})",
-        _num(ours.get("req_per_s"), "req/s"),
-        _num(plain.get("req_per_s"), "req/s (plain Starlette)"),
-        _ratio(ratio),
-        f">= {target}x" if target else "",
-        None if target is None or ratio is None else ratio >= target,
-    )
+    """``embserve run`` on each server against plain Starlette on the same server."""
+    served, target = r.get("servers", {}), r.get("target_ratio")
+    for name, floor in r.get("floors", {}).items():
+        ratio = r.get("ratios_req_per_s", {}).get(f"{name}_to_{floor}")
+        yield (
+            f"HTTP no-op, {name.replace('_', ' + ')}, {r.get('connections', '?')} connections",
+            _num(served.get(name, {}).get("req_per_s"), "req/s"),
+            _num(served.get(floor, {}).get("req_per_s"), f"req/s ({floor.replace('_', ' + ')})"),
+            _ratio(ratio),
+            f">= {target}x" if target else "",
+            None if target is None or ratio is None else ratio >= target,
+        )
 
 
 def soak_rows(r: dict[str, Any]) -> Iterator[Row]:

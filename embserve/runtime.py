@@ -92,6 +92,11 @@ class Runtime:
     # -- lifecycle ------------------------------------------------------------------------
 
     @property
+    def backend_spec(self) -> str | Backend | None:
+        """The backend as given to the constructor (a name, an address or a Backend)."""
+        return self._backend_spec
+
+    @property
     def backend(self) -> Backend:
         """The backend replicas run on (available once the runtime started)."""
         if self._backend is None:

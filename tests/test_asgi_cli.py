@@ -17,6 +17,7 @@ from starlette.requests import Request
 import embserve
 from embserve_asgi.app import App
 from embserve_asgi.cli import _parser, _Plain, curl_hint, describe
+from embserve_asgi.server import choose_server
 
 URL = "http://127.0.0.1:8000"
 
@@ -130,3 +131,13 @@ def test_progress_reads_plainly() -> None:
     assert plain.format(record) == "embserve: warning: replica m#0 waits: a GPU"
     record.levelno, record.levelname = logging.INFO, "INFO"
     assert plain.format(record) == "embserve: replica m#0 waits: a GPU"
+
+
+def test_the_server_is_uvicorn_unless_only_hypercorn_can_do_what_is_asked() -> None:
+    assert choose_server() == "uvicorn"  # uvicorn and httptools are installed here
+    assert choose_server("auto", read_timeout=True) == "hypercorn"
+    assert choose_server("hypercorn") == "hypercorn"
+    with pytest.raises(ValueError, match="uvicorn has no read timeout; use hypercorn"):
+        choose_server("uvicorn", read_timeout=True)
+    with pytest.raises(ValueError, match="server must be one of auto, uvicorn, hypercorn"):
+        choose_server("gunicorn")

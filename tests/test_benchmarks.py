@@ -75,3 +75,31 @@ def test_threads_benchmark_quick_run_reports_its_floor() -> None:
     assert report["one_thread"]["floor_p50_us"] > 0
     assert report["sixteen_threads"]["floor_calls_per_s"] > 0
     assert 0 <= report["in_caller_thread"] <= 1
+
+
+def test_http_benchmark_quick_run_compares_embserve_run_with_both_floors() -> None:
+    output = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "http.py"), "--quick"],
+        check=True,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    ).stdout
+    report = json.loads(output)
+    assert report["benchmark"] == "http"
+    servers = report["servers"]
+    assert set(servers) == {
+        "embserve_uvicorn",
+        "embserve_hypercorn",
+        "uvicorn_starlette",
+        "hypercorn_starlette",
+    }
+    assert all(s["req_per_s"] > 0 and s["errors"] == 0 for s in servers.values())
+    assert set(report["ratios_req_per_s"]) == {
+        "embserve_uvicorn_to_uvicorn_starlette",
+        "embserve_hypercorn_to_hypercorn_starlette",
+    }
+    assert report["embserve_run_default_server"] == "uvicorn"
+    alone = report["app_alone_per_request"]
+    assert 0 < alone["of_which_runtime_us"] < alone["embserve_app_us"]
+    assert alone["plain_starlette_us"] > 0

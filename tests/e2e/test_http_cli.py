@@ -30,6 +30,8 @@ from tests.e2e.servers import raw_exchange
 
 ROOT = Path(__file__).resolve().parents[2]
 EMBSERVE = Path(sys.executable).with_name("embserve")
+# The tests of what the command does once it serves run on both servers it offers.
+SERVERS = ["uvicorn", "hypercorn"]
 
 
 def start(
@@ -65,12 +67,13 @@ def stop(process: subprocess.Popen[str]) -> str:
     return out
 
 
-@pytest.fixture
-def quickstart() -> Iterator[tuple[subprocess.Popen[str], str, list[str]]]:
-    """``embserve run examples.quickstart:app`` on a free port."""
-    process, url, banner = start(
-        [str(EMBSERVE), "run", "examples.quickstart:app", "--port", "0"], ROOT
-    )
+@pytest.fixture(params=SERVERS)
+def quickstart(
+    request: pytest.FixtureRequest,
+) -> Iterator[tuple[subprocess.Popen[str], str, list[str]]]:
+    """``embserve run examples.quickstart:app`` on a free port, with each server."""
+    command = [str(EMBSERVE), "run", "examples.quickstart:app", "--port", "0"]
+    process, url, banner = start([*command, "--server", request.param], ROOT)
     try:
         yield process, url, banner
     finally:
@@ -89,6 +92,8 @@ def test_embserve_run_serves_the_quickstart(
     assert banner.index("embserve: starting 1 replica(s) of 'SentimentAPI'") < len(banner)
     ready = next(i for i, line in enumerate(banner) if "'SentimentAPI' ready: 1/1 in" in line)
     assert ready < next(i for i, line in enumerate(banner) if "serving on" in line)
+    server = "uvicorn" if "with uvicorn" in text else "hypercorn"
+    assert f"serving on {url} with {server} (Ctrl-C to stop)" in text
     hint = f"curl -s -X POST {url}/sentiment -d 'I love fast serving'"
     assert banner[-1] == f"try: {hint}"
     if shutil.which("curl"):  # the line works as printed
@@ -122,12 +127,11 @@ SLOW_APP = textwrap.dedent(
 )
 
 
-def test_sigterm_drains_in_flight_requests(tmp_path: Path) -> None:
+@pytest.mark.parametrize("server", SERVERS)
+def test_sigterm_drains_in_flight_requests(tmp_path: Path, server: str) -> None:
     (tmp_path / "slow_service.py").write_text(SLOW_APP)
-    process, url, _ = start(
-        [sys.executable, "-m", "embserve", "run", "slow_service.py:app", "--port", "0"],
-        tmp_path,
-    )
+    command = [sys.executable, "-m", "embserve", "run", "slow_service.py:app", "--port", "0"]
+    process, url, _ = start([*command, "--server", server], tmp_path)
     try:
         with httpx.Client(base_url=url, timeout=10) as http, ThreadPoolExecutor(1) as pool:
             pending = pool.submit(http.get, "/slow", params={"s": "0.5"})
@@ -148,9 +152,10 @@ def test_sigterm_drains_in_flight_requests(tmp_path: Path) -> None:
             process.communicate()
 
 
-def test_body_and_graceful_timeouts_from_the_command_line(tmp_path: Path) -> None:
+@pytest.mark.parametrize("server", SERVERS)
+def test_body_and_graceful_timeouts_from_the_command_line(tmp_path: Path, server: str) -> None:
     (tmp_path / "slow_service.py").write_text(SLOW_APP)
-    command = [str(EMBSERVE), "run", "slow_service.py:app", "--port", "0"]
+    command = [str(EMBSERVE), "run", "slow_service.py:app", "--port", "0", "--server", server]
     options = ["--body-timeout", "0.3", "--graceful-timeout", "0.3", "--keep-alive-timeout", "2"]
     process, url, _ = start(command + options, tmp_path)
     try:
@@ -161,6 +166,11 @@ def test_body_and_graceful_timeouts_from_the_command_line(tmp_path: Path) -> Non
         )
         assert raw.startswith(b"HTTP/1.1 408 ") and closed
         assert time.monotonic() - started < 5
+        # Headers that never end are cut by the keep-alive timeout (2 s here).
+        started = time.monotonic()
+        raw, closed = raw_exchange(port, b"GET /slow HTTP/1.1\r\nHost: t\r\n", timeout_s=10)
+        assert raw == b"" and closed
+        assert 1.5 < time.monotonic() - started < 6
         with httpx.Client(base_url=url, timeout=20) as http, ThreadPoolExecutor(1) as pool:
             pending = pool.submit(
                 http.get, "/slow", params={"s": "30"}, headers={"x-request-id": "cli-1"}
@@ -275,6 +285,12 @@ RAISES_ON_IMPORT = "import os\n\nraise RuntimeError('SERVICE_CONFIG is not set')
         ),
         (
             "broken.py:app",
+            ["--server", "uvicorn", "--read-timeout", "5"],
+            "embserve run: --server uvicorn: uvicorn has no read timeout; use hypercorn for one",
+            False,
+        ),
+        (
+            "broken.py:app",
             [],
             "embserve run: the constructor of deployment 'Broken' raised ValueError: "
             "no weights at /models/m.bin",
@@ -336,10 +352,11 @@ def status(url: str, *options: str, token: str | None = None) -> subprocess.Comp
     )
 
 
-def test_admin_token_and_embserve_status(tmp_path: Path) -> None:
+@pytest.mark.parametrize("server", SERVERS)
+def test_admin_token_and_embserve_status(server: str) -> None:
     # --admin-token beats the environment's token, which the App reads when none is given.
     env = {**os.environ, "EMBSERVE_ADMIN_TOKEN": "from-env"}
-    command = [str(EMBSERVE), "run", "examples.quickstart:app", "--port", "0"]
+    command = [str(EMBSERVE), "run", "examples.quickstart:app", "--port", "0", "--server", server]
     process, url, banner = start([*command, "--admin-token", "from-cli"], ROOT, env)
     try:
         assert (
@@ -395,8 +412,10 @@ def test_admin_token_and_embserve_status(tmp_path: Path) -> None:
     assert gone.stderr == f"embserve status: cannot reach {url}: connection refused\n"
 
 
-def test_the_access_log_is_hypercorn_s_one_line_format() -> None:
+@pytest.mark.parametrize("server", SERVERS)
+def test_the_access_log_is_hypercorn_s_one_line_format(server: str) -> None:
     command = [str(EMBSERVE), "run", "examples.quickstart:app", "--port", "0", "--access-log"]
+    command += ["--server", server]
     process, url, _ = start(command, ROOT)
     try:
         with httpx.Client(base_url=url, timeout=10, headers={"user-agent": "curl/8.5.0"}) as http:

@@ -1,5 +1,6 @@
-"""HTTP hardening under a real server (hypercorn on 127.0.0.1, raw sockets where HTTP is bad):
-body deadlines, the server's own timeouts, error bodies that leak nothing, graceful cuts."""
+"""HTTP hardening under a real server (hypercorn and uvicorn on 127.0.0.1, raw sockets where HTTP
+is bad): body deadlines, the server's own timeouts, error bodies that leak nothing, graceful
+cuts."""
 
 from __future__ import annotations
 
@@ -21,6 +22,13 @@ from tests.e2e.servers import embserve_server, raw_exchange
 from tests.waiting import wait_until
 
 BODY_TIMEOUT_S = 0.3
+
+
+@pytest.fixture(params=["hypercorn", "uvicorn"])
+def server(request: pytest.FixtureRequest) -> str:
+    """The server that embserve_asgi.server.serve runs: each test runs on both."""
+    name: str = request.param
+    return name
 
 
 @embserve.deployment
@@ -51,10 +59,10 @@ STALLED = {
 
 @pytest.mark.parametrize("request_bytes", STALLED.values(), ids=list(STALLED))
 def test_a_body_that_stops_arriving_gets_408_within_the_deadline_and_is_closed(
-    request_bytes: bytes,
+    request_bytes: bytes, server: str
 ) -> None:
     app = embserve.App({"/echo": echo.bind()}, body_timeout_s=BODY_TIMEOUT_S)
-    with embserve_server(app) as (url, _):
+    with embserve_server(app, server=server) as (url, _):
         started = time.monotonic()
         raw, closed = raw_exchange(_port(url), request_bytes, timeout_s=10)
         took = time.monotonic() - started
@@ -75,9 +83,9 @@ def test_a_body_that_stops_arriving_gets_408_within_the_deadline_and_is_closed(
         assert closed and raw.startswith(b"HTTP/1.1 200 ") and raw.endswith(b'{"size":6}')
 
 
-def test_two_hundred_stalled_connections_are_all_answered_and_closed() -> None:
+def test_two_hundred_stalled_connections_are_all_answered_and_closed(server: str) -> None:
     app = embserve.App({"/echo": echo.bind()}, body_timeout_s=BODY_TIMEOUT_S)
-    with embserve_server(app) as (url, _):
+    with embserve_server(app, server=server) as (url, _):
         sockets = []
         try:
             for _ in range(200):
@@ -100,9 +108,9 @@ def test_two_hundred_stalled_connections_are_all_answered_and_closed() -> None:
         assert not app._watchers.active  # and nothing of theirs is watched any more
 
 
-def test_headers_that_never_end_are_closed_by_the_keep_alive_timeout() -> None:
+def test_headers_that_never_end_are_closed_by_the_keep_alive_timeout(server: str) -> None:
     app = embserve.App({"/echo": echo.bind()})
-    with embserve_server(app, keep_alive_timeout_s=0.3) as (url, _):
+    with embserve_server(app, server=server, keep_alive_timeout_s=0.3) as (url, _):
         started = time.monotonic()
         raw, closed = raw_exchange(_port(url), b"POST /echo HTTP/1.1\r\nHost: t\r\n", timeout_s=10)
         assert closed and raw == b"" and time.monotonic() - started < 5
@@ -131,12 +139,15 @@ class Flaky:
 
 
 def test_no_user_exception_text_reaches_a_client_but_the_log_has_it_with_the_request_id(
-    caplog: pytest.LogCaptureFixture,
+    caplog: pytest.LogCaptureFixture, server: str
 ) -> None:
     caplog.set_level(logging.INFO)
     broken.clear()
     app = embserve.App({"/flaky": Flaky.bind()})
-    with embserve_server(app) as (url, _), httpx.Client(base_url=url, timeout=10) as http:
+    with (
+        embserve_server(app, server=server) as (url, _),
+        httpx.Client(base_url=url, timeout=10) as http,
+    ):
         assert http.get("/flaky").text == "ok"
         failed = http.get("/flaky?fail=1", headers={"x-request-id": "handler-1"})
         assert failed.status_code == 500
@@ -181,12 +192,12 @@ async def hang(request: Request) -> str:
     return "never"
 
 
-def test_requests_cut_by_the_graceful_timeout_get_503_with_their_request_id() -> None:
+def test_requests_cut_by_the_graceful_timeout_get_503_with_their_request_id(server: str) -> None:
     started.clear()
     cancelled.clear()
     app = embserve.App({"/hang": hang.bind()})
     with (
-        embserve_server(app, graceful_timeout_s=0.3) as (url, shut_down),
+        embserve_server(app, server=server, graceful_timeout_s=0.3) as (url, shut_down),
         ThreadPoolExecutor(1) as pool,
     ):
         pending = pool.submit(

@@ -310,7 +310,7 @@ class App:
             except Exception as exc:  # logged by error_response, with the request id
                 await error_response(exc, request_id)(scope, receive, send)
                 return
-        path = route_path(scope)
+        path = route_path(scope) if scope.get("root_path") else scope["path"]
         if self.admin and path.startswith("/-/"):
             await self._admin(path[3:], request_id, scope, receive, send)
             return
@@ -327,7 +327,9 @@ class App:
         if task is not None:
             self._serving.add(task)
         try:
-            status = await self._serve(route, request_id, declared, options, scope, receive, send)
+            status = await self._serve(
+                route, request_id, declared, options, scope, receive, send, task
+            )
         finally:
             self._serving.discard(task)
             metrics.in_flight -= 1
@@ -358,6 +360,7 @@ class App:
         scope: Scope,
         receive: Receive,
         send: Send,
+        task: asyncio.Task[Any] | None,
     ) -> int:
         """Serve one request to ``route``; returns the status code sent (499: client gone)."""
         watch: DisconnectWatch | None = None
@@ -369,7 +372,7 @@ class App:
                 raise BodyTooLarge(self.max_body_size)
             # Watched from here on: the shared timer enforces the body deadline, then listens
             # for the client leaving. Neither costs a request that is answered quickly.
-            watch = self._watchers.watch(receive)
+            watch = self._watchers.watch(receive, task)
             try:
                 body = await read_body(receive, self.max_body_size)
             except asyncio.CancelledError:
@@ -396,6 +399,10 @@ class App:
             else:
                 result = await runtime.submit(request)
             responding = True
+            kind = type(result)
+            if kind is dict or kind is list or kind is str or kind is bytes:  # the usual
+                watch.close()
+                return await send_plain(send, result, request_id)
             if isinstance(result, ResponseStream):
                 return await self._stream(result, request_id, watch, send)
             if is_stream(result):

@@ -5,7 +5,9 @@
 with a route prefix). ``module`` is a dotted module name or a path to a ``.py`` file. The runtime
 starts and every route is deployed before the command says where it serves; progress goes to
 stderr meanwhile. Ctrl-C or SIGTERM stops it gracefully: no new connections, in-flight requests
-finish, then the runtime drains.
+finish, then the runtime drains. It serves with uvicorn (httptools, uvloop) where installed, else
+hypercorn (``--server`` chooses); ``--workers N`` runs N server processes on the one port, for a
+backend whose replicas they share (see :mod:`embserve_asgi.workers`).
 
 ``embserve status URL`` prints the status table of the server at ``URL`` (its ``/-/status``).
 
@@ -36,7 +38,8 @@ from embserve.snapshot import RuntimeStatus
 from embserve_asgi._target import CommandError, as_app, load, print_user_traceback
 from embserve_asgi.admin import ADMIN_TOKEN_ENV, unready
 from embserve_asgi.app import App
-from embserve_asgi.server import bind, serve
+from embserve_asgi.server import SERVERS, bind, choose_server, loop_factory, run_on, serve
+from embserve_asgi.workers import refuse_unshared, supervise, worker_command
 
 __all__ = ["as_app", "curl_hint", "describe", "load", "main"]
 
@@ -66,8 +69,8 @@ def _parser() -> argparse.ArgumentParser:
     run = commands.add_parser(
         "run",
         help="serve module:attr over HTTP",
-        description="Serve an embserve App, Application or Runtime over HTTP with hypercorn. "
-        "Ctrl-C or SIGTERM stops it gracefully.",
+        description="Serve an embserve App, Application or Runtime over HTTP with uvicorn "
+        "or hypercorn. Ctrl-C or SIGTERM stops it gracefully.",
     )
     run.set_defaults(handler=_run)
     run.add_argument(
@@ -78,6 +81,21 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--host", default="127.0.0.1", help="address to listen on (127.0.0.1)")
     run.add_argument(
         "--port", type=int, default=8000, help="port to listen on (8000; 0 picks a free one)"
+    )
+    run.add_argument(
+        "--server",
+        choices=SERVERS,
+        default="auto",
+        help="the HTTP server: auto (the default) is uvicorn with httptools (and uvloop) where "
+        "installed, else hypercorn",
+    )
+    run.add_argument(
+        "--workers",
+        type=_count,
+        default=1,
+        metavar="N",
+        help="N server processes on the one port, each with its own runtime (1); only for a "
+        "backend whose replicas the processes share (Dask with a namespace)",
     )
     run.add_argument(
         "--backend",
@@ -121,12 +139,17 @@ def _parser() -> argparse.ArgumentParser:
         type=_positive,
         default=None,
         metavar="SECONDS",
-        help="close connections that send nothing this long, even mid-request (default: never)",
+        help="close connections that send nothing this long, even mid-request (default: "
+        "never; hypercorn only)",
     )
+    # One of the processes `--workers N` starts: it serves on an inherited socket, and tells
+    # its parent on another descriptor that it serves (with its banner), instead of printing.
+    run.add_argument("--worker-fd", type=int, default=None, help=argparse.SUPPRESS)
+    run.add_argument("--ready-fd", type=int, default=None, help=argparse.SUPPRESS)
     run.add_argument(
         "--access-log",
         action="store_true",
-        help="print a line per request to stdout, in hypercorn's (Apache's combined) format",
+        help="print a line per request to stdout, in Apache's combined format (as hypercorn's)",
     )
 
     status = commands.add_parser(
@@ -152,6 +175,16 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _count(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a whole number >= 1, got {text!r}")
+    return value
+
+
 def _positive(text: str) -> float:
     try:
         value = float(text)
@@ -167,36 +200,66 @@ def _positive(text: str) -> float:
 
 def _run(args: argparse.Namespace) -> int:
     _configure_logging()
+    try:
+        server = choose_server(args.server, read_timeout=args.read_timeout is not None)
+    except ValueError as exc:
+        raise CommandError(f"--server {args.server}: {exc}") from None
     app = as_app(load(args.target), args.backend, args.body_timeout)
     if args.no_admin:
         app.admin = False
     if args.admin_token is not None:
         app.admin_token = args.admin_token or None
-    try:
-        sock = bind(args.host, args.port)
-    except OSError as exc:
-        raise CommandError(f"cannot listen on {args.host}:{args.port}: {_reason(exc)}") from None
+    if args.workers > 1 and args.worker_fd is None:
+        refuse_unshared(app, args.workers)
+    if args.worker_fd is not None:
+        sock = socket.socket(fileno=args.worker_fd)
+    else:
+        try:
+            sock = bind(args.host, args.port)
+        except OSError as exc:
+            where = f"{args.host}:{args.port}"
+            raise CommandError(f"cannot listen on {where}: {_reason(exc)}") from None
     host, port = sock.getsockname()[:2]
     shown = f"[{host}]" if ":" in host else host
+    url = f"http://{shown}:{port}"
+    if args.workers > 1 and args.worker_fd is None:
+        command, env = worker_command(args, server)
+        return supervise(sock, args.workers, command, env, args.graceful_timeout)
     options = {
+        "server": server,
         "graceful_timeout_s": args.graceful_timeout,
         "keep_alive_timeout_s": args.keep_alive_timeout,
         "read_timeout_s": args.read_timeout,
         "access_log": args.access_log,
     }
-    served = asyncio.run(_serve(app, sock, f"http://{shown}:{port}", options))
-    print("embserve: stopped", flush=True)
+    note = server if args.workers == 1 else f"{server}, {args.workers} workers"
+    serving = _serve(app, sock, url, options, note, args.ready_fd)
+    served = run_on(loop_factory(server), serving)
+    if args.worker_fd is None:
+        print("embserve: stopped", flush=True)
     if not served:
         # Stopped while a constructor ran: it cannot be interrupted, and Python would join its
         # thread at exit, keeping the process alive as long as the constructor runs. The
         # runtime is shut down already; nothing is left to wait for.
+        sys.stdout.flush()
         sys.stderr.flush()
         os._exit(0)
     return 0
 
 
-async def _serve(app: App, sock: socket.socket, url: str, options: dict[str, Any]) -> bool:
-    """Start the App, then serve it until told to stop; False if told to stop while starting."""
+async def _serve(
+    app: App,
+    sock: socket.socket,
+    url: str,
+    options: dict[str, Any],
+    note: str | None = None,
+    ready_fd: int | None = None,
+) -> bool:
+    """Start the App, then serve it until told to stop; False if told to stop while starting.
+
+    Once it serves, the banner goes to stdout, or (a worker of ``--workers N``) to ``ready_fd``,
+    which its parent reads.
+    """
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in SIGNALS:
@@ -208,7 +271,13 @@ async def _serve(app: App, sock: socket.socket, url: str, options: dict[str, Any
         # Connections that arrive meanwhile wait in the socket's backlog.
         if not await _start(app, stop):
             return False
-        print(describe(app, url), flush=True)
+        banner = describe(app, url, note)
+        if ready_fd is None:
+            print(banner, flush=True)
+        else:
+            # A few hundred bytes into an empty pipe: written at once, never blocking.
+            os.write(ready_fd, (banner + "\n").encode("utf-8"))
+            os.close(ready_fd)
         await serve(app, sock, shutdown_trigger=stop.wait, **options)
         return True
     finally:
@@ -247,9 +316,11 @@ async def _start(app: App, stop: asyncio.Event) -> bool:
     raise CommandError(first)
 
 
-def describe(app: App, url: str) -> str:
-    """What ``embserve run`` prints once the App serves: its routes and a curl line to try."""
-    lines = [f"embserve: serving on {url} (Ctrl-C to stop)"]
+def describe(app: App, url: str, server: str | None = None) -> str:
+    """What ``embserve run`` prints once the App serves: its routes and a curl line to try
+    (``server``: which server serves it, said on the first line)."""
+    using = f" with {server}" if server else ""
+    lines = [f"embserve: serving on {url}{using} (Ctrl-C to stop)"]
     routes = app.routes()
     width = max((len(p) for p in routes), default=1)
     for prefix, endpoint in sorted(routes.items()):
@@ -334,7 +405,7 @@ def _configure_logging() -> None:
     embserve.addHandler(progress)
     embserve.setLevel(logging.INFO)
     embserve.propagate = False
-    # hypercorn's "Running on fd://..." would repeat, less clearly, what the banner says.
+    # The servers' "Running on ..." would repeat, less clearly, what the banner says.
     logging.getLogger("embserve.http.server").setLevel(logging.WARNING)
     # The access log is data, not progress: on stdout, each line as hypercorn formats it.
     access = logging.getLogger("embserve.http.access")

@@ -40,10 +40,12 @@ class DisconnectWatch:
         "seen",
     )
 
-    def __init__(self, owner: DisconnectWatchers, receive: Receive) -> None:
+    def __init__(
+        self, owner: DisconnectWatchers, receive: Receive, task: asyncio.Task[Any] | None
+    ) -> None:
         self._owner = owner
         self._receive = receive
-        self._task = asyncio.current_task()
+        self._task = task
         self._reader: asyncio.Future[Message] | None = None
         self.closed = False
         self.gone = False
@@ -102,9 +104,12 @@ class DisconnectWatchers:
         self.timer: asyncio.TimerHandle | None = None
         self.body_timeout_s = body_timeout_s
 
-    def watch(self, receive: Receive) -> DisconnectWatch:
-        """Watch one request, from before its body is read; see :class:`DisconnectWatch`."""
-        watch = DisconnectWatch(self, receive)
+    def watch(self, receive: Receive, task: asyncio.Task[Any] | None = None) -> DisconnectWatch:
+        """Watch one request, from before its body is read; see :class:`DisconnectWatch`.
+
+        ``task`` is the task serving it (default: the current one).
+        """
+        watch = DisconnectWatch(self, receive, task or asyncio.current_task())
         self.active.add(watch)
         if self.timer is None:
             # An App is served by one event loop; its requests share this timer.

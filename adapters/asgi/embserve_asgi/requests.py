@@ -238,21 +238,23 @@ class RequestSnapshot:
     ) -> RequestSnapshot:
         """The snapshot of the request described by an ASGI ``scope`` and its ``body``, sent
         to the endpoint of ``route_prefix``."""
-        # The server made these for this request alone: kept, not copied.
-        return cls(
-            method=scope["method"],
-            path=scope["path"],
-            query_string=scope.get("query_string", b""),
-            headers=scope["headers"],
-            body=body,
-            client=scope.get("client"),
-            server=scope.get("server"),
-            scheme=scope.get("scheme", "http"),
-            root_path=scope.get("root_path", ""),
-            http_version=scope.get("http_version", "1.1"),
-            request_id=request_id,
-            route_prefix=route_prefix,
-        )
+        # The server made these for this request alone: kept, not copied. Set one by one
+        # rather than through __init__'s keywords: this runs for every request.
+        get = scope.get
+        snapshot = cls.__new__(cls)
+        snapshot.method = scope["method"]
+        snapshot.path = scope["path"]
+        snapshot.query_string = get("query_string", b"")
+        snapshot.headers = scope["headers"]
+        snapshot.body = body
+        snapshot.client = get("client")
+        snapshot.server = get("server")
+        snapshot.scheme = get("scheme", "http")
+        snapshot.root_path = get("root_path", "")
+        snapshot.http_version = get("http_version", "1.1")
+        snapshot.request_id = request_id
+        snapshot.route_prefix = route_prefix
+        return snapshot
 
     def __getstate__(self) -> tuple[Any, ...]:
         return tuple(getattr(self, name) for name in self.__slots__)

@@ -15,7 +15,7 @@ import inspect
 import json
 import logging
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from starlette.exceptions import HTTPException
@@ -73,6 +73,28 @@ _encode = json.JSONEncoder(
 ).encode
 
 
+def _fast_encoder() -> Callable[[Any], str]:
+    # json's C encoder, made once: JSONEncoder.encode makes a new one for every value, which
+    # costs more than encoding a small answer. Made without the table of containers being
+    # encoded (shared, it would be wrong across threads), so a value that contains itself
+    # ends in RecursionError, and json_bytes then asks the checking encoder what is wrong.
+    make = getattr(json.encoder, "c_make_encoder", None)
+    basestring = getattr(json.encoder, "c_encode_basestring", None)
+    if make is None or basestring is None:  # no C accelerator (PyPy): the plain encoder
+        return _encode
+    encode = make(None, _default, basestring, None, ":", ",", False, False, False)
+
+    def fast(value: Any) -> str:
+        if type(value) is str:  # the C encoder takes containers and numbers only
+            return _encode(value)
+        return "".join(encode(value, 0))
+
+    return fast
+
+
+_encode_fast = _fast_encoder()
+
+
 def json_bytes(value: Any) -> bytes:
     """``value`` as compact UTF-8 JSON (numpy values and dataclasses included).
 
@@ -80,9 +102,12 @@ def json_bytes(value: Any) -> bytes:
     docstring); other values JSON cannot hold raise ``TypeError``.
     """
     try:
-        return _encode(value).encode("utf-8")
+        return _encode_fast(value).encode("utf-8")
     except ValueError:  # a non-finite float, or a lone surrogate (UnicodeEncodeError)
         pass
+    except RecursionError:  # nested too deep, or a value that contains itself: which?
+        _encode(value)  # raises ValueError("Circular reference detected") for the latter
+        raise
     # The slow path, taken only by values that need mending.
     return utf8(_encode_finite(_finite(value, set())))
 

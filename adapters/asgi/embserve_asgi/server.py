@@ -1,17 +1,27 @@
-"""Serving an ASGI app with hypercorn's Python API, on a socket bound beforehand.
+"""Serving an ASGI app with uvicorn or hypercorn, on a socket bound beforehand.
 
 Binding first lets the caller learn the port (``port=0`` picks a free one) and print it before
 the server starts, and lets connections queue from that moment on: no waiting for readiness.
+Either server gives the same behaviour here (graceful shutdown that drains an embserve App,
+keep-alive and header timeouts, the access log's format); uvicorn with httptools and uvloop is
+the faster of the two, hypercorn has a read timeout besides.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import socket
+import sys
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import Any, TypeVar
 
-__all__ = ["bind", "serve"]
+__all__ = ["SERVERS", "bind", "choose_server", "loop_factory", "run_on", "serve"]
+
+#: The names ``server=`` takes: ``auto`` is uvicorn where it and httptools are installed.
+SERVERS = ("auto", "uvicorn", "hypercorn")
+
+T = TypeVar("T")
 
 LISTEN_BACKLOG = 1024
 # How much longer than the App's graceful timeout the server waits, for the App's answers to
@@ -34,17 +44,78 @@ def bind(host: str = "127.0.0.1", port: int = 8000) -> socket.socket:
     return sock
 
 
+def choose_server(name: str = "auto", *, read_timeout: bool = False) -> str:
+    """The server to use for ``name`` (one of :data:`SERVERS`): ``uvicorn`` or ``hypercorn``.
+
+    ``auto`` is uvicorn when uvicorn and httptools are installed (``pip install
+    'embserve-asgi[uvicorn]'``) and no read timeout is asked for, else hypercorn. Raises
+    ValueError, with a message that says what to do, for a server that cannot do what is asked.
+    """
+    from embserve_asgi import _uvicorn
+
+    if name not in SERVERS:
+        raise ValueError(f"server must be one of {', '.join(SERVERS)}, got {name!r}")
+    if name == "auto":
+        return "uvicorn" if _uvicorn.available() and not read_timeout else "hypercorn"
+    if name == "uvicorn":
+        if not _uvicorn.available():
+            raise ValueError(
+                "uvicorn and httptools are not installed (pip install 'embserve-asgi[uvicorn]')"
+            )
+        if read_timeout:
+            raise ValueError("uvicorn has no read timeout; use hypercorn for one")
+    return name
+
+
+def loop_factory(server: str) -> Callable[[], asyncio.AbstractEventLoop] | None:
+    """The event loop to run ``server`` on: uvloop's for uvicorn where installed, else None
+    (asyncio's own)."""
+    if server != "uvicorn":
+        return None
+    from embserve_asgi import _uvicorn
+
+    return _uvicorn.loop_factory()
+
+
+def run_on(factory: Callable[[], asyncio.AbstractEventLoop] | None, main: Awaitable[T]) -> T:
+    """``asyncio.run(main)``, on a loop that ``factory`` makes (None: asyncio's)."""
+    if sys.version_info >= (3, 11):
+        with asyncio.Runner(loop_factory=factory) as runner:
+            return runner.run(_awaited(main))
+    if factory is not None:  # Python 3.10: no Runner; a policy makes the loop
+        asyncio.set_event_loop_policy(_FactoryPolicy(factory))
+    return asyncio.run(_awaited(main))
+
+
+async def _awaited(main: Awaitable[T]) -> T:
+    return await main
+
+
+class _FactoryPolicy(asyncio.DefaultEventLoopPolicy):
+    def __init__(self, factory: Callable[[], asyncio.AbstractEventLoop]) -> None:
+        super().__init__()
+        self._factory = factory
+
+    def new_event_loop(self) -> asyncio.AbstractEventLoop:
+        return self._factory()
+
+
 async def serve(
     app: Any,
     sock: socket.socket,
     *,
+    server: str = "hypercorn",
     shutdown_trigger: Callable[[], Awaitable[Any]] | None = None,
     graceful_timeout_s: float = 30.0,
     keep_alive_timeout_s: float = 5.0,
     read_timeout_s: float | None = None,
     access_log: bool = False,
 ) -> None:
-    """Serve ``app`` on ``sock`` (which hypercorn takes over) until ``shutdown_trigger`` returns.
+    """Serve ``app`` on ``sock`` (which the server takes over) until ``shutdown_trigger`` returns.
+
+    ``server`` is ``hypercorn`` (the default), ``uvicorn`` or ``auto`` (see
+    :func:`choose_server`); uvicorn serves faster, on whatever event loop runs this (give it
+    uvloop's, see :func:`loop_factory`).
 
     On shutdown the server stops accepting, lets in-flight requests finish for up to
     ``graceful_timeout_s``, then runs the app's lifespan shutdown (an embserve App drains its
@@ -57,6 +128,28 @@ async def serve(
     while its request is being served (a client waiting for a slow answer sends nothing), so it
     must exceed the longest request; None (the default) leaves it to the other two.
     """
+    server = choose_server(server, read_timeout=read_timeout_s is not None)
+    access = logging.getLogger("embserve.http.access") if access_log else None
+    errors = logging.getLogger("embserve.http.server")
+    drain = getattr(app, "drain", None)
+    if server == "uvicorn":
+        from embserve_asgi._uvicorn import serve_uvicorn
+
+        # As below: the App cuts what still runs at graceful_timeout_s and answers it 503;
+        # uvicorn waits a little longer before it cancels what is left.
+        extra = _LAST_ANSWERS_S if callable(drain) else 0.0
+        await serve_uvicorn(
+            app,
+            sock,
+            shutdown_trigger=shutdown_trigger,
+            on_shutdown=(lambda: drain(graceful_timeout_s)) if callable(drain) else None,
+            graceful_timeout_s=graceful_timeout_s + extra,
+            keep_alive_timeout_s=keep_alive_timeout_s,
+            access_log=access,
+            error_log=errors,
+            backlog=LISTEN_BACKLOG,
+        )
+        return
     from hypercorn.asyncio import serve as hypercorn_serve
     from hypercorn.config import Config
 
@@ -67,12 +160,11 @@ async def serve(
     config.keep_alive_timeout = keep_alive_timeout_s
     # Annotated int by hypercorn, which hands it to asyncio.wait_for: any number of seconds.
     config.read_timeout = read_timeout_s  # type: ignore[assignment]
-    config.accesslog = logging.getLogger("embserve.http.access") if access_log else None
-    config.errorlog = logging.getLogger("embserve.http.server")
+    config.accesslog = access
+    config.errorlog = errors
     if shutdown_trigger is None:
         await hypercorn_serve(app, config)
         return
-    drain = getattr(app, "drain", None)
     if callable(drain):
         # The App cuts what still runs at graceful_timeout_s and answers it 503; the server
         # waits a little longer, so that those answers go out before it closes connections.
