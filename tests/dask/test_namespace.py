@@ -7,6 +7,7 @@ test (network namespaces, a link cut under load) is tests/dask/test_netns.py.
 
 from __future__ import annotations
 
+import functools
 import os
 import signal
 import socket
@@ -31,6 +32,7 @@ ROOT = Path(__file__).resolve().parents[2]
 
 # distributed's constructors are untyped; tests use them through this name.
 LocalCluster: Any = distributed.LocalCluster
+Client: Any = distributed.Client
 
 
 @pytest.fixture(scope="module")
@@ -113,21 +115,24 @@ class _Ingress:
             self.process.wait(10)
 
 
-def test_two_ingress_processes_share_one_set_of_replicas(cluster: Any) -> None:
-    env = _env(cluster, "bar")
-    with distributed.Client(cluster.scheduler_address) as client:
+@pytest.mark.parametrize("first_goes", ["exits", "is killed"])
+def test_two_ingress_processes_share_one_set_of_replicas(cluster: Any, first_goes: str) -> None:
+    env = _env(cluster, f"bar-{first_goes}")
+    with Client(cluster.scheduler_address) as client:
         first = _Ingress(env)
         second: _Ingress | None = None
         try:
             second = _Ingress(env)
-            assert _members(client, "bar") == 2
+            assert _members(client, f"bar-{first_goes}") == 2
             by_first, by_second = _seen(first.url), _seen(second.url)
             assert len(by_first) == 2, by_first
             assert by_second == by_first  # the same two replicas, not two sets
             assert len(_replica_tasks(client)) == 2
 
-            first.exit()  # its owner goes: the second takes the deployment over
-            wait_until(lambda: _members(client, "bar") == 1, 10)
+            # Its owner goes (a clean exit, or SIGKILL: its client's removal ends its lease),
+            # and the second takes the deployment over.
+            first.exit() if first_goes == "exits" else first.kill()
+            wait_until(lambda: _members(client, f"bar-{first_goes}") == 1, 10)
             assert _seen(second.url, 8).keys() == by_first.keys()  # still serving, same replicas
 
             victim, worker_pid = next(iter(by_first.items()))
@@ -138,7 +143,7 @@ def test_two_ingress_processes_share_one_set_of_replicas(cluster: Any) -> None:
                 seen = _seen(second.url, 12)
                 return seen if len(seen) == 2 and victim not in seen else None
 
-            replaced = wait_for(two_again, 30, 0.05)
+            replaced = wait_for(two_again, 30, 0.05) or {}
             assert set(replaced) - set(by_first)  # a new replica, started by the second
             wait_until(lambda: len(_replica_tasks(client)) == 2, 10)
         finally:
@@ -166,7 +171,7 @@ def test_hypercorn_workers_share_one_set_of_replicas(cluster: Any) -> None:
     )
     url = f"http://127.0.0.1:{port}"
     try:
-        with distributed.Client(cluster.scheduler_address) as client:
+        with Client(cluster.scheduler_address) as client:
             wait_until(lambda: _members(client, "hypercorn") == 2, 60)
 
             def answering() -> bool:
@@ -241,12 +246,13 @@ def test_a_new_version_from_a_follower_is_rolled_out_for_both(pair: tuple[Any, A
     b.run(Echo.bind(), name="echo")
     before = {r.replica_id for r in a.status().deployments["echo"].replicas}
     b.run(EchoTwo.options(name="Echo").bind(), name="echo", timeout_s=30)  # waits for it
+
+    def replaced(rt: embserve.Runtime) -> bool:
+        now = {r.replica_id for r in rt.status().deployments["echo"].replicas}
+        return bool(now) and not now & before
+
     for rt in (a, b):
-        wait_until(
-            lambda rt=rt: {r.replica_id for r in rt.status().deployments["echo"].replicas}
-            and not {r.replica_id for r in rt.status().deployments["echo"].replicas} & before,
-            10,
-        )
+        wait_until(functools.partial(replaced, rt), 10)
         assert rt.get_handle("echo").remote().result(timeout_s=10)["version"] == 2
 
 
