@@ -59,6 +59,9 @@ class Namespace:
         self._publishing: dict[str, asyncio.Task[None]] = {}
         self._republish: set[str] = set()
         self._sync: asyncio.Task[None] | None = None
+        self._sync_lock = asyncio.Lock()  # one sync at a time: each adopts what it finds new
+        self._joins = 0  # joins answered, so that a state read before one forgets nothing of it
+        self._joined: dict[str, int] = {}
         self._again = False
         self._synced = asyncio.Event()
         self._tasks: set[asyncio.Task[Any]] = set()
@@ -86,6 +89,8 @@ class Namespace:
             entry = await self.registry.join(
                 name, self.runtime_id, version=deployment.config.version, spec=spec
             )
+            self._joins += 1  # a state read from now on has it
+            self._joined[name] = self._joins
             controller = self.controllers.get(name)
             if entry.owner == self.runtime_id and (controller is None or controller.reconciling):
                 self._serial[name] = entry.serial
@@ -205,14 +210,20 @@ class Namespace:
 
     async def sync(self) -> None:
         """Bring this runtime in step with the registry's state now."""
-        state = await self.registry.state()
-        for entry in state.deployments.values():
-            if entry.name not in self._joining:
-                await self._follow(entry)
-        for name in [n for n in self._serial if n not in state.deployments]:
-            await self._forget(name)
-        for shared in state.endpoints.values():
-            self._apply(shared)
+        async with self._sync_lock:
+            joins = self._joins
+            state = await self.registry.state()
+            if self.closed:
+                return
+            for entry in state.deployments.values():
+                if entry.name not in self._joining:
+                    await self._follow(entry)
+            for name in list(self._serial):
+                # A deployment joined after the state was read is not in it, yet not deleted.
+                if name not in state.deployments and self._joined.get(name, 0) <= joins:
+                    await self._forget(name)
+            for shared in state.endpoints.values():
+                self._apply(shared)
         self._synced.set()
 
     async def _follow(self, entry: SharedDeployment) -> None:

@@ -122,12 +122,13 @@ class RegistryPlugin(SchedulerPlugin):
                 if owner_client == client and namespace in self.namespaces:
                     self._drop(namespace, ns, runtime)
 
-    def heartbeat(self, namespace: str, runtime: str, client: str) -> bool:
-        """Renew ``runtime``'s lease; False when it had expired (it is a member again now)."""
+    def heartbeat(self, namespace: str, runtime: str, client: str) -> dict[str, Any]:
+        """Renew ``runtime``'s lease. Says whether it had expired (it is a member again now),
+        and the namespace's generation (so that a runtime that missed an event learns it)."""
         ns = self.namespaces.get(namespace)
         known = ns is not None and runtime in ns.members
-        self._member(namespace, runtime, client)
-        return known
+        ns = self._member(namespace, runtime, client)
+        return {"known": known, "generation": ns.generation}
 
     def leave(self, namespace: str, runtime: str) -> None:
         """``runtime`` leaves ``namespace``."""
@@ -260,6 +261,7 @@ class DaskRegistry(Registry):
         self.lease_s = lease_s
         self._on_change: Callable[[], None] | None = None
         self._heartbeat: asyncio.Task[None] | None = None
+        self._seen = -1  # the generation of the last state read
 
     async def open(self) -> None:
         """Install the plugin (once per scheduler), and start heartbeating."""
@@ -282,7 +284,7 @@ class DaskRegistry(Registry):
         while True:
             await asyncio.sleep(self.lease_s / 3)
             try:
-                known = await asyncio.wait_for(
+                beat = await asyncio.wait_for(
                     self._call("heartbeat", runtime=self.runtime_id, client=self.client.id),
                     self.lease_s,
                 )
@@ -293,8 +295,11 @@ class DaskRegistry(Registry):
                     logger.warning("namespace %s: heartbeat failed: %s", self.namespace, exc)
                 lost = True
                 continue
-            if (not known or lost) and self._on_change is not None:
-                self._on_change()  # the lease had lapsed, or the scheduler was unreachable
+            # The lease had lapsed, the scheduler was unreachable, or an event was missed (a
+            # subscription reaches the scheduler on a stream of its own): read the state again.
+            behind = beat["generation"] != self._seen
+            if (not beat["known"] or lost or behind) and self._on_change is not None:
+                self._on_change()
             lost = False
 
     def _on_event(self, event: tuple[float, Any]) -> None:
@@ -353,6 +358,7 @@ class DaskRegistry(Registry):
     async def state(self) -> NamespaceState:
         """See :meth:`embserve.sharing.Registry.state`."""
         raw = await self._call("state")
+        self._seen = int(raw["generation"])
         return NamespaceState(
             generation=int(raw["generation"]),
             deployments={d["name"]: _deployment(d) for d in raw["deployments"]},
@@ -373,6 +379,8 @@ class DaskRegistry(Registry):
 
     async def leave(self, runtime_id: str) -> None:
         """See :meth:`embserve.sharing.Registry.leave`."""
+        if self._heartbeat is not None and runtime_id == self.runtime_id:
+            self._heartbeat.cancel()  # else its next beat would make it a member again
         await self._call("leave", runtime=runtime_id)
 
     def watch(self, on_change: Callable[[], None]) -> None:
