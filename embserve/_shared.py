@@ -29,6 +29,9 @@ __all__ = ["Namespace"]
 
 logger = logging.getLogger("embserve.runtime")
 
+# How long after a failed publish it is tried again.
+_REPUBLISH_S = 0.5
+
 NewController = Callable[[Deployment, tuple[Any, ...], dict[str, Any]], DeploymentController]
 _Spec = tuple[Deployment, tuple[Any, ...], dict[str, Any]]
 
@@ -160,11 +163,17 @@ class Namespace:
         if name in self._publishing:
             self._republish.add(name)
             return
-        task = asyncio.ensure_future(self._publish(name))
-        self._publishing[name] = task
-        task.add_done_callback(lambda _: self._publishing.pop(name, None))
+        self._publishing[name] = asyncio.ensure_future(self._publish(name))
 
     async def _publish(self, name: str) -> None:
+        try:
+            await self._publish_until_current(name)
+        finally:
+            # Here, not in a done callback: one runs a loop turn later, and a change routed
+            # in between would be taken as seen by this publish, and never published.
+            self._publishing.pop(name, None)
+
+    async def _publish_until_current(self, name: str) -> None:
         while True:
             self._republish.discard(name)
             controller = self.controllers.get(name)
@@ -177,9 +186,11 @@ class Namespace:
                 replicas[replica.replica_id] = {**self.backend.contact(replica), "serial": stamp}
             try:
                 accepted = await self.registry.set_replicas(name, self.runtime_id, replicas)
-            except Exception as exc:
-                logger.warning("publishing the replicas of %r failed: %s", name, exc)
-                accepted = True  # the next change publishes them again
+            except Exception as exc:  # the scheduler is unreachable: try again while it is
+                logger.warning("publishing the replicas of %r failed (retrying): %s", name, exc)
+                await asyncio.sleep(_REPUBLISH_S)
+                self._republish.add(name)
+                accepted = True
             if not accepted:
                 logger.warning("%r: another runtime owns it now; stepping down", name)
                 self._changed()

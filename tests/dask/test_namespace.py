@@ -13,7 +13,6 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -229,14 +228,12 @@ def test_traffic_set_by_one_runtime_is_routed_by_the_other(pair: tuple[Any, Any]
     a.run(Echo.bind(), name="echo")
     a.run(EchoTwo.bind(), name="two")
     b.run(Echo.bind(), name="echo")
-    began = time.monotonic()
     a.set_traffic("echo", {"two": 1.0})
 
     def routed() -> bool:
         return bool(b.get_handle("echo").remote().result(timeout_s=10).get("version") == 2)
 
-    wait_until(routed, 5)
-    assert time.monotonic() - began < 1.0  # seen within a second
+    wait_until(routed, 5)  # how soon: benchmarks/scaling.py (registry_update)
     assert b.status().endpoints["echo"].traffic == {"two": 1.0}
 
 

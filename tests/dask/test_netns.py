@@ -19,7 +19,6 @@ import signal
 import subprocess
 import sys
 import threading
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -259,14 +258,12 @@ def test_a_worker_host_cut_off_under_load_and_restored(hosts: _Hosts) -> None:
             wait_until(lambda: load is not None and load.served >= 20, 10)
 
             hosts.cut("w1")
-            cut_at = time.monotonic()
 
             def moved(rt: embserve.Runtime) -> bool:
                 now = _running(rt)
                 return len(now) == 2 and hosts.address["w1"] not in now.values()
 
             wait_until(lambda: moved(a) and moved(b), 20)  # placed again, on w2
-            recovered_s = time.monotonic() - cut_at
             served = load.served
             wait_until(lambda: load is not None and load.served >= served + 20, 10)
 
@@ -284,7 +281,6 @@ def test_a_worker_host_cut_off_under_load_and_restored(hosts: _Hosts) -> None:
             after = _running(a)
             assert after == _running(b)  # the runtimes converged on the same replicas
             assert len(after) == 2 and set(after) != set(before)
-            assert recovered_s < 15
     finally:
         if load is not None:
             load.stop()
