@@ -166,6 +166,9 @@ def calls_per_s(a: embserve.Runtime, b: embserve.Runtime, rounds: int, calls: in
     owner, attached = a.get_handle("echo"), b.get_handle("echo")
     rates: dict[str, list[float]] = {"owner": [], "attached": []}
     p50: dict[str, list[float]] = {"owner": [], "attached": []}
+    for rt, handle in ((a, owner), (b, attached)):  # warm both paths up first
+        assert rt.loop is not None
+        asyncio.run_coroutine_threadsafe(_throughput(handle, calls // 4), rt.loop).result(120)
     for _ in range(rounds):  # interleaved
         for name, rt, handle in (("owner", a, owner), ("attached", b, attached)):
             assert rt.loop is not None

@@ -256,7 +256,8 @@ class Namespace:
             for replica in controller.running:
                 self.backend.set_owner(replica, False)
         if not (mine and controller.reconciling):
-            await self._adopt(controller, entry, retire=not mine)
+            # Following, or about to take over: route to what the registry lists, no more.
+            await self._adopt(controller, entry)
         if entry.serial != self._serial.get(name):
             deployment, args, kwargs = await self._spec(name)
             self._serial[name] = entry.serial
@@ -271,19 +272,16 @@ class Namespace:
             controller.take_over()
             self.routed(name)
 
-    async def _adopt(
-        self, controller: DeploymentController, entry: SharedDeployment, *, retire: bool
-    ) -> None:
+    async def _adopt(self, controller: DeploymentController, entry: SharedDeployment) -> None:
         known = {r.replica_id: r for r in controller.running}
         new = [(rid, c) for rid, c in entry.replicas.items() if rid not in known]
         adopted = await asyncio.gather(*(self._connect(controller, rid, c) for rid, c in new))
         found = [r for r in adopted if r is not None]
         if found:
             controller.route_to([*controller.running, *found])
-        if retire:
-            for rid, replica in known.items():
-                if rid not in entry.replicas:
-                    controller.spawn(controller.retire(replica))
+        for rid, replica in known.items():
+            if rid not in entry.replicas:
+                controller.spawn(controller.retire(replica))
 
     async def _connect(
         self, controller: DeploymentController, replica_id: str, contact: Mapping[str, Any]
