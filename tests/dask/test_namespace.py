@@ -183,13 +183,21 @@ def test_hypercorn_workers_share_one_set_of_replicas(cluster: Any) -> None:
             seen: dict[str, int] = {}
             wait_until(lambda: len(seen.update(_seen(url, 16)) or seen) == 2, 20)
             assert len(_replica_tasks(client)) == 2  # two ingress processes, two replicas
+            _stop(server)
+            wait_until(lambda: not _replica_tasks(client), 20)  # gone with their runtimes
     finally:
-        server.send_signal(signal.SIGINT)
-        try:
-            server.wait(20)
-        except subprocess.TimeoutExpired:
-            server.kill()
-            server.wait()
+        _stop(server)
+
+
+def _stop(server: subprocess.Popen[bytes]) -> None:
+    if server.poll() is not None:
+        return
+    server.send_signal(signal.SIGINT)
+    try:
+        server.wait(20)
+    except subprocess.TimeoutExpired:
+        server.kill()
+        server.wait()
 
 
 # -- in one process: two runtimes of a namespace ------------------------------------------
@@ -274,3 +282,24 @@ def test_a_backend_that_shares_nothing_refuses_a_namespace() -> None:
     assert not backend.shares_replicas
     backend.use_namespace("prod")
     assert backend.shares_replicas
+
+
+def test_a_deployment_deleted_by_a_follower_goes_everywhere(
+    cluster: Any, pair: tuple[Any, Any]
+) -> None:
+    a, b = pair
+    a.run(Echo.bind(), name="echo")  # a owns it
+    b.run(Echo.bind(), name="echo")
+    with Client(cluster.scheduler_address) as client:
+        ours = {r.replica_id for r in a.status().deployments["echo"].replicas}
+        assert len(ours) == 2
+
+        def tasks_left() -> set[str]:
+            return {rid for rid in ours if any(rid in key for key in _replica_tasks(client))}
+
+        assert tasks_left() == ours
+        b.delete("echo")
+        wait_until(lambda: "echo" not in a.status().deployments, 5)
+        with pytest.raises(KeyError):
+            a.get_handle("echo")
+        wait_until(lambda: not tasks_left(), 20)  # its owner stopped the replicas
