@@ -230,6 +230,8 @@ class DaskBackend(Backend):
         # Holding a future of its task keeps the task (and the replica) alive for this
         # runtime too, should the runtime that started it go.
         future: Any = distributed.Future(contact["key"], self.client)
+        # A Future made from a key tells the scheduler nothing; this is the message the client
+        # itself sends for its futures when it reconnects (no public call does it).
         self.client._send_to_scheduler({"op": "client-desires-keys", "keys": [future.key]})
         replica = DaskReplica(spec, worker, future, self._replica_gone)
         replica.owned = False
