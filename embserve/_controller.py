@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from embserve._rollout import roll_out
@@ -82,13 +82,20 @@ class DeploymentController(RequestPath):
         self.unavailable = None
         #: Why the last update failed, until one succeeds (status shows it).
         self.failed_update: str | None = None
+        #: False while another runtime of a namespace owns the deployment: this one routes to
+        #: the replicas it publishes and neither starts, replaces nor scales them.
+        self.reconciling = True
+        #: Told after every change of the replicas in routing (a namespace publishes them).
+        self.on_routed: Callable[[], None] | None = None
+        #: Put before each replica's number: a namespace makes replica ids unique across runtimes.
+        self.id_prefix = ""
 
     # -- replicas -------------------------------------------------------------------------
 
     def _spec(self) -> ReplicaSpec:
         return ReplicaSpec(
             deployment=self.name,
-            replica_id=f"{self.name}#{next(self._ids)}",
+            replica_id=f"{self.name}#{self.id_prefix}{next(self._ids)}",
             target=self.deployment.target,
             init_args=self.init_args,
             init_kwargs=self.init_kwargs,
@@ -128,6 +135,8 @@ class DeploymentController(RequestPath):
     def route_to(self, replicas: list[Replica]) -> None:
         self.running = replicas
         self.router.set_replicas(replicas)
+        if self.on_routed is not None:
+            self.on_routed()
 
     async def retire(self, replica: Replica, *, drain: bool = True) -> None:
         """Take ``replica`` out of routing, let its requests finish, and stop it."""
@@ -195,6 +204,8 @@ class DeploymentController(RequestPath):
         """A request arrived while no replica runs: an autoscaled deployment at zero starts one
         at once (instead of at the autoscaler's next tick), and the request waits for it."""
         if self._stopping or self._autoscaler is None or self.target_replicas > 0:
+            return
+        if not self.reconciling:
             return
         if self._autoscaler.policy.max_replicas < 1:
             return
@@ -294,7 +305,28 @@ class DeploymentController(RequestPath):
         self.route_to([r for r in self.running if r is not replica])
         replica.state = ReplicaState.STOPPED
         self.spawn(replica.stop())
-        self.start_replacing(reason)
+        if self.reconciling:  # else its owner replaces it, and publishes the replacement
+            self.start_replacing(reason)
+
+    def take_over(self) -> None:
+        """Reconcile the replicas routed now (another runtime started them, and left)."""
+        self.reconciling = True
+        if self._health_task is None and not self._stopping:
+            self._health_task = asyncio.ensure_future(self._health_loop())
+        self.configure_autoscaling()
+        if len(self.running) < self.target_replicas:
+            self.start_replacing("taking over a deployment another runtime owned")
+        else:
+            self.state, self.message = "HEALTHY", ""
+
+    def step_down(self) -> None:
+        """Stop reconciling (another runtime owns the deployment now); keep routing."""
+        self.reconciling = False
+        self._autoscaler = None
+        for task in (self._health_task, self._replacing):
+            if task is not None:
+                task.cancel()
+        self._health_task = self._replacing = None
 
     def start_replacing(self, reason: str) -> None:
         self.state, self.message = "UPDATING", f"replacing a replica: {reason}"
@@ -306,7 +338,7 @@ class DeploymentController(RequestPath):
     async def _replace(self) -> None:
         delay = 0.1
         attempt = 0
-        while not self._stopping and len(self.running) < self.target_replicas:
+        while self.reconciling and not self._stopping and len(self.running) < self.target_replicas:
             try:
                 replica = await self.start_one()
             except Exception as exc:

@@ -14,7 +14,7 @@ import dataclasses
 import logging
 import random
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from embserve._controller import DeploymentController
 from embserve._dispatch import Dispatcher
@@ -25,6 +25,9 @@ from embserve.clock import Clock, LoopClock
 from embserve.deployment import Application, Deployment
 from embserve.errors import DeploymentTimeoutError
 from embserve.handle import Handle
+
+if TYPE_CHECKING:
+    from embserve._shared import Namespace
 
 __all__ = ["Deployer"]
 
@@ -50,6 +53,8 @@ class Deployer:
         self.backend = backend
         self.rng = rng
         self.clock = clock
+        #: The namespace this runtime shares deployments in, once started (None: unshared).
+        self.namespace: Namespace | None = None
 
     async def run(
         self,
@@ -111,6 +116,8 @@ class Deployer:
             if ingress not in self.controllers and self.endpoints.get(ingress) is endpoint:
                 del self.endpoints[ingress]
             raise
+        if self.namespace is not None:
+            await self.namespace.endpoint(ingress, endpoint.route_prefix)
         return Handle(self.runtime_id, ingress)
 
     def _timed_out(self, app: Application, ingress: str, timeout_s: float) -> BaseException:
@@ -141,19 +148,18 @@ class Deployer:
         *,
         wait: bool,
     ) -> None:
-        controller = self.controllers.get(deployment.name)
-        created = controller is None
-        if controller is None:
-            controller = DeploymentController(
-                deployment,
-                args,
-                kwargs,
-                backend=self.backend(),
-                runtime_id=self.runtime_id,
-                clock=self.clock,
-            )
-            controller.router.rng = self.rng
-            self.controllers[deployment.name] = controller
+        if self.namespace is not None:
+            owned = await self.namespace.deploy(deployment, args, kwargs)
+            if owned is None:  # another runtime owns it: this one follows its replicas
+                if wait:
+                    await self.namespace.wait_ready(deployment.name)
+                return
+            controller, created = owned
+        else:
+            found = self.controllers.get(deployment.name)
+            created = found is None
+            controller = found or self.new_controller(deployment, args, kwargs)
+        if created:
             work = controller.deploy(keep_trying=not wait)
         else:
             work = controller.update(deployment, args, kwargs)
@@ -169,6 +175,22 @@ class Deployer:
                 self.controllers.pop(deployment.name, None)
                 await controller.stop(f"deployment {deployment.name!r} failed to start")
             raise
+
+    def new_controller(
+        self, deployment: Deployment, args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> DeploymentController:
+        """A controller for ``deployment``, known to the runtime from now on."""
+        controller = DeploymentController(
+            deployment,
+            args,
+            kwargs,
+            backend=self.backend(),
+            runtime_id=self.runtime_id,
+            clock=self.clock,
+        )
+        controller.router.rng = self.rng
+        self.controllers[deployment.name] = controller
+        return controller
 
 
 def _bound(value: Any, handles: dict[int, Handle]) -> Any:

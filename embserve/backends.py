@@ -9,7 +9,7 @@ are reachable as attributes too (``embserve.backends.ProcessBackend``), loaded o
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from embserve.errors import BackendNotFoundError
@@ -17,6 +17,8 @@ from embserve.replica import Replica, ReplicaSpec
 
 if TYPE_CHECKING:
     from importlib import metadata
+
+    from embserve.sharing import Registry
 
 __all__ = ["Backend", "ReplicaDied", "load_backend", "resolve_backend"]
 
@@ -73,6 +75,42 @@ class Backend(ABC):
     def describe(self) -> str:
         """A short description for status: the backend's name and where it runs."""
         return self.name or type(self).__name__
+
+    # -- sharing replicas between runtimes (see embserve.sharing) -------------------------
+
+    @property
+    def shares_replicas(self) -> bool:
+        """True when runtimes in other processes can share this backend's replicas (a
+        namespace is set and the backend supports it): what ``--workers N`` needs."""
+        return False
+
+    def use_namespace(self, namespace: str) -> None:
+        """Share deployments with the runtimes of ``namespace`` (called before :meth:`start`).
+
+        Raises :class:`ValueError` for a backend whose replicas only its own runtime reaches.
+        """
+        raise ValueError(
+            f"the {self.describe()} backend cannot share replicas between runtimes, so it takes "
+            f"no namespace (got {namespace!r}); use the Dask backend for shared deployments"
+        )
+
+    async def open_registry(self, runtime_id: str) -> Registry:
+        """The namespace's :class:`~embserve.sharing.Registry`, for ``runtime_id`` (after
+        :meth:`start`; only when :attr:`shares_replicas`)."""
+        raise NotImplementedError(f"{type(self).__name__} shares no replicas")
+
+    def contact(self, replica: Replica) -> Mapping[str, Any]:
+        """What another runtime needs to reach ``replica`` (plain values: msgpack-able)."""
+        raise NotImplementedError(f"{type(self).__name__} shares no replicas")
+
+    async def adopt(self, spec: ReplicaSpec, contact: Mapping[str, Any]) -> Replica:
+        """Connect to a RUNNING replica another runtime started (``contact`` is what
+        :meth:`contact` gave there); raises :class:`OSError` when it cannot be reached."""
+        raise NotImplementedError(f"{type(self).__name__} shares no replicas")
+
+    def set_owner(self, replica: Replica, owned: bool) -> None:  # noqa: B027  (optional hook)
+        """Whether this runtime owns ``replica``: stopping an owned replica stops it for
+        every runtime; stopping one that is not only lets go of it."""
 
 
 def _ignore_death(replica: Replica, reason: str) -> None:

@@ -13,7 +13,7 @@ import uuid
 import weakref
 from collections.abc import Awaitable, Coroutine, Mapping
 from types import TracebackType
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from embserve._controller import DeploymentController
 from embserve._deploy import Deployer
@@ -36,6 +36,9 @@ __all__ = ["Runtime"]
 
 logger = logging.getLogger("embserve.runtime")
 
+if TYPE_CHECKING:
+    from embserve._shared import Namespace
+
 T = TypeVar("T")
 
 
@@ -56,6 +59,10 @@ class Runtime:
         clock: where deadlines, health-check periods, restart backoff and autoscaling read
             the time (default: the runtime's event loop); tests pass a simulated
             :class:`~embserve.clock.Clock`.
+        namespace: share deployments with the other runtimes of this namespace on the same
+            cluster (a backend whose ``shares_replicas`` it makes true: the Dask backend): the
+            first to run a deployment starts its replicas, the others attach and route to
+            them directly; see docs/scaling.md. ValueError at start for other backends.
     """
 
     def __init__(
@@ -65,8 +72,13 @@ class Runtime:
         name: str | None = None,
         seed: int | None = None,
         clock: Clock | None = None,
+        namespace: str | None = None,
     ) -> None:
+        if namespace is not None and (not isinstance(namespace, str) or not namespace):
+            raise ValueError(f"namespace must be a non-empty str, got {namespace!r}")
         self.id = name or f"rt-{uuid.uuid4().hex[:8]}"
+        self.namespace = namespace
+        self._shared: Namespace | None = None
         self._clock = clock
         self._backend_spec = backend
         self._backend: Backend | None = None
@@ -142,9 +154,31 @@ class Runtime:
 
     async def _start_on_loop(self) -> None:
         backend = resolve_backend(self._backend_spec)
+        if self.namespace is not None:
+            backend.use_namespace(self.namespace)
         await backend.start(self._replica_died)
         self._backend = backend
         register_submitter(self.id, self)
+        if self.namespace is not None:
+            from embserve._shared import Namespace
+
+            try:
+                registry = await backend.open_registry(self.id)
+                shared = Namespace(
+                    self.id,
+                    registry,
+                    backend,
+                    self._controllers,
+                    self._endpoints,
+                    self._deployer.new_controller,
+                    lambda name, prefix: Endpoint(name, prefix, {name: 1.0}, rng=self._rng),
+                )
+                await shared.start()
+            except BaseException:
+                unregister_submitter(self.id)
+                await backend.close()
+                raise
+            self._shared = self._deployer.namespace = shared
 
     def __enter__(self) -> Runtime:
         return self.start()
@@ -191,6 +225,8 @@ class Runtime:
         self._closed = True
         # Servers first, so that the requests they still hold finish before the drain.
         await asyncio.gather(*(server.stop_async() for server in self._servers))
+        if self._shared is not None:
+            await self._shared.leave()
         unregister_submitter(self.id)
         self._dispatch.closed = True
         self._endpoints.clear()
@@ -282,7 +318,11 @@ class Runtime:
         )
 
     def get_handle(self, name: str) -> Handle:
-        """A handle to the endpoint or deployment called ``name``."""
+        """A handle to the endpoint or deployment called ``name`` (in a namespace: run by any
+        of its runtimes)."""
+        unknown = name not in self._endpoints and name not in self._controllers
+        if unknown and self._shared is not None and running_loop() is not self._loop:
+            self._blocking(self._shared.sync())  # started elsewhere a moment ago?
         if name not in self._endpoints and name not in self._controllers:
             known = sorted({*self._endpoints, *self._controllers})
             raise KeyError(f"no endpoint or deployment named {name!r}; known: {known}")
@@ -309,6 +349,8 @@ class Runtime:
                 f"deployment {name!r} still gets traffic from endpoint(s) {users}: move it away "
                 f"first (rt.set_traffic), or delete the endpoint(s)"
             )
+        if self._shared is not None:
+            await self._shared.delete(name)
         self._endpoints.pop(name, None)
         controller = self._controllers.pop(name, None)
         if controller is not None:
@@ -344,6 +386,8 @@ class Runtime:
         if missing:
             raise KeyError(f"set_traffic names deployments that are not running: {missing}")
         target.set_traffic(traffic, shadow or {})
+        if self._shared is not None:  # checked here first, then routed by every runtime
+            await self._shared.set_traffic(endpoint, traffic, shadow or {})
 
     def status(self) -> RuntimeStatus:
         """A typed snapshot of deployments, replicas and endpoints (safe from any thread)."""

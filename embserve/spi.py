@@ -19,6 +19,10 @@ inside without breaking it:
   replica's own process when its server is done;
 - the codecs a transport carries: :func:`encode` and :func:`decode` (pickle protocol 5, numpy
   buffers out of band), :data:`Frame`;
+- sharing replicas between the runtimes of a namespace: the :mod:`embserve.sharing` seam
+  (:class:`Registry` and what it holds), :meth:`Backend.adopt`, :meth:`Backend.contact`, and
+  :data:`STOP`, the message kind that asks a replica to stop (a replica serving several
+  runtimes tells its owner's ``STOP`` from another's leaving);
 - :func:`spawn_task`: run a coroutine's first step at once, as a task only if it waits (what
   a transport whose writes are coroutines needs to keep :meth:`Transport.send` synchronous and
   cheap).
@@ -42,21 +46,26 @@ from embserve._remote import (
     run_replica_process,
 )
 from embserve._remote.codec import Frame, decode, encode
+from embserve._remote.messages import STOP
 from embserve._remote.transport import OnClosed, OnMessage
 from embserve.backends import Backend, ReplicaDied
 from embserve.context import ReplicaContext
 from embserve.replica import Replica, ReplicaSpec, ReplicaState
 from embserve.request import Request
 from embserve.resources import Allocation, ResourcePool, acquire, build_pool
+from embserve.sharing import NamespaceState, Registry, SharedDeployment, SharedEndpoint
 
 __all__ = [
+    "STOP",
     "STREAM_WINDOW",
     "Allocation",
     "Backend",
     "Frame",
     "MemoryTransport",
+    "NamespaceState",
     "OnClosed",
     "OnMessage",
+    "Registry",
     "RemoteReplica",
     "Replica",
     "ReplicaContext",
@@ -67,6 +76,8 @@ __all__ = [
     "ReplicaState",
     "Request",
     "ResourcePool",
+    "SharedDeployment",
+    "SharedEndpoint",
     "SocketTransport",
     "Transport",
     "acquire",

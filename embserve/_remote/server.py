@@ -90,6 +90,7 @@ class ReplicaServer:
         self._credits: dict[int, Credit] = {}
         self._runtime_id = ""
         self._done: asyncio.Future[None] | None = None
+        self.closes_host = True
 
     async def serve(self) -> None:
         """Serve until ``STOP``, :meth:`stop` or the end of the connection; then cancel what
@@ -121,7 +122,7 @@ class ReplicaServer:
         finally:
             for task, _ in list(self._work.values()):
                 task.cancel()
-            if self.host is not None:
+            if self.host is not None and self.closes_host:  # False: the host serves others
                 self.host.close()
             self._transport.close()
             if self._runtime_id and find_submitter(self._runtime_id) is submitter:

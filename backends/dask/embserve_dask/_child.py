@@ -20,6 +20,13 @@ turns it off (:func:`_refuse_pickled_parts`) and reads with ``deserialize=False`
 message of a new comm must then be ``{TOKEN_KEY: token}``; a comm that sends anything else, or
 nothing within :data:`ADMISSION_TIMEOUT_S`, is closed and logged, and the replica goes on
 waiting for (or serving) its runtime.
+
+Shared replicas (a namespace's, ``settings["shared"]``): the process serves every runtime that
+presents the token, each comm with a server of its own over the one user object, which the
+first comm (its owner's) builds with ``START``. It outlives any runtime's comm, so another
+runtime takes it over when its owner goes; a ``STOP`` from any comm (the owner retiring it)
+ends it once the other runtimes closed theirs (they drain first), or after its graceful
+shutdown time. The task ends it when every runtime has let go of its Dask future.
 """
 
 from __future__ import annotations
@@ -37,7 +44,7 @@ from typing import Any
 
 from distributed.comm import core as comm_core
 
-from embserve.spi import ReplicaServer, run_replica_process
+from embserve.spi import STOP, Frame, OnClosed, OnMessage, ReplicaServer, run_replica_process
 from embserve_dask._transport import CommTransport
 
 __all__ = ["ADMISSION_TIMEOUT_S", "CONNECT_TIMEOUT_S", "TOKEN_KEY", "main"]
@@ -72,8 +79,12 @@ class _Replica:
         self._comm: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         self._stopped = False
         self._draining: dict[str, bool] | None = None  # the notice, once the worker is closing
+        self.shared: _Shared | None = None
 
     async def main(self) -> None:
+        if self.settings.get("shared"):
+            await _Shared(self).main()
+            return
         loop = asyncio.get_running_loop()
         loop.add_reader(self.pipe.fileno(), self._on_pipe)
         check = loop.call_later(_PARENT_CHECK_S, self._check_parent)
@@ -99,9 +110,9 @@ class _Replica:
             loop.remove_reader(self.pipe.fileno())
             listener.stop()
 
-    async def _serve(self, comm: Any) -> None:
+    def info(self) -> dict[str, Any]:
         settings = self.settings
-        info = {
+        return {
             "worker": settings["worker"],
             "worker_name": settings["worker_name"],
             "pid": os.getpid(),
@@ -109,18 +120,21 @@ class _Replica:
             "gpu_ids": list(settings["gpu_ids"]),
             "worker_resources": settings["worker_resources"],
         }
-        self.server = server = ReplicaServer(
-            CommTransport(comm),
-            worker=settings["worker"],
-            info=info,
-            gpu_ids=settings["gpu_ids"],
+
+    def make_server(self, transport: CommTransport) -> ReplicaServer:
+        settings = self.settings
+        return ReplicaServer(
+            transport, worker=settings["worker"], info=self.info(), gpu_ids=settings["gpu_ids"]
         )
+
+    async def _serve(self, comm: Any) -> None:
+        self.server = server = self.make_server(CommTransport(comm))
         if self._draining is not None:  # the worker began closing as the runtime connected
             server.notify(self._draining)
         await server.serve()
 
     async def _on_comm(self, comm: Any) -> None:
-        if self._comm.done() or not await self._admits(comm):
+        if self._comm.done() or not await self.admits(comm):
             comm.abort()  # one runtime, one comm: anything else is a stray
             return
         if self._comm.done():  # another comm was admitted meanwhile
@@ -128,7 +142,7 @@ class _Replica:
             return
         self._comm.set_result(comm)
 
-    async def _admits(self, comm: Any) -> bool:
+    async def admits(self, comm: Any) -> bool:
         # Comms are admitted each on its own: a peer that sends nothing delays no other one.
         try:
             first = await asyncio.wait_for(comm.read(), ADMISSION_TIMEOUT_S)
@@ -155,6 +169,9 @@ class _Replica:
         if self._stopped:
             return
         self._stopped = True
+        if self.shared is not None:
+            self.shared.end()
+            return
         if self.server is not None:
             self.server.stop()
         elif not self._comm.done():
@@ -181,11 +198,116 @@ class _Replica:
         if self._draining is not None:
             return
         self._draining = {"draining": True, "scheduler_lost": scheduler_lost}
-        if self.server is not None:
+        if self.shared is not None:
+            self.shared.notify(self._draining)
+        elif self.server is not None:
             self.server.notify(self._draining)
         elif not self._comm.done():
             # No runtime has connected yet: nothing to drain, so stop waiting for one.
             self.stop()
+
+
+class _Watched(CommTransport):
+    # A comm transport that says when its peer asked the replica to stop.
+
+    def __init__(self, comm: Any, on_stop: Any) -> None:
+        super().__init__(comm)
+        self._on_stop = on_stop
+
+    def start(self, on_message: OnMessage, on_closed: OnClosed) -> None:
+        def watched(kind: int, ident: int, frames: list[Frame]) -> None:
+            if kind == STOP:
+                self._on_stop()
+            on_message(kind, ident, frames)
+
+        super().start(watched, on_closed)
+
+
+class _Shared:
+    """A shared replica: one server per admitted comm, over the one user object."""
+
+    def __init__(self, replica: _Replica) -> None:
+        self.replica = replica
+        replica.shared = self
+        self.servers: dict[ReplicaServer, asyncio.Task[None]] = {}
+        self._end: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._retiring = False
+        self.host: Any = None  # the user object's host, once the owner's START built it
+
+    async def main(self) -> None:
+        replica = self.replica
+        loop = asyncio.get_running_loop()
+        loop.add_reader(replica.pipe.fileno(), replica._on_pipe)
+        check = loop.call_later(_PARENT_CHECK_S, replica._check_parent)
+        listener = listen(
+            replica.settings["listen"],
+            self._on_comm,
+            deserialize=False,  # payloads stay frames; see the module's "Admission"
+            **replica.settings["security"].get_listen_args("worker"),
+        )
+        await listener.start()
+        timeout = loop.call_later(CONNECT_TIMEOUT_S, self._first_timeout)
+        try:
+            replica.pipe.send(("listening", listener.contact_address))
+            await self._end
+        finally:
+            timeout.cancel()
+            check.cancel()
+            loop.remove_reader(replica.pipe.fileno())
+            listener.stop()
+            for server in list(self.servers):
+                server.stop()
+            await asyncio.gather(*self.servers.values(), return_exceptions=True)
+            host = self._host()
+            if host is not None:
+                host.close()
+
+    def _first_timeout(self) -> None:
+        if not self.servers and self._host() is None:
+            self.end()
+
+    def _host(self) -> Any:
+        if self.host is None:
+            self.host = next((s.host for s in self.servers if s.host is not None), None)
+        return self.host
+
+    async def _on_comm(self, comm: Any) -> None:
+        if self._retiring or self._end.done() or not await self.replica.admits(comm):
+            comm.abort()
+            return
+        host = self._host()
+        server = self.replica.make_server(_Watched(comm, self._stop_asked))
+        server.closes_host = False
+        server.host = host  # None for the first comm, whose START builds it
+        if self.replica._draining is not None:
+            server.notify(self.replica._draining)
+        task = asyncio.ensure_future(server.serve())
+        self.servers[server] = task
+        task.add_done_callback(lambda _: self._ended(server))
+
+    def _ended(self, server: ReplicaServer) -> None:
+        if server.host is not None and self.host is None:
+            self.host = server.host  # kept for the runtimes that attach later
+        self.servers.pop(server, None)
+        if self._retiring and not self.servers:
+            self.end()
+
+    def _stop_asked(self) -> None:
+        # The owner retires the replica: the other runtimes drain and close their comms.
+        if self._retiring:
+            return
+        self._retiring = True
+        host = self._host()
+        grace = host.spec.config.graceful_shutdown_timeout_s if host is not None else 0.0
+        asyncio.get_running_loop().call_later(grace + 1.0, self.end)
+
+    def notify(self, value: Any) -> None:
+        for server in self.servers:
+            server.notify(value)
+
+    def end(self) -> None:
+        if not self._end.done():
+            self._end.set_result(None)
 
 
 class _RefusedPickle:

@@ -53,7 +53,13 @@ _lock = threading.Lock()
 _supervisors: dict[str, set[_Supervisor]] = {}  # worker address -> replicas running there
 
 
-def serve_replica(replica_id: str, topic: str, devices: Sequence[str], token_sha256: str) -> str:
+def serve_replica(
+    replica_id: str,
+    topic: str,
+    devices: Sequence[str],
+    token_sha256: str,
+    shared: bool = False,
+) -> str:
     """The Dask task of one replica: runs until the replica's process exits.
 
     The replica's spec does not pass through the task (nor the scheduler): the runtime sends it
@@ -65,6 +71,9 @@ def serve_replica(replica_id: str, topic: str, devices: Sequence[str], token_sha
         devices: the positions, among this worker's GPUs, of the GPUs the replica holds.
         token_sha256: the SHA-256 digest (hex) of the token the runtime presents to the
             replica's process; only the digest passes through the scheduler.
+        shared: the replica serves every runtime of a namespace that presents the token, and
+            outlives the connection of the runtime that started it (see
+            :mod:`embserve_dask._child`).
     """
     worker = distributed.get_worker()
     # Only this worker's own teardown can keep it alive while its replicas drain.
@@ -72,6 +81,7 @@ def serve_replica(replica_id: str, topic: str, devices: Sequence[str], token_sha
     key = thread_state.key
     secede()
     supervisor = _Supervisor(worker, key, replica_id, topic, token_sha256)
+    supervisor.shared = shared
     with _lock:
         _supervisors.setdefault(worker.address, set()).add(supervisor)
     try:
@@ -149,6 +159,7 @@ class _Supervisor:
         self._kill_at: float | None = None
         self._pending: list[tuple[Any, ...]] = []  # notices sent before the child started
         self._announced = False
+        self.shared = False
 
     def run(self, devices: Sequence[str]) -> None:
         """Start the child, announce its address, and wait for it to exit (this thread)."""
@@ -186,6 +197,7 @@ class _Supervisor:
             "worker_resources": total,
             "gpu_ids": list(gpu_ids),
             "token_sha256": self.token_sha256,  # over the pipe: this machine only
+            "shared": self.shared,
         }
         try:
             pipe.send((list(sys.path), settings))

@@ -17,6 +17,11 @@ comm, and closes a comm that does not present it (see :mod:`embserve_dask._child
 Watching: the scheduler's own events (``add-worker``, ``remove-worker``) say when workers come
 and go; a removal that was expected (a retirement) drains, one that was not fails the requests
 in flight at once. Requests never touch the scheduler: see :mod:`embserve_dask._worker`.
+
+Sharing (``Runtime(namespace=...)``): the namespace's registry lives in the scheduler
+(:mod:`embserve_dask._registry`); replicas are started shared (they serve every runtime that
+presents their token, and outlive their owner's comm), and each runtime that routes to a replica
+holds a Dask future of its task, so the task lives while any runtime uses it.
 """
 
 from __future__ import annotations
@@ -28,7 +33,7 @@ import logging
 import secrets
 import uuid
 from collections.abc import Mapping
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from distributed.comm import core as comm_core
 
@@ -39,6 +44,7 @@ from embserve.spi import (
     Replica,
     ReplicaContext,
     ReplicaSpec,
+    ReplicaState,
     ResourcePool,
     encode_start,
 )
@@ -46,6 +52,9 @@ from embserve_dask._child import TOKEN_KEY
 from embserve_dask._transport import CommTransport
 from embserve_dask._worker import serve_replica
 from embserve_dask.replica import DaskReplica
+
+if TYPE_CHECKING:
+    from embserve_dask._registry import DaskRegistry
 
 __all__ = ["DaskBackend"]
 
@@ -122,6 +131,8 @@ class DaskBackend(Backend):
         # replica id -> its admission token: kept after a replica died, so that a re-run of its
         # task (its worker died as it ran) can still be dismissed.
         self._tokens: dict[str, bytes] = {}
+        self._namespace: str | None = None
+        self._registry: DaskRegistry | None = None
 
     @classmethod
     def from_address(cls, address: str) -> DaskBackend:
@@ -174,11 +185,79 @@ class DaskBackend(Backend):
         )
         return await opened
 
+    # -- sharing --------------------------------------------------------------------------
+
+    @property
+    def shares_replicas(self) -> bool:
+        """True once a namespace is set: runtimes in other processes share the replicas."""
+        return self._namespace is not None
+
+    def use_namespace(self, namespace: str) -> None:
+        """Share replicas with the other runtimes of ``namespace`` on this cluster."""
+        self._namespace = namespace
+
+    async def open_registry(self, runtime_id: str) -> DaskRegistry:
+        """The namespace's registry in the scheduler (installed there on first use)."""
+        from embserve_dask._registry import DaskRegistry
+
+        if self._namespace is None:
+            raise ValueError("the Dask backend has no namespace")
+        registry = DaskRegistry(self.client, self._namespace, runtime_id)
+        await registry.open()
+        self._registry = registry
+        return registry
+
+    def contact(self, replica: Replica) -> Mapping[str, Any]:
+        """The replica's address, admission token, worker and task key, for other runtimes."""
+        assert isinstance(replica, DaskReplica)
+        return {
+            "address": replica.address,
+            "token": self._tokens.get(replica.replica_id, b""),
+            "worker": replica.worker,
+            "key": replica.future.key,
+            "info": dict(replica.info),
+        }
+
+    async def adopt(self, spec: ReplicaSpec, contact: Mapping[str, Any]) -> Replica:
+        """Connect to a replica another runtime of the namespace started."""
+        import distributed
+
+        worker = contact["worker"]
+        if worker in self._removed:
+            raise OSError(f"its Dask worker {worker} is gone")
+        token = bytes(contact["token"])
+        comm = await self._open(contact["address"], token)
+        # Holding a future of its task keeps the task (and the replica) alive for this
+        # runtime too, should the runtime that started it go.
+        future: Any = distributed.Future(contact["key"], self.client)
+        # A Future made from a key tells the scheduler nothing; this is the message the client
+        # itself sends for its futures when it reconnects (no public call does it).
+        self.client._send_to_scheduler({"op": "client-desires-keys", "keys": [future.key]})
+        replica = DaskReplica(spec, worker, future, self._replica_gone)
+        replica.owned = False
+        replica.address = contact["address"]
+        replica.adopted_info(contact.get("info") or {})
+        self._tokens[spec.replica_id] = token
+        self._replicas[spec.replica_id] = replica
+        pool = self._pools.get(worker)
+        if pool is not None and pool.try_acquire(spec.replica_id, _demand(spec)) is not None:
+            self._deployment_of[spec.replica_id] = spec.deployment  # placed here too
+        replica.connect(CommTransport(comm))
+        replica.state = ReplicaState.RUNNING
+        return replica
+
+    def set_owner(self, replica: Replica, owned: bool) -> None:
+        """Stopping an owned replica stops it for every runtime; else it is only let go of."""
+        if isinstance(replica, DaskReplica):
+            replica.owned = owned
+
     async def close(self) -> None:
         """Stop listening to the cluster; close the client if the backend opened it."""
         client = self.client
         if client is None:
             return
+        if self._registry is not None:
+            await self._registry.close()
         for topic in (self._topic, "all"):
             with contextlib.suppress(Exception):  # the client may already be closed
                 client.unsubscribe_topic(topic)
@@ -421,6 +500,7 @@ class DaskBackend(Backend):
             self._topic,
             allocation.gpu_ids,
             hashlib.sha256(token).hexdigest(),
+            shared=self._namespace is not None,
             key=f"embserve-{spec.replica_id}-{uuid.uuid4().hex[:8]}",
             workers=[address],
             allow_other_workers=False,
@@ -442,6 +522,7 @@ class DaskBackend(Backend):
             except OSError as exc:
                 raise _WorkerGone(f"cannot reach replica {spec.replica_id}: {exc}") from None
             replica = DaskReplica(spec, address, future, self._replica_gone)
+            replica.address = msg["address"]
             # Known before it runs, so that Dask's news of its worker reaches it while starting.
             self._replicas[spec.replica_id] = replica
             replica.connect(CommTransport(comm))

@@ -54,10 +54,22 @@ class DaskReplica(RemoteReplica):
         self._stop: asyncio.Future[None] | None = None
         self.gone = False
         self.draining = False
+        #: Whether this runtime owns the replica (a namespace's others only let go of it).
+        self.owned = True
+        #: The address of the replica's own process.
+        self.address = ""
 
     @property
     def info(self) -> Mapping[str, Any]:
         return self._info
+
+    def adopted_info(self, info: Mapping[str, Any]) -> None:
+        """What the runtime that started the replica learnt about it, for status."""
+        self._info = {**info, "worker": self.worker}
+
+    def send_stop(self) -> bool:
+        """``STOP`` for a replica this runtime owns; another's is only let go of."""
+        return self.owned and super().send_stop()
 
     async def start(self, start: list[Any]) -> None:
         """Send ``START`` (the frames of :func:`~embserve.spi.encode_start`) over the transport
