@@ -303,3 +303,48 @@ def test_a_deployment_deleted_by_a_follower_goes_everywhere(
         with pytest.raises(KeyError):
             a.get_handle("echo")
         wait_until(lambda: not tasks_left(), 20)  # its owner stopped the replicas
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("how", ["app", "options"])
+def test_embserve_run_workers_share_one_set_of_replicas(cluster: Any, how: str) -> None:
+    """``embserve run --workers 2``: an App whose runtime has a namespace, or a deployment
+    served with ``--backend dask://... --namespace``; two ingress processes, two replicas."""
+    namespace = f"run-workers-{how}"
+    port = _free_port()
+    embserve_cli = str(Path(sys.executable).with_name("embserve"))
+    if how == "app":
+        target, route, extra = "tests.dask.ingress:app", "/echo", []
+    else:
+        target, route = "tests.dask.ingress:Echo", "/"
+        extra = ["--backend", cluster.scheduler_address, "--namespace", namespace]
+    command = [embserve_cli, "run", target, "--workers", "2", "--port", str(port), *extra]
+    server = subprocess.Popen(
+        command,
+        env=_env(cluster, namespace),
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+    )
+    try:
+        assert server.stdout is not None
+        banner = wait_for(lambda: server.stdout.readline() if server.stdout else "", 90)
+        while "serving on" not in banner and server.poll() is None:  # routes come after it
+            banner = server.stdout.readline()
+        assert "serving on" in banner and "2 workers" in banner, banner
+        with Client(cluster.scheduler_address) as client:
+            assert _members(client, namespace) == 2
+            seen: set[str] = set()
+            with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=10) as http:
+
+                def both() -> bool:
+                    response = http.get(route)
+                    if response.status_code == 200:
+                        seen.add(response.json()["replica"])
+                    return len(seen) == 2
+
+                wait_until(both, 20)
+            assert len(_replica_tasks(client)) == 2  # two ingress processes, two replicas
+    finally:
+        _stop(server)  # type: ignore[arg-type]

@@ -104,22 +104,30 @@ def _is_machinery(filename: str) -> bool:
     )
 
 
-def as_app(value: Any, backend: str | None, body_timeout_s: float | None = None) -> App:
+def as_app(
+    value: Any,
+    backend: str | None,
+    body_timeout_s: float | None = None,
+    namespace: str | None = None,
+) -> App:
     """An :class:`App` for whatever ``module:attr`` named (options given override the App's)."""
     if isinstance(value, Deployment):
         value = value.bind()
     app: App
     if isinstance(value, Application):
-        app = App({"/": value}, backend=backend or "local")
+        app = App({"/": value}, backend=backend or "local", namespace=namespace)
     elif isinstance(value, Runtime):
+        if namespace is not None and namespace != value.namespace:
+            raise CommandError("--namespace: a Runtime is served with its own namespace")
         app = App(runtime=value)
     elif isinstance(value, App):
         app = value
-        if backend is not None:
+        if backend is not None or namespace is not None:
+            option = "--backend" if backend is not None else "--namespace"
             try:
-                app.set_backend(backend)
+                app.set_backend(backend, namespace=namespace)
             except EmbserveError as exc:  # an App serving a runtime it was given
-                raise CommandError(f"--backend: {exc}") from None
+                raise CommandError(f"{option}: {exc}") from None
     else:
         raise CommandError(
             f"expected an embserve App, Application or Runtime, got {type(value).__name__}"

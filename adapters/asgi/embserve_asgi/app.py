@@ -107,6 +107,7 @@ class App:
         body_timeout_s: float | None = DEFAULT_BODY_TIMEOUT_S,
         admin: bool = True,
         admin_token: str | None = None,
+        namespace: str | None = None,
     ) -> None:
         if isinstance(max_body_size, bool) or not isinstance(max_body_size, int):
             raise TypeError(f"max_body_size must be an int, got {max_body_size!r}")
@@ -115,7 +116,12 @@ class App:
         self._deploy = check_routes(routes or {}, admin=admin)
         self._owns = runtime is None
         self._backend = backend
-        self.runtime: Runtime = runtime if runtime is not None else Runtime(backend)
+        if runtime is not None and namespace is not None:
+            raise EmbserveError("an App given a runtime takes no namespace: give it that runtime")
+        self._namespace = namespace
+        self.runtime: Runtime = (
+            runtime if runtime is not None else Runtime(backend, namespace=namespace)
+        )
         self.max_body_size = max_body_size
         self.admin = admin
         self.admin_token = resolve_admin_token(admin_token)
@@ -223,14 +229,20 @@ class App:
 
     # -- routing --------------------------------------------------------------------------
 
-    def set_backend(self, backend: str | Backend) -> None:
-        """Choose the backend of the runtime the App owns, before it starts."""
+    def set_backend(
+        self, backend: str | Backend | None = None, *, namespace: str | None = None
+    ) -> None:
+        """Choose the backend (None: keep it) and the namespace (None: keep it) of the runtime
+        the App owns, before it starts."""
         if not self._owns:
             raise EmbserveError("this App serves a runtime it was given; choose its backend there")
         if self.runtime.loop is not None:
             raise EmbserveError("the App's runtime already started")
-        self._backend = backend
-        self.runtime = Runtime(backend)
+        if backend is not None:
+            self._backend = backend
+        if namespace is not None:
+            self._namespace = namespace
+        self.runtime = Runtime(self._backend, namespace=self._namespace)
 
     def planned_routes(self) -> dict[str, str]:
         """Route prefix → endpoint name: the routes given plus the runtime's, before start-up."""

@@ -104,6 +104,12 @@ def _parser() -> argparse.ArgumentParser:
         help="where replicas run: local (the default), process, dask://host:port",
     )
     run.add_argument(
+        "--namespace",
+        metavar="NAME",
+        help="share replicas with the other runtimes of NAME on the Dask cluster (what "
+        "--workers N needs; see docs/scaling.md)",
+    )
+    run.add_argument(
         "--admin-token",
         default=None,
         metavar="TOKEN",
@@ -204,7 +210,7 @@ def _run(args: argparse.Namespace) -> int:
         server = choose_server(args.server, read_timeout=args.read_timeout is not None)
     except ValueError as exc:
         raise CommandError(f"--server {args.server}: {exc}") from None
-    app = as_app(load(args.target), args.backend, args.body_timeout)
+    app = as_app(load(args.target), args.backend, args.body_timeout, args.namespace)
     if args.no_admin:
         app.admin = False
     if args.admin_token is not None:

@@ -53,9 +53,12 @@ def _backend_of(runtime: Runtime) -> Backend:
     if runtime.loop is not None:  # started already (by the module that made it)
         return runtime.backend
     try:
-        return resolve_backend(runtime.backend_spec)
+        backend = resolve_backend(runtime.backend_spec)
+        if runtime.namespace is not None:  # what the runtime does as it starts
+            backend.use_namespace(runtime.namespace)
     except (EmbserveError, ValueError, TypeError) as exc:
         raise CommandError((str(exc).splitlines() or [type(exc).__name__])[0]) from None
+    return backend
 
 
 def worker_command(args: argparse.Namespace, server: str) -> tuple[list[str], dict[str, str]]:
@@ -70,6 +73,7 @@ def worker_command(args: argparse.Namespace, server: str) -> tuple[list[str], di
     command += ["--keep-alive-timeout", repr(args.keep_alive_timeout)]
     for option, value in (
         ("--backend", args.backend),
+        ("--namespace", args.namespace),
         ("--body-timeout", args.body_timeout),
         ("--read-timeout", args.read_timeout),
     ):
