@@ -49,6 +49,11 @@ class _Item:
         self.future: asyncio.Future[Any] | None = None
         self.queue: asyncio.Queue[tuple[bool, Any]] | None = None  # streaming only
 
+    @property
+    def gone(self) -> bool:
+        """The caller no longer wants an answer."""
+        return self.future is not None and self.future.done()
+
 
 class _SentItem(_Item):
     """An item queued by :meth:`DynamicBatcher.send`; calling it withdraws it (one object per
@@ -71,11 +76,6 @@ class _SentItem(_Item):
 
     def __call__(self) -> None:
         self.batcher._withdraw(self)
-
-    @property
-    def gone(self) -> bool:
-        """The caller no longer wants an answer."""
-        return self.future is not None and self.future.done()
 
 
 class _Bucket:
