@@ -92,6 +92,16 @@ def batching_rows(r: dict[str, Any]) -> Iterator[Row]:
             ">= 0.35x" if key else "",
             _met(targets, key) if key else None,
         )
+    for backend, cells in (r.get("backends") or {}).items():
+        best = max((k for k in cells if k != "unbatched"), key=lambda k: cells[k]["items_per_s"])
+        yield (
+            f"batched vs unbatched, 64 callers, {backend} backend ({best})",
+            _num(cells[best]["items_per_s"], "items/s"),
+            _num(cells["unbatched"]["items_per_s"], "items/s unbatched"),
+            _ratio(cells[best]["ratio_to_unbatched"]),
+            "> 1x",
+            cells[best]["ratio_to_unbatched"] > 1,
+        )
     adaptive = _get(r, "adaptive_vs_best_fixed.loop") or {}
     if adaptive:
         worst = min(adaptive.values(), key=lambda v: v["throughput_ratio"])
