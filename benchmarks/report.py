@@ -57,7 +57,9 @@ def _met(targets: dict[str, Any], key: str) -> bool | None:
 
 def batching_rows(r: dict[str, Any]) -> Iterator[Row]:
     """The headline batched cell from each place, and the adaptive policy against fixed ones."""
-    floor = _num(r.get("floor_items_per_s"), "items/s (numpy, batches of 32)")
+    floor = _num(r.get("floor_items_per_s"), "items/s (numpy, batches of 32")
+    spread = r.get("floor_spread")
+    floor += f"; {_num(spread[0])}-{_num(spread[1])} over the run)" if spread else ")"
     targets = r.get("targets", {})
     loop = _get(r, "callers.loop.64.fixed_32_10ms") or {}
     yield (
@@ -89,6 +91,16 @@ def batching_rows(r: dict[str, Any]) -> Iterator[Row]:
             _ratio(cell.get("ratio_to_floor")),
             ">= 0.35x" if key else "",
             _met(targets, key) if key else None,
+        )
+    for backend, cells in (r.get("backends") or {}).items():
+        best = max((k for k in cells if k != "unbatched"), key=lambda k: cells[k]["items_per_s"])
+        yield (
+            f"batched vs unbatched, 64 callers, {backend} backend ({best})",
+            _num(cells[best]["items_per_s"], "items/s"),
+            _num(cells["unbatched"]["items_per_s"], "items/s unbatched"),
+            _ratio(cells[best]["ratio_to_unbatched"]),
+            "> 1x",
+            cells[best]["ratio_to_unbatched"] > 1,
         )
     adaptive = _get(r, "adaptive_vs_best_fixed.loop") or {}
     if adaptive:
@@ -227,12 +239,17 @@ def machine_of(report: dict[str, Any]) -> str:
     """The machine a report says it ran on (``--out`` records it), in a few words."""
     machine = report.get("machine") or {}
     words = [f"{machine['cpus']} CPUs" if machine.get("cpus") else "", machine.get("platform", "")]
-    if report.get("python"):
-        words.append(f"Python {report['python']}")
+    return ", ".join(w for w in words if w) or "not recorded"
+
+
+def software_of(report: dict[str, Any]) -> str:
+    """Python and, where the report names it, the BLAS build and its threads."""
+    words = [f"Python {report['python']}"] if report.get("python") else []
     blas = report.get("blas") or {}
     if blas.get("name"):
-        words.append(f"{blas['name']} {blas.get('version', '')}, {blas.get('num_threads')} thread")
-    return ", ".join(w for w in words if w) or "not recorded"
+        threads = blas.get("num_threads")
+        words.append(f"{blas['name']} {blas.get('version', '')} with {threads} thread(s)")
+    return ", ".join(words)
 
 
 def table(files: list[Path]) -> str:
@@ -242,16 +259,22 @@ def table(files: list[Path]) -> str:
         "| --- | --- | --- | --- | --- | --- | --- |",
     ]
     machines: dict[str, list[str]] = {}
+    software: list[str] = []
     for path in files:
         report = json.loads(path.read_text())
         name = path.stem
         machines.setdefault(machine_of(report), []).append(name)
+        if software_of(report):
+            software.append(f"{name}: {software_of(report)}")
         for figure, value, floor, ratio, target, met in RULES.get(name, generic_rows)(report):
             mark = "" if met is None else ("yes" if met else "**no**")
             lines.append(f"| {name} | {figure} | {value} | {floor} | {ratio} | {target} | {mark} |")
     lines.append("")
     for machine, names in machines.items():
         lines.append(f"Measured on: {machine} ({', '.join(names)}).")
+    if software:
+        lines.append("")
+        lines.append(f"Software: {'; '.join(software)}.")
     return "\n".join(lines)
 
 

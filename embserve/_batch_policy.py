@@ -122,11 +122,33 @@ class AdaptivePolicy(BatchPolicy):
     quiesce = True
 
     def __init__(self, target_latency_s: float, max_batch_size: int, decay: float = 0.9) -> None:
-        self.target_latency_s = target_latency_s
-        self.max_batch_size = max_batch_size
+        self._target = target_latency_s
+        self._max = max_batch_size
         self._decay = decay
         # Weighted sums for the least-squares fit of exec time against batch size.
         self._w = self._wn = self._wnn = self._wt = self._wnt = 0.0
+        # (max_size, wait_s), worked out when the fit or a limit changes, not per request.
+        self._limits: tuple[int, float] | None = None
+
+    @property
+    def target_latency_s(self) -> float:
+        """The latency requests should meet (changeable at run time)."""
+        return self._target
+
+    @target_latency_s.setter
+    def target_latency_s(self, value: float) -> None:
+        self._target = value
+        self._limits = None
+
+    @property
+    def max_batch_size(self) -> int:
+        """The hard limit (changeable at run time)."""
+        return self._max
+
+    @max_batch_size.setter
+    def max_batch_size(self, value: int) -> None:
+        self._max = value
+        self._limits = None
 
     def predict(self, size: int) -> float | None:
         """Predicted execution time of a batch of ``size`` items, None before any data."""
@@ -148,6 +170,19 @@ class AdaptivePolicy(BatchPolicy):
 
     def max_size(self) -> int:
         """Largest size whose predicted time fits half the target, within ``max_batch_size``."""
+        limits = self._limits
+        if limits is None:
+            limits = self._limits = (self._max_size(), self._wait_s())
+        return limits[0]
+
+    def wait_s(self) -> float:
+        """What is left of the target once the largest batch ran, halved: a backstop only."""
+        limits = self._limits
+        if limits is None:
+            limits = self._limits = (self._max_size(), self._wait_s())
+        return limits[1]
+
+    def _max_size(self) -> int:
         if self._w == 0:
             return self.max_batch_size
         fixed, per_item = self._fit()
@@ -156,9 +191,8 @@ class AdaptivePolicy(BatchPolicy):
             return self.max_batch_size
         return max(1, min(self.max_batch_size, int(budget / per_item + 1e-9)))
 
-    def wait_s(self) -> float:
-        """What is left of the target once the largest batch ran, halved: a backstop only."""
-        predicted = self.predict(self.max_size()) or 0.0
+    def _wait_s(self) -> float:
+        predicted = self.predict(self._max_size()) or 0.0
         return max(0.0, (self.target_latency_s - predicted) / 2)
 
     def observe(self, size: int, exec_s: float) -> None:
@@ -169,3 +203,4 @@ class AdaptivePolicy(BatchPolicy):
         self._wnn = self._wnn * d + size * size
         self._wt = self._wt * d + exec_s
         self._wnt = self._wnt * d + size * exec_s
+        self._limits = None

@@ -49,6 +49,11 @@ class _Item:
         self.future: asyncio.Future[Any] | None = None
         self.queue: asyncio.Queue[tuple[bool, Any]] | None = None  # streaming only
 
+    @property
+    def gone(self) -> bool:
+        """The caller no longer wants an answer."""
+        return self.future is not None and self.future.done()
+
 
 class _SentItem(_Item):
     """An item queued by :meth:`DynamicBatcher.send`; calling it withdraws it (one object per
@@ -71,11 +76,6 @@ class _SentItem(_Item):
 
     def __call__(self) -> None:
         self.batcher._withdraw(self)
-
-    @property
-    def gone(self) -> bool:
-        """The caller no longer wants an answer."""
-        return self.future is not None and self.future.done()
 
 
 class _Bucket:
@@ -135,7 +135,8 @@ class DynamicBatcher(Batcher[Any, Any]):
         self._size_fn = batch_size_fn
         self._key_fn = bucket_key
         self._clock: Clock = clock or LoopClock(self.loop)
-        self._now = self._clock.now
+        # The loop's own time() when the clock is the loop's: one call less per request.
+        self._now = self.loop.time if clock is None else self._clock.now
         self._streaming = streaming
         self._buckets: dict[Hashable, _Bucket] = {}
         # The running batches (tasks, or thread work for in_thread) and their items.
@@ -338,12 +339,16 @@ class DynamicBatcher(Batcher[Any, Any]):
         cost = 0
         queue = bucket.items
         hard = self.policy.max_batch_size
-        while queue:
+        if self._size_fn is None:
+            # Every item costs 1 (never more than the limit): the first ``limit`` go.
+            items = [queue.popleft() for _ in range(min(len(queue), max(limit, 1)))]
+            for entry in items:
+                entry.started = True
+            bucket.cost -= len(items)
+        while queue and self._size_fn is not None:
             entry = queue[0]
             # The first item always goes, even past an adaptive size below its cost.
-            if items and self._size_fn is None and cost + entry.cost > limit:
-                break
-            if items and self._size_fn is not None:
+            if items:
                 # The size of a batch is batch_size_fn of its items (as in Ray Serve), which
                 # need not be the sum of their own sizes (padding to the longest, say).
                 try:
@@ -386,12 +391,12 @@ class DynamicBatcher(Batcher[Any, Any]):
     def _start(self, items: list[_Item]) -> None:
         now = self._clock.now()
         metrics = self.metrics
-        self._running_cost += sum(entry.cost for entry in items)
-        for entry in items:
-            waited = now - entry.arrived
-            metrics.queue_wait_s_sum += waited
-            if waited > metrics.queue_wait_s_max:
-                metrics.queue_wait_s_max = waited
+        self._running_cost += self._cost_of(items)
+        # Items are taken in arrival order: the first waited longest.
+        metrics.queue_wait_s_sum += now * len(items) - sum(entry.arrived for entry in items)
+        waited = now - items[0].arrived
+        if waited > metrics.queue_wait_s_max:
+            metrics.queue_wait_s_max = waited
         if self._in_thread:
             self._start_in_thread(items, now)
             return
@@ -404,9 +409,12 @@ class DynamicBatcher(Batcher[Any, Any]):
         # A batch slot is free: the next ready batch starts now, before its callers wake.
         items = self._running.pop(batch, None)
         if items is not None:
-            self._running_cost -= sum(entry.cost for entry in items)
+            self._running_cost -= self._cost_of(items)
             if not self._closed:
                 self._pump()
+
+    def _cost_of(self, items: list[_Item]) -> int:
+        return len(items) if self._size_fn is None else sum(entry.cost for entry in items)
 
     # -- sync batch functions, in the batcher's threads
 
@@ -486,11 +494,17 @@ class DynamicBatcher(Batcher[Any, Any]):
     def _settle(self, items: list[_Item], results: Any) -> None:
         # Every caller's answer in this one loop turn: each set_result only schedules its
         # caller's wake-up, and the loop runs them all in its next turn.
+        execution = self.execution
+        pending = execution.pending if execution is not None else None
+        now = self._now()
         for entry, result in zip(items, results):  # noqa: B905 (lengths checked by callers)
             future = entry.future
             if future is not None and not future.done():
                 future.set_result(result)
-        self._observe(items)
+            if pending is not None and entry.sent:
+                pending.append(now - entry.arrived)
+        if execution is not None and len(execution.pending) >= PENDING_MAX:
+            execution.flush()
 
     def _fail_batch(self, items: list[_Item], exc: Exception) -> None:
         attach_traceback(exc)  # once for the batch: every caller re-raises this one

@@ -79,6 +79,10 @@ def _materialize(args: tuple[Any, ...]) -> tuple[Any, ...]:
 
 
 _UNKNOWN: Any = object()
+# Whether values of a type need materializing (see _materialize; the stand-ins define it on
+# their class): by type, since looking for a missing attribute on a value costs much of a
+# batched send.
+_MATERIALIZES: dict[type, bool] = {}
 
 
 def _in_request(request: Request, fn: Callable[[], Any]) -> Any:
@@ -289,8 +293,15 @@ class ReplicaHost:
             return None
         if request.trace_context is not None and tracing.ENABLED:
             return None
+        value = request.args[0]
+        kind = type(value)
+        materializes = _MATERIALIZES.get(kind)
+        if materializes is None:
+            materializes = _MATERIALIZES[kind] = hasattr(kind, "__embserve_materialize__")
+        if materializes:
+            value = value.__embserve_materialize__()
         try:
-            withdraw: Callable[[], None] = batcher.send(_materialize(request.args)[0], future)
+            withdraw: Callable[[], None] = batcher.send(value, future)
         except Exception:
             return None
         return withdraw

@@ -368,18 +368,30 @@ class _Inbox:
         self.calls: deque[tuple[contextvars.Context | None, Callable[[], object]]] = deque()
         self.scheduled = False
 
-    def put(self, call: Callable[[], object], context: contextvars.Context | None) -> None:
+    def put(
+        self, call: Callable[[], object], context: contextvars.Context | None, defer: bool
+    ) -> None:
         self.calls.append((context, call))
         if not self.scheduled:
             # Set before the wake: a drain that starts now sees this call, or a later drain
             # is scheduled for it (drain() clears the flag before it takes the calls).
             self.scheduled = True
-            try:
-                self.loop.call_soon_threadsafe(self.drain)
-            except RuntimeError:  # the loop is closed: nothing will ever run these
-                self.scheduled = False
-                self.calls.clear()
-                raise
+            here = running_loop() if defer else None
+            if here is not None and here is not self.loop:
+                # Wake it once this loop's turn is over: the other answers settled in this
+                # turn go with the same wake. (Writing the wake-up releases the GIL, and the
+                # woken loop would otherwise drain one answer per write.)
+                here.call_soon(self.wake)
+            else:
+                self.wake()
+
+    def wake(self) -> None:
+        try:
+            self.loop.call_soon_threadsafe(self.drain)
+        except RuntimeError:  # the loop is closed: nothing will ever run these
+            self.scheduled = False
+            self.calls.clear()
+            raise
 
     def drain(self) -> None:
         self.scheduled = False
@@ -399,14 +411,21 @@ class _Inbox:
 
 
 def call_soon_threadsafe(
-    loop: asyncio.AbstractEventLoop, call: Callable[[], object], *, copy_context: bool = True
+    loop: asyncio.AbstractEventLoop,
+    call: Callable[[], object],
+    *,
+    copy_context: bool = True,
+    defer: bool = False,
 ) -> None:
     """``loop.call_soon_threadsafe(call)``, from another thread, with one wake of ``loop`` per
     burst of calls instead of one per call.
 
     ``call`` runs on ``loop`` in a copy of the calling thread's context (``copy_context``), or
-    in the loop's drain callback's own (for plumbing that reads no context). Raises
-    ``RuntimeError`` when ``loop`` is closed.
+    in the loop's drain callback's own (for plumbing that reads no context). With ``defer``,
+    called from a running loop, the wake waits for the end of that loop's turn, so that all
+    it hands over in the turn goes with one wake (for answers, which the loop that settles
+    them outlives; never for requests, which a loop about to end must not leave behind).
+    Raises ``RuntimeError`` when ``loop`` is closed (at once, or, deferred, at the wake).
     """
     inbox: _Inbox | None = getattr(loop, "_embserve_inbox", None)
     if inbox is None:
@@ -416,7 +435,7 @@ def call_soon_threadsafe(
         except AttributeError:  # a loop that takes no attributes: each call wakes it
             loop.call_soon_threadsafe(call)
             return
-    inbox.put(call, contextvars.copy_context() if copy_context else None)
+    inbox.put(call, contextvars.copy_context() if copy_context else None, defer)
 
 
 def wrap_future(
@@ -444,7 +463,7 @@ def wrap_future(
             copy()
             return
         with contextlib.suppress(RuntimeError):  # the waiting loop closed: nobody is left
-            call_soon_threadsafe(loop, copy, copy_context=False)
+            call_soon_threadsafe(loop, copy, copy_context=False, defer=True)
 
     def cancelled(_: asyncio.Future[T]) -> None:
         if waiter.cancelled():
@@ -485,7 +504,9 @@ def start_from_loop(
 
     def settled(source: asyncio.Future[T]) -> None:  # on ``loop``
         with contextlib.suppress(RuntimeError):  # ``here`` closed: nobody is left to tell
-            call_soon_threadsafe(here, functools.partial(copy, source), copy_context=False)
+            call_soon_threadsafe(
+                here, functools.partial(copy, source), copy_context=False, defer=True
+            )
 
     def begin() -> None:  # on ``loop``
         if waiter.cancelled():

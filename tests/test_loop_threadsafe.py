@@ -199,3 +199,17 @@ def test_start_from_loop_answers_fails_and_cancels_across_loops(loop: CountingLo
         assert await asyncio.to_thread(discarded.wait, 10)
 
     asyncio.run(main())
+
+
+def test_answers_handed_over_in_one_turn_of_a_loop_wake_the_other_once(loop: CountingLoop) -> None:
+    async def main() -> None:
+        before = loop.wakes
+        done = [threading.Event() for _ in range(50)]
+        for event in done:  # all in this one turn: the wake waits for its end
+            call_soon_threadsafe(loop, event.set, copy_context=False, defer=True)
+        assert loop.wakes == before  # not yet
+        await asyncio.sleep(0)
+        assert await asyncio.to_thread(lambda: all(e.wait(10) for e in done))
+        assert loop.wakes - before == 1
+
+    asyncio.run(main())

@@ -316,3 +316,32 @@ def test_batches_in_a_worker_process_answer_fail_and_withdraw() -> None:
         start = time.perf_counter()
         assert call_all(handle, [5, 6, 7, 8]) == [10, 12, 14, 16]
         assert time.perf_counter() - start < 1.5
+
+
+@embserve.deployment
+class BatchedOverHTTP:
+    """HTTP requests batched: each arrives in the batch as the Starlette request it is."""
+
+    @embserve.batch(max_batch_size=8, batch_wait_timeout_s=0.05)
+    async def __call__(self, requests: list[Any]) -> list[dict[str, Any]]:
+        bodies = [await r.json() for r in requests]
+        return [
+            {"x": b["x"], "path": r.url.path, "batch": len(requests)}
+            for r, b in zip(requests, bodies, strict=True)
+        ]
+
+
+def test_http_requests_are_batched_as_starlette_requests() -> None:
+    httpx = pytest.importorskip("httpx")
+    from tests.e2e.servers import hypercorn_server
+
+    app = embserve.App({"/b": BatchedOverHTTP.bind()})
+    with hypercorn_server(app) as url, ThreadPoolExecutor(8) as pool:
+
+        def post(x: int) -> Any:
+            return httpx.post(f"{url}/b/item", json={"x": x}, timeout=10).json()
+
+        answers = list(pool.map(post, range(8)))
+    assert [a["x"] for a in answers] == list(range(8))
+    assert {a["path"] for a in answers} == {"/b/item"}
+    assert max(a["batch"] for a in answers) > 1
