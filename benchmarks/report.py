@@ -207,6 +207,28 @@ def http_rows(r: dict[str, Any]) -> Iterator[Row]:
         )
 
 
+def threads_rows(r: dict[str, Any]) -> Iterator[Row]:
+    """Plain threads calling sync user code, against a bare cross-thread loop call."""
+    one, many = r.get("one_thread", {}), r.get("sixteen_threads", {})
+    floor = "run_coroutine_threadsafe(noop()).result()"
+    yield (
+        "a thread calling a sync deployment, p50",
+        _num(one.get("p50_us"), "us"),
+        f"{_num(one.get('floor_p50_us'), 'us')} ({floor})",
+        _ratio(one.get("ratio")),
+        "<= 0.5x",
+        _met(r.get("targets", {}), "p50_le_half_floor"),
+    )
+    yield (
+        "16 threads calling a sync deployment",
+        _num(many.get("calls_per_s"), "calls/s"),
+        f"{_num(many.get('floor_calls_per_s'), 'calls/s')} (the same, 16 threads)",
+        _ratio(many.get("ratio")),
+        ">= 1.0x",
+        _met(r.get("targets", {}), "calls_per_s_ge_floor"),
+    )
+
+
 def soak_rows(r: dict[str, Any]) -> Iterator[Row]:
     """The soak's pass/fail figures."""
     yield (
@@ -232,6 +254,7 @@ RULES: dict[str, Callable[[dict[str, Any]], Iterator[Row]]] = {
     "http": http_rows,
     "batching": batching_rows,
     "soak": soak_rows,
+    "threads": threads_rows,
 }
 
 

@@ -21,6 +21,8 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
+import platform
 import statistics
 import sys
 import threading
@@ -125,11 +127,11 @@ def main() -> None:
         "p50_le_half_floor": report["one_thread"]["ratio"] <= 0.5,
         "calls_per_s_ge_floor": report["sixteen_threads"]["ratio"] >= 1.0,
     }
-    text = json.dumps(report, indent=2)
-    print(text)
+    print(json.dumps(report, indent=2))
     if options.out:
+        machine = {"cpus": os.cpu_count(), "platform": platform.platform()}
         with open(options.out, "w") as out:
-            out.write(text + "\n")
+            out.write(json.dumps({**report, "machine": machine}, indent=2) + "\n")
 
 
 if __name__ == "__main__":
