@@ -6,19 +6,26 @@ import json
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def test_handles_benchmark_quick_run_reports_every_figure() -> None:
+def quick_report(benchmark: str) -> dict[str, Any]:
+    """The JSON report of ``benchmarks/<benchmark>.py --quick``."""
     output = subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks" / "handles.py"), "--quick"],
+        [sys.executable, str(ROOT / "benchmarks" / f"{benchmark}.py"), "--quick"],
         check=True,
         capture_output=True,
         text=True,
         timeout=120,
     ).stdout
-    report = json.loads(output)
+    report: dict[str, Any] = json.loads(output)
+    return report
+
+
+def test_handles_benchmark_quick_run_reports_every_figure() -> None:
+    report = quick_report("handles")
     assert report["benchmark"] == "handles"
     assert report["async"]["floor_p50_us"] > 0 and report["sync"]["floor_p50_us"] > 0
     assert report["throughput_64_in_flight"]["async_calls_per_s"] > 0
@@ -63,14 +70,7 @@ def test_batching_benchmark_quick_run_and_the_table_written_from_it(tmp_path: Pa
 
 
 def test_threads_benchmark_quick_run_reports_its_floor() -> None:
-    output = subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks" / "threads.py"), "--quick"],
-        check=True,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    ).stdout
-    report = json.loads(output)
+    report = quick_report("threads")
     assert report["benchmark"] == "threads"
     assert report["one_thread"]["floor_p50_us"] > 0
     assert report["sixteen_threads"]["floor_calls_per_s"] > 0
@@ -78,14 +78,7 @@ def test_threads_benchmark_quick_run_reports_its_floor() -> None:
 
 
 def test_http_benchmark_quick_run_compares_embserve_run_with_both_floors() -> None:
-    output = subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks" / "http.py"), "--quick"],
-        check=True,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    ).stdout
-    report = json.loads(output)
+    report = quick_report("http")
     assert report["benchmark"] == "http"
     servers = report["servers"]
     assert set(servers) == {

@@ -16,24 +16,16 @@ import pytest
 
 import embserve
 from embserve_dask import DaskBackend
+from tests.dask.clusters import three_workers
 
 # distributed's constructors are untyped; tests use them through these names.
-LocalCluster: Any = distributed.LocalCluster
 Client: Any = distributed.Client
 
 
 @pytest.fixture(scope="module")
 def cluster() -> Iterator[Any]:
     """Three worker processes (with nannies, which restart a killed worker) on 127.0.0.1."""
-    with LocalCluster(
-        n_workers=3,
-        threads_per_worker=1,
-        processes=True,
-        protocol="tcp",
-        host="127.0.0.1",
-        dashboard_address=":0",
-    ) as local_cluster:
-        yield local_cluster
+    yield from three_workers()
 
 
 @embserve.deployment(num_replicas=2, max_ongoing_requests=4)

@@ -23,6 +23,7 @@ import pytest
 
 import embserve
 from embserve_dask import DaskBackend
+from tests.dask.clusters import three_workers
 from tests.dask.ingress import Echo
 from tests.processes import alive
 from tests.waiting import wait_for, wait_until
@@ -30,22 +31,13 @@ from tests.waiting import wait_for, wait_until
 ROOT = Path(__file__).resolve().parents[2]
 
 # distributed's constructors are untyped; tests use them through this name.
-LocalCluster: Any = distributed.LocalCluster
 Client: Any = distributed.Client
 
 
 @pytest.fixture(scope="module")
 def cluster() -> Iterator[Any]:
     """Three worker processes (with nannies) on 127.0.0.1."""
-    with LocalCluster(
-        n_workers=3,
-        threads_per_worker=1,
-        processes=True,
-        protocol="tcp",
-        host="127.0.0.1",
-        dashboard_address=":0",
-    ) as local_cluster:
-        yield local_cluster
+    yield from three_workers()
 
 
 def _replica_tasks(client: Any) -> list[str]:
