@@ -28,6 +28,7 @@ __all__ = [
     "resolve_responses",
     "start_call",
     "start_threadsafe",
+    "start_unstarted",
 ]
 
 
@@ -212,12 +213,13 @@ def deferred(loop: asyncio.AbstractEventLoop, runner: Runner, request: Any) -> R
         else:
             queue.append(response)
     if queue is None:
-        loop.call_soon_threadsafe(loop.call_later, _GRACE_S, _start_unstarted, loop)
+        loop.call_soon_threadsafe(loop.call_later, _GRACE_S, start_unstarted, loop)
     return response
 
 
-def _start_unstarted(loop: asyncio.AbstractEventLoop) -> None:
-    # On ``loop``: start the deferred calls their threads did not use meanwhile.
+def start_unstarted(loop: asyncio.AbstractEventLoop) -> None:
+    """On ``loop``: start the deferred calls their threads did not use yet (the loop does
+    this a grace time after each burst of them, and its runtime as it shuts down)."""
     with _deferred_lock:
         queue = _unstarted.pop(loop, ())
     for response in queue:

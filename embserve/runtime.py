@@ -29,7 +29,13 @@ from embserve.handle import Handle, register_submitter, unregister_submitter
 from embserve.metrics import scrape
 from embserve.replica import Replica
 from embserve.request import Request
-from embserve.response import Response, ResponseStream, deferred, start_threadsafe
+from embserve.response import (
+    Response,
+    ResponseStream,
+    deferred,
+    start_threadsafe,
+    start_unstarted,
+)
 from embserve.snapshot import EndpointStatus, RuntimeStatus
 
 __all__ = ["Runtime"]
@@ -236,7 +242,9 @@ class Runtime:
         await self._dispatch.end_background()
         if self._backend is not None:
             await self._backend.close()
-        await stop_runners(asyncio.get_running_loop())
+        loop = asyncio.get_running_loop()
+        start_unstarted(loop)  # calls from threads not started yet: they fail, shut down
+        await stop_runners(loop)
 
     def _blocking(self, make: Coroutine[Any, Any, T]) -> T:
         if self._closed:

@@ -248,3 +248,17 @@ def run_all(target: Callable[[int], None], count: int) -> None:
     for thread in threads:
         thread.join(30)
         assert not thread.is_alive()
+
+
+def test_a_call_left_unstarted_at_shutdown_is_answered_plainly() -> None:
+    rt = embserve.Runtime()
+    handle = rt.run(Where.bind())
+    handle.remote(0).result()  # the first call turns the shared counts on
+    unread = handle.remote(1)  # mostly, its grace time has not passed when the runtime stops
+    rt.shutdown()
+    try:
+        value = unread.result(timeout_s=5)
+    except embserve.EmbserveError as exc:  # not a closed loop's RuntimeError, nor a hang
+        assert "shut down" in str(exc)
+    else:
+        assert value[0] == 1  # the loop started it before the runtime stopped
