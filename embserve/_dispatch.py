@@ -66,6 +66,17 @@ class Dispatcher:
         loop = asyncio.get_running_loop()
         if has_responses(request.args, request.kwargs):
             return start_task(loop, self._resolve_and_serve(request))
+        endpoint = self.endpoints.get(request.target)
+        if (
+            endpoint is not None
+            and endpoint.single is not None
+            and not endpoint.shadow
+            and request.http_method is None
+            and request.stream is not None
+        ):  # the usual handle call: one deployment, nothing to decide
+            controller = self.controllers.get(endpoint.single)
+            if controller is not None:
+                return controller.start(request)
         try:
             controller, shadows = self.controller(request.target, request.routing_key)
             if request.http_method is None and request.stream is not None and not shadows:

@@ -65,17 +65,13 @@ class Endpoint:
         self.shadow = {name: share for name, share in shadows.items() if share > 0}
         self._targets = targets
         self._cumulative = cumulative
-        self._single = targets[0] if len(targets) == 1 else None
+        #: The one deployment that gets every request, or None during a split.
+        self.single = targets[0] if len(targets) == 1 else None
 
     @property
     def deployments(self) -> set[str]:
         """Every deployment this endpoint may send a request or a shadow copy to."""
         return set(self.traffic) | set(self.shadow)
-
-    @property
-    def single(self) -> str | None:
-        """The one deployment that gets every request, or None during a split."""
-        return self._single
 
     def pick(self, routing_key: str | None = None) -> str:
         """The deployment that serves the next request.
@@ -84,8 +80,8 @@ class Endpoint:
         stay (its key hashes to a fixed point of the weight line), so a sticky session keeps
         its version as well as its replica during a split.
         """
-        if self._single is not None:
-            return self._single
+        if self.single is not None:
+            return self.single
         point = self.rng.random() if routing_key is None else _unit_hash(routing_key)
         index = bisect.bisect_right(self._cumulative, point)
         return self._targets[min(index, len(self._targets) - 1)]

@@ -196,9 +196,11 @@ class Handle:
             request.deadline = parent.deadline
             request.trace_context = parent.trace_context
         if tracing.ENABLED:
-            context = tracing.capture()  # the caller's span (inside a replica: its execution)
-            if context is not None:
-                request.trace_context = context
+            variable = tracing.context_variable
+            if variable is None or variable.get():  # else no span: nothing to capture
+                context = tracing.capture()  # the caller's span (in a replica: its execution)
+                if context is not None:
+                    request.trace_context = context
         return submitter.submit(request)
 
     def __reduce__(self) -> tuple[Any, ...]:

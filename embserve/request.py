@@ -79,7 +79,7 @@ class Request:
     def ensure_id(self) -> str:
         """The request id, assigned now if it has none yet."""
         if not self.request_id:
-            self.request_id = new_request_id()
+            self.request_id = f"{_PREFIX}{next(_counter):x}"  # new_request_id(), without a call
         return self.request_id
 
     def copy(self, **changes: Any) -> Request:

@@ -412,7 +412,22 @@ class PowerOfTwoChoicesRouter(Router):
     """Sample two replicas, take the one with fewer requests in flight (the default)."""
 
     def choose(self, replicas: Sequence[Replica], request: Request) -> Replica | None:
-        return _power_of_two(replicas, self.max_ongoing_requests, self.rng)
+        limit = self.max_ongoing_requests
+        count = len(replicas)
+        if count == 1:
+            only = replicas[0]
+            return only if only.ongoing < limit else None
+        randrange = self.rng.randrange
+        first = randrange(count)
+        second = randrange(count - 1)
+        if second >= first:
+            second += 1
+        a, b = replicas[first], replicas[second]
+        best = a if a.ongoing <= b.ongoing else b
+        if best.ongoing < limit:
+            return best
+        best = min(replicas, key=_ongoing)
+        return best if best.ongoing < limit else None
 
 
 class RoundRobinRouter(Router):
@@ -430,7 +445,7 @@ class RoundRobinRouter(Router):
         return None
 
 
-class ConsistentHashRouter(Router):
+class ConsistentHashRouter(PowerOfTwoChoicesRouter):
     """Requests with the same routing key go to the same replica (sticky sessions, per-user or
     per-model caches), while it has room.
 
@@ -450,7 +465,7 @@ class ConsistentHashRouter(Router):
     def choose(self, replicas: Sequence[Replica], request: Request) -> Replica | None:
         key = request.routing_key
         if key is None:
-            return _power_of_two(replicas, self.max_ongoing_requests, self.rng)
+            return super().choose(replicas, request)
         ids = tuple(r.replica_id for r in replicas)
         if ids != self._ring_of:
             self._build(replicas, ids)
@@ -476,24 +491,6 @@ class ConsistentHashRouter(Router):
         self._points = [point for point, _ in ring]
         self._owners = [replicas[index] for _, index in ring]
         self._ring_of = ids
-
-
-def _power_of_two(replicas: Sequence[Replica], limit: int, rng: random.Random) -> Replica | None:
-    count = len(replicas)
-    if count == 1:
-        only = replicas[0]
-        return only if only.ongoing < limit else None
-    randrange = rng.randrange
-    first = randrange(count)
-    second = randrange(count - 1)
-    if second >= first:
-        second += 1
-    a, b = replicas[first], replicas[second]
-    best = a if a.ongoing <= b.ongoing else b
-    if best.ongoing < limit:
-        return best
-    best = min(replicas, key=_ongoing)
-    return best if best.ongoing < limit else None
 
 
 def _hash(text: str) -> int:

@@ -24,31 +24,32 @@ __all__ = ["ENABLED", "capture", "span"]
 ENABLED = importlib.util.find_spec("opentelemetry") is not None
 
 _api: Any = None
-# OpenTelemetry's own context variable, when its runtime context keeps one (the default): an
-# empty context there means no span, found without a call into OpenTelemetry. None: ask it.
-_context_var: Any = None
+#: OpenTelemetry's own context variable, once tracing was first used and when its runtime
+#: context keeps one (the default): an empty context there means no span, found without a call
+#: into OpenTelemetry (what a handle call checks before :func:`capture`). None: ask it.
+context_variable: Any = None
 
 
 def _otel() -> Any:
-    global _api, _context_var
+    global _api, context_variable
     if _api is None:
         from opentelemetry import context, propagate, trace
 
         runtime = getattr(context, "_RUNTIME_CONTEXT", None)
         variable = getattr(runtime, "_current_context", None)
         if isinstance(variable, contextvars.ContextVar):
-            _context_var = variable
+            context_variable = variable
         _api = (propagate, trace, trace.get_tracer("embserve"))
     return _api
 
 
 def capture() -> dict[str, str] | None:
     """The current trace context as a carrier, or None when no span is active."""
-    variable = _context_var
+    variable = context_variable
     if variable is not None and not variable.get():
         return None  # the usual case: nothing is traced here
     propagate, trace, _ = _api or _otel()
-    if _context_var is not None and not _context_var.get():
+    if context_variable is not None and not context_variable.get():
         return None
     if not trace.get_current_span().get_span_context().is_valid:
         return None
