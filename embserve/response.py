@@ -260,27 +260,29 @@ class _Deferred(Response):
         return (yield from asyncio.wrap_future(self._concurrent()).__await__())
 
     def _concurrent(self) -> concurrent.futures.Future[Any]:
+        on_loop = running_loop() is self._loop
         with _deferred_lock:
             state = self._state
             if state == _PENDING:
                 self._state = _STARTED
                 begin = functools.partial(self._runner.start, self._request)
-                if running_loop() is self._loop:
-                    started: concurrent.futures.Future[Any] = concurrent.futures.Future()
-                    try:
-                        _link(self._loop, begin(), started)
-                    except Exception as exc:
-                        started.set_exception(exc)
+                if on_loop:  # started below, out of the lock: its first step runs user code
+                    self._started = self._future = concurrent.futures.Future()
                 else:
-                    started = start_threadsafe(self._loop, begin)
-                self._started = self._future = started
-            if self._started is not None:
-                return self._started
-            if self._waiting is None:  # running in a thread, or done there
-                self._waiting = concurrent.futures.Future()
-                if state == _DONE:
-                    self._settle(self._waiting)
-            return self._waiting
+                    self._started = self._future = start_threadsafe(self._loop, begin)
+            elif self._started is None:  # running in a thread, or done there
+                if self._waiting is None:
+                    self._waiting = concurrent.futures.Future()
+                    if state == _DONE:
+                        self._settle(self._waiting)
+                return self._waiting
+            started = self._started
+        if state == _PENDING and on_loop:
+            try:
+                _link(self._loop, begin(), started)
+            except Exception as exc:
+                started.set_exception(exc)
+        return started
 
     def _settle(self, future: concurrent.futures.Future[Any]) -> None:
         if self._error is not None:
