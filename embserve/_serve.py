@@ -159,7 +159,7 @@ class RequestPath:
         if self._always_watched or request.deadline is not None or self.unavailable is not None:
             return NOT_HERE
         router = self.router
-        if router._lock is None:
+        if not router.threads_allowed:
             if not self._threads_asked:  # the loop turns on the shared counts, once
                 self._threads_asked = True
                 loop.call_soon_threadsafe(router.allow_threads)
@@ -182,8 +182,8 @@ class RequestPath:
             raise
         finally:
             lease.release_here(loop)
-            with router._lock:
-                self.metrics.finished(outcome, perf_counter() - began)
+            # A count and a list append, each one step under the GIL, as on the loop.
+            self.metrics.finished(outcome, perf_counter() - began)
 
     def _send(
         self, request: Request, lease: Lease, loop: asyncio.AbstractEventLoop, began: float

@@ -273,6 +273,11 @@ class Router(ABC):
         replica.ongoing += 1
         return Lease(self, replica)
 
+    @property
+    def threads_allowed(self) -> bool:
+        """Whether :meth:`allow_threads` ran: other threads may take leases."""
+        return self._lock is not None
+
     def allow_threads(self) -> None:
         """From now on, :meth:`try_assign_here` may be called from other threads (call on the
         loop: the counts are then changed under a lock, by the loop too)."""
