@@ -438,6 +438,20 @@ def call_soon_threadsafe(
     inbox.put(call, contextvars.copy_context() if copy_context else None, defer)
 
 
+AnyFuture = asyncio.Future[Any] | concurrent.futures.Future[Any]
+
+
+def settle_like(target: AnyFuture, source: AnyFuture) -> None:
+    """Settle ``target`` as ``source`` (done) ended: with its result, its exception, or
+    cancelled. Raises what settling a ``target`` already done raises."""
+    if source.cancelled():
+        target.cancel()
+    elif (exc := source.exception()) is not None:
+        target.set_exception(exc)
+    else:
+        target.set_result(source.result())
+
+
 def wrap_future(
     future: concurrent.futures.Future[T], loop: asyncio.AbstractEventLoop
 ) -> asyncio.Future[T]:
@@ -449,14 +463,8 @@ def wrap_future(
     waiter: asyncio.Future[T] = loop.create_future()
 
     def copy() -> None:
-        if waiter.done():
-            return
-        if future.cancelled():
-            waiter.cancel()
-        elif (exc := future.exception()) is not None:
-            waiter.set_exception(exc)
-        else:
-            waiter.set_result(future.result())
+        if not waiter.done():
+            settle_like(waiter, future)
 
     def settled(_: concurrent.futures.Future[T]) -> None:
         if running_loop() is loop:
@@ -493,14 +501,8 @@ def start_from_loop(
     started: list[asyncio.Future[T]] = []  # the source, once ``loop`` made it
 
     def copy(source: asyncio.Future[T]) -> None:  # on ``here``; ``source`` is done
-        if waiter.done():
-            return
-        if source.cancelled():
-            waiter.cancel()
-        elif (exc := source.exception()) is not None:
-            waiter.set_exception(exc)
-        else:
-            waiter.set_result(source.result())
+        if not waiter.done():
+            settle_like(waiter, source)
 
     def settled(source: asyncio.Future[T]) -> None:  # on ``loop``
         with contextlib.suppress(RuntimeError):  # ``here`` closed: nobody is left to tell

@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import functools
 import threading
 import weakref
 from collections.abc import AsyncIterator, Callable, Coroutine, Generator, Iterator
 from typing import Any, Protocol
 
-from embserve._loop import call_soon_threadsafe, running_loop, start_task, wrap_future
+from embserve._loop import call_soon_threadsafe, running_loop, settle_like, start_task, wrap_future
 
 __all__ = [
     "NOT_HERE",
@@ -82,15 +83,9 @@ def _link(
 ) -> None:
     # On ``loop``: ``source``'s outcome goes to ``bridge``; cancelling ``bridge`` cancels it.
     def copy(done: asyncio.Future[Any]) -> None:
-        try:
-            if done.cancelled():
-                bridge.cancel()
-            elif (exc := done.exception()) is not None:
-                bridge.set_exception(exc)
-            else:
-                bridge.set_result(done.result())
-        except concurrent.futures.InvalidStateError:  # cancelled from its own thread
-            pass
+        # The bridge may have been cancelled from its own thread meanwhile.
+        with contextlib.suppress(concurrent.futures.InvalidStateError):
+            settle_like(bridge, done)
 
     def cancel_source(_: concurrent.futures.Future[Any]) -> None:
         if bridge.cancelled() and not source.done():
@@ -318,7 +313,7 @@ class _Deferred(Response):
                 self._state = _PENDING
             started = self._concurrent()
             if waiting is not None:
-                started.add_done_callback(functools.partial(_copy_outcome, waiting))
+                started.add_done_callback(functools.partial(settle_like, waiting))
             return
         self._finish(value, None)
 
@@ -344,17 +339,6 @@ class _Deferred(Response):
         if self._started is not None:
             return self._started.done()
         return self._state == _DONE
-
-
-def _copy_outcome(
-    target: concurrent.futures.Future[Any], source: concurrent.futures.Future[Any]
-) -> None:
-    if source.cancelled():
-        target.cancel()
-    elif (error := source.exception()) is not None:
-        target.set_exception(error)
-    else:
-        target.set_result(source.result())
 
 
 class ResponseStream:
