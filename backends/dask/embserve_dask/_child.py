@@ -32,6 +32,7 @@ shutdown time. The task ends it when every runtime has let go of its Dask future
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import hmac
 import importlib
@@ -39,6 +40,7 @@ import logging
 import os
 import signal
 import sys
+from collections.abc import AsyncIterator, Callable
 from multiprocessing.connection import Connection
 from typing import Any
 
@@ -85,25 +87,34 @@ class _Replica:
         if self.settings.get("shared"):
             await _Shared(self).main()
             return
-        loop = asyncio.get_running_loop()
-        loop.add_reader(self.pipe.fileno(), self._on_pipe)
-        check = loop.call_later(_PARENT_CHECK_S, self._check_parent)
-        security = self.settings["security"]
-        listener = listen(
-            self.settings["listen"],
-            self._on_comm,
-            deserialize=False,  # payloads stay frames; see the module's "Admission"
-            **security.get_listen_args("worker"),
-        )
-        await listener.start()
-        timeout = loop.call_later(CONNECT_TIMEOUT_S, self.stop)
-        try:
-            self.pipe.send(("listening", listener.contact_address))
+        async with self.listening(self._on_comm, self.stop) as (listener, timeout):
             comm = await self._comm
             timeout.cancel()
             listener.stop()
             if comm is not None:
                 await self._serve(comm)
+
+    @contextlib.asynccontextmanager
+    async def listening(
+        self, on_comm: Callable[[Any], Any], on_timeout: Callable[[], object]
+    ) -> AsyncIterator[tuple[Any, asyncio.TimerHandle]]:
+        """Listen for the runtime's comm (``on_comm`` gets each) and tell the parent where,
+        watching the pipe and the parent meanwhile; ``on_timeout`` runs when nothing connects
+        within CONNECT_TIMEOUT_S. Yields the listener and that timer; all stop on leaving."""
+        loop = asyncio.get_running_loop()
+        loop.add_reader(self.pipe.fileno(), self._on_pipe)
+        check = loop.call_later(_PARENT_CHECK_S, self._check_parent)
+        listener = listen(
+            self.settings["listen"],
+            on_comm,
+            deserialize=False,  # payloads stay frames; see the module's "Admission"
+            **self.settings["security"].get_listen_args("worker"),
+        )
+        await listener.start()
+        timeout = loop.call_later(CONNECT_TIMEOUT_S, on_timeout)
+        try:
+            self.pipe.send(("listening", listener.contact_address))
+            yield listener, timeout
         finally:
             timeout.cancel()
             check.cancel()
@@ -235,26 +246,10 @@ class _Shared:
         self.host: Any = None  # the user object's host, once the owner's START built it
 
     async def main(self) -> None:
-        replica = self.replica
-        loop = asyncio.get_running_loop()
-        loop.add_reader(replica.pipe.fileno(), replica._on_pipe)
-        check = loop.call_later(_PARENT_CHECK_S, replica._check_parent)
-        listener = listen(
-            replica.settings["listen"],
-            self._on_comm,
-            deserialize=False,  # payloads stay frames; see the module's "Admission"
-            **replica.settings["security"].get_listen_args("worker"),
-        )
-        await listener.start()
-        timeout = loop.call_later(CONNECT_TIMEOUT_S, self._first_timeout)
         try:
-            replica.pipe.send(("listening", listener.contact_address))
-            await self._end
+            async with self.replica.listening(self._on_comm, self._first_timeout):
+                await self._end
         finally:
-            timeout.cancel()
-            check.cancel()
-            loop.remove_reader(replica.pipe.fileno())
-            listener.stop()
             for server in list(self.servers):
                 server.stop()
             await asyncio.gather(*self.servers.values(), return_exceptions=True)
