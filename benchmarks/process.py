@@ -7,11 +7,12 @@ Prints one JSON object. Figures:
 - ``latency``: sequential handle calls to one process replica (async user code), awaited on the
   runtime's own loop, against a raw round trip over a ``multiprocessing`` Pipe to an echo
   process (pickle 5 each way, no event loop on either side). The replica's worker polls for
-  the next request for up to 100 µs before it sleeps (the default); ``no_busy_poll`` is the
-  same with ``ProcessBackend(busy_poll_s=0)``. Shown beside them, to explain the gap: a bare
-  socket echo between two asyncio loops (``asyncio_echo``: the least any design with an event
-  loop on each side pays) and the same handle calls from a plain thread (``.result()``, which
-  adds the two thread hops any sync caller pays).
+  the next request for up to 100 µs before it sleeps, and the runtime's loop for the answer
+  (the default); ``no_busy_poll`` is the same with ``ProcessBackend(busy_poll_s=0)``. Shown
+  beside them, to explain the gap: a bare socket echo between two asyncio loops
+  (``asyncio_echo``: the least any design with an event loop on each side pays) and the same
+  handle calls from a plain thread (``.result()``, which adds the two thread hops any sync
+  caller pays).
 - ``throughput``: calls/s with 64 in flight, against the raw Pipe with 64 messages in flight.
 - ``numpy_8mb``: an 8 MiB float64 array sent to the replica and back, against pickle 5 with
   out-of-band buffers over the raw Pipe (frames written as they are, no copy into the pickle).

@@ -23,7 +23,7 @@ from time import perf_counter
 from typing import Any
 
 from embserve import tracing
-from embserve._loop import current_task, running_loop
+from embserve._loop import current_task, running_loop, threads_at_work
 from embserve.batching import (
     DynamicBatcher,
     batch_sizes,
@@ -434,6 +434,7 @@ class ReplicaHost:
             work = self._executor.submit(_in_request, request, fn)
         self._in_threads.add(work)
         work.add_done_callback(self._in_threads.discard)
+        threads_at_work(asyncio.get_running_loop())
         try:
             return await asyncio.wrap_future(work)
         except asyncio.CancelledError:

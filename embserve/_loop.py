@@ -5,9 +5,9 @@ Calls handed to a loop from other threads go through :func:`call_soon_threadsafe
 :func:`wrap_future`, which wake a loop once per burst of calls, not once per call.
 
 This is the one module that uses asyncio's private names (``_get_running_loop``,
-``_current_tasks`` before 3.12, ``_enter_task``/``_leave_task``, ``_asyncio_future_blocking``);
-tests/test_start_task.py checks each of them on every Python version the project supports (3.10
-to 3.13).
+``_current_tasks`` before 3.12, ``_enter_task``/``_leave_task``, ``_asyncio_future_blocking``,
+a selector loop's ``_selector``); tests/test_start_task.py and tests/test_polling.py check
+each of them on every Python version the project supports (3.10 to 3.13).
 """
 
 from __future__ import annotations
@@ -17,12 +17,18 @@ import concurrent.futures
 import contextlib
 import contextvars
 import functools
+import selectors
 import sys
 import threading
+import time
+import weakref
 from asyncio.tasks import _enter_task, _leave_task
 from collections import deque
-from collections.abc import Callable, Coroutine, Generator
-from typing import Any, TypeVar
+from collections.abc import Callable, Coroutine, Generator, Mapping
+from typing import TYPE_CHECKING, Any, TypeVar
+
+if TYPE_CHECKING:
+    from _typeshed import FileDescriptorLike
 
 T = TypeVar("T")
 
@@ -36,6 +42,134 @@ if sys.version_info >= (3, 12):
 else:
     # What asyncio.current_task reads, without its Python frame around a dict look-up.
     current_task = asyncio.tasks._current_tasks.get  # type: ignore[attr-defined]
+
+
+class Awaiting:
+    """What a :class:`PollingSelector` asks before each sleep: whether an answer is due soon
+    (:meth:`awaiting`), and how long to poll for it (:attr:`poll_s`)."""
+
+    poll_s: float = 0.0
+
+    def awaiting(self) -> bool:
+        """True while something this object sent has its answer still to come."""
+        return False
+
+
+# How long a loop does not poll once other threads work with it (see threads_at_work).
+_QUIET_S = 0.002
+
+
+class PollingSelector(selectors.BaseSelector):
+    """A loop's selector (``inner``, which does the work) that polls for up to a moment before
+    each sleep: always ``poll_s``, and longer while one of its :attr:`waiters` awaits an answer.
+
+    Waking a sleeping thread costs about as much as a whole call to another process does (on a
+    virtual machine, several times as much), and the answer mostly comes within that moment;
+    a loop with nothing due sleeps as before, after its poll. It does not poll for a moment
+    after :func:`threads_at_work` said other threads work with the loop: a polling thread
+    holds the GIL they need to go on.
+    """
+
+    def __init__(self, inner: selectors.BaseSelector, poll_s: float = 0.0) -> None:
+        self.inner = inner
+        self.poll_s = poll_s
+        self.waiters: weakref.WeakSet[Awaiting] = weakref.WeakSet()
+        self.quiet_until = 0.0
+
+    def select(self, timeout: float | None = None) -> list[tuple[selectors.SelectorKey, int]]:
+        inner = self.inner
+        if timeout is not None and timeout <= 0:
+            return inner.select(timeout)
+        poll_s = self.poll_s
+        if self.waiters:
+            for waiter in self.waiters:
+                if waiter.poll_s > poll_s and waiter.awaiting():
+                    poll_s = waiter.poll_s
+        if poll_s <= 0:
+            return inner.select(timeout)
+        clock = time.monotonic
+        start = clock()
+        if start < self.quiet_until:
+            return inner.select(timeout)
+        deadline = start + (poll_s if timeout is None else min(poll_s, timeout))
+        while True:
+            ready = inner.select(0)
+            if ready:
+                return ready
+            now = clock()
+            if now >= deadline:
+                break
+        if timeout is not None:
+            timeout = max(0.0, timeout - (now - start))
+        return inner.select(timeout)
+
+    # The rest is the inner selector's.
+
+    def register(
+        self, fileobj: FileDescriptorLike, events: int, data: Any = None
+    ) -> selectors.SelectorKey:
+        return self.inner.register(fileobj, events, data)
+
+    def unregister(self, fileobj: FileDescriptorLike) -> selectors.SelectorKey:
+        return self.inner.unregister(fileobj)
+
+    def modify(
+        self, fileobj: FileDescriptorLike, events: int, data: Any = None
+    ) -> selectors.SelectorKey:
+        return self.inner.modify(fileobj, events, data)
+
+    def get_key(self, fileobj: FileDescriptorLike) -> selectors.SelectorKey:
+        return self.inner.get_key(fileobj)
+
+    def get_map(self) -> Mapping[FileDescriptorLike, selectors.SelectorKey]:
+        return self.inner.get_map()
+
+    def close(self) -> None:
+        self.inner.close()
+
+
+def _polling_selector(loop: asyncio.AbstractEventLoop) -> PollingSelector | None:
+    # The loop's selector, made a PollingSelector the first time (None: the loop has no
+    # selector of asyncio's kind to wrap, e.g. uvloop's or Windows' proactor).
+    selector = getattr(loop, "_selector", None)
+    if isinstance(selector, PollingSelector):
+        return selector
+    if not isinstance(selector, selectors.BaseSelector):
+        return None
+    polling = PollingSelector(selector)
+    loop._selector = polling  # type: ignore[attr-defined]
+    return polling
+
+
+def threads_at_work(loop: asyncio.AbstractEventLoop) -> None:
+    """Other threads work with ``loop`` now (they handed it calls, or it handed them user
+    code): if it is a polling loop, it does not poll for the next moment (2 ms)."""
+    selector = getattr(loop, "_selector", None)
+    if type(selector) is PollingSelector:
+        selector.quiet_until = time.monotonic() + _QUIET_S
+
+
+def new_loop(poll_s: float = 0.0) -> asyncio.AbstractEventLoop:
+    """A new event loop that polls for up to ``poll_s`` before each sleep (see
+    :class:`PollingSelector`): for a replica process, whose next request mostly comes within
+    that moment."""
+    loop = asyncio.new_event_loop()
+    if poll_s > 0:
+        selector = _polling_selector(loop)
+        if selector is not None:
+            selector.poll_s = poll_s
+    return loop
+
+
+def poll_while(loop: asyncio.AbstractEventLoop, waiter: Awaiting) -> None:
+    """Have ``loop`` poll for up to ``waiter.poll_s`` before each sleep while ``waiter`` awaits
+    an answer (its selector becomes a :class:`PollingSelector`); nothing when ``waiter.poll_s``
+    is 0 or the loop has no selector to poll (uvloop). Held weakly: a waiter that is gone is
+    forgotten."""
+    if waiter.poll_s > 0:
+        selector = _polling_selector(loop)
+        if selector is not None:
+            selector.waiters.add(waiter)
 
 
 class LoopThread:
@@ -395,6 +529,7 @@ class _Inbox:
 
     def drain(self) -> None:
         self.scheduled = False
+        threads_at_work(self.loop)
         calls = self.calls
         # Only the calls there now: those added meanwhile have a drain of their own scheduled.
         for _ in range(len(calls)):

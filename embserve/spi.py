@@ -23,6 +23,8 @@ inside without breaking it:
   (:class:`Registry` and what it holds), :meth:`Backend.adopt`, :meth:`Backend.contact`, and
   :data:`STOP`, the message kind that asks a replica to stop (a replica serving several
   runtimes tells its owner's ``STOP`` from another's leaving);
+- :func:`new_loop`: an event loop that polls a moment before each sleep (a replica process's
+  loop, where the next request mostly comes within that moment);
 - :func:`spawn_task`: run a coroutine's first step at once, as a task only if it waits (what
   a transport whose writes are coroutines needs to keep :meth:`Transport.send` synchronous and
   cheap).
@@ -33,7 +35,7 @@ A third-party backend registers its class in the ``embserve.backends`` entry-poi
 from __future__ import annotations
 
 from embserve._host import ReplicaHost
-from embserve._loop import spawn_task
+from embserve._loop import new_loop, spawn_task
 from embserve._remote import (
     STREAM_WINDOW,
     MemoryTransport,
@@ -86,6 +88,7 @@ __all__ = [
     "encode",
     "encode_start",
     "memory_pair",
+    "new_loop",
     "run_replica_process",
     "spawn_task",
 ]

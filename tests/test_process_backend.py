@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import selectors
-import socket
 import threading
 import time
 from collections.abc import AsyncIterator, Iterator
@@ -20,7 +18,6 @@ import embserve.wire
 from embserve.backends import load_backend, resolve_backend
 from embserve.spi import STREAM_WINDOW, decode, encode
 from embserve_process import ProcessBackend
-from embserve_process._worker import _PollingSelector
 from tests.waiting import wait_for
 
 T = TypeVar("T")
@@ -386,19 +383,6 @@ def test_frames_keep_numpy_buffers_out_of_band() -> None:
     back = decode([bytes(frames[0]), bytearray(frames[1])])
     np.testing.assert_array_equal(back["a"], array)
     assert back["f"]() == 1
-
-
-def test_the_polling_selector_returns_what_is_ready_and_keeps_to_its_timeout() -> None:
-    here, there = socket.socketpair()
-    with here, there, _PollingSelector(0.01) as selector:
-        selector.register(here, selectors.EVENT_READ)
-        start = time.monotonic()
-        assert selector.select(0.05) == []  # nothing came: it polled, then slept the rest
-        assert 0.05 <= time.monotonic() - start < 1.0
-        there.send(b"x")
-        ready = selector.select(None)
-        assert [key.fileobj for key, _ in ready] == [here]
-        assert selector.select(0) == ready  # unread data stays ready
 
 
 def test_busy_polling_can_be_turned_off() -> None:

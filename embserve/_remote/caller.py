@@ -16,6 +16,7 @@ import logging
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
+from embserve._loop import poll_while
 from embserve._remote.codec import (
     Frame,
     decode,
@@ -139,10 +140,17 @@ class RemoteReplica(Replica):
 
     # -- connecting -----------------------------------------------------------------------
 
-    def connect(self, transport: Transport) -> None:
-        """Talk to the replica over ``transport`` from now on (once)."""
+    def connect(self, transport: Transport, *, poll_s: float = 0.0) -> None:
+        """Talk to the replica over ``transport`` from now on (once).
+
+        ``poll_s``: while answers are due, a runtime's own loop polls this long for them
+        before it sleeps (see :func:`~embserve._loop.poll_while`): a replica that answers
+        within it spares the loop's thread a wake-up, which costs about as much as the call.
+        0 (the default): it never polls.
+        """
         self._transport = transport
-        self._pending = Pending(transport, cancel=CANCEL, more=MORE, gone=self._gone)
+        self._pending = Pending(transport, cancel=CANCEL, more=MORE, gone=self._gone, poll_s=poll_s)
+        poll_while(self._loop, self._pending)
         self._forwarder = forwarder = Forwarder(transport, self._find_submitter)
         pending = self._pending
         self._answer = pending.answer

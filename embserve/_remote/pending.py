@@ -14,6 +14,7 @@ import pickle
 from collections.abc import AsyncGenerator, Callable
 from typing import TYPE_CHECKING, Any
 
+from embserve._loop import Awaiting
 from embserve._remote.codec import Frame, decode, decode_error, encode
 from embserve._remote.messages import END, ERR, ITEM, OK, STREAM_WINDOW
 from embserve._remote.transport import Transport
@@ -28,11 +29,13 @@ __all__ = ["Pending"]
 Gone = Callable[[bool], BaseException]
 
 
-class Pending:
+class Pending(Awaiting):
     """Sends requests over ``transport`` and routes the answers back to their senders.
 
     ``cancel`` and ``more`` are the kinds this end sends to give up on a request and to grant
-    stream credit. Every method runs on the transport's loop.
+    stream credit. Every method runs on the transport's loop. ``poll_s``: how long the loop
+    may poll for an answer before it sleeps, while one is due (see
+    :func:`~embserve._loop.poll_while`; 0, the default: it never polls for this end's).
 
     Attributes:
         calls: the futures of calls awaiting their answer, by ident.
@@ -41,8 +44,11 @@ class Pending:
             router lease once the other end says that work ended (``ENDED``).
     """
 
-    def __init__(self, transport: Transport, *, cancel: int, more: int, gone: Gone) -> None:
+    def __init__(
+        self, transport: Transport, *, cancel: int, more: int, gone: Gone, poll_s: float = 0.0
+    ) -> None:
         self.transport = transport
+        self.poll_s = poll_s
         self._cancel = cancel
         self._more = more
         self._gone = gone
@@ -50,6 +56,9 @@ class Pending:
         self.calls: dict[int, asyncio.Future[Any]] = {}
         self.streams: dict[int, asyncio.Queue[tuple[int, Any]]] = {}
         self.held: dict[int, Callable[[], None]] = {}
+
+    def awaiting(self) -> bool:
+        return bool(self.calls or self.streams)
 
     async def call(self, kind: int, payload: Any, lease: Lease | None = None) -> Any:
         """Send a request and return its answer (or raise its error).

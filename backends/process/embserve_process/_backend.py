@@ -40,11 +40,11 @@ class ProcessBackend(Backend):
             for parts of it with ``resources=...``; one that does not fit waits, with the short
             resource named in the deployment's status, until a replica stops.
         gpu_ids: the ids of the GPUs of ``resources`` (default: the visible ones).
-        busy_poll_s: how long a worker polls for the next request before it sleeps (default
-            100 µs where this process may use two CPUs or more, else 0: never). Waking a
-            sleeping process costs about as much as a whole call; a caller that sends its next
-            request within this time saves that. It costs at most this much CPU per wake-up,
-            and nothing while a worker is idle.
+        busy_poll_s: how long a worker polls for the next request before it sleeps, and the
+            runtime's event loop for an answer that is due (default 100 µs where this process
+            may use two CPUs or more, else 0: never). Waking a sleeping thread costs about as
+            much as a whole call; a request or an answer that comes within this time saves
+            that. It costs at most this much CPU per wake-up, and nothing while idle.
 
     A replica holding GPUs sees only those (``CUDA_VISIBLE_DEVICES``); one holding none sees no
     GPU when the capacity has any.

@@ -154,7 +154,7 @@ class ProcessReplica(RemoteReplica):
         self._process = process
         self.pid = process.pid
         self._watch_exit(process)
-        self.connect(SocketTransport(parent_sock, loop))
+        self.connect(SocketTransport(parent_sock, loop), poll_s=self._backend.busy_poll_s)
         try:
             await self.begin(start_frames)
         except BaseException:  # the constructor failed, the worker died, or we were cancelled

@@ -3,7 +3,7 @@
 What the worker says and hears is the core's remote-replica protocol
 (:class:`~embserve._remote.ReplicaServer` over a :class:`~embserve._remote.SocketTransport`);
 what is the process backend's own is here: the environment set before any user module loads,
-the loop (polling for work a moment before each sleep, see :class:`_PollingSelector`), and
+the loop (polling for work a moment before each sleep, see :func:`~embserve.spi.new_loop`), and
 exiting when the parent is gone. The worker exits when told to stop, when its connection closes
 (the parent died), or when its parent process is no longer its parent.
 
@@ -17,45 +17,16 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import selectors
 import signal
 import socket
 import sys
-import time
 
-from embserve.spi import ReplicaServer, SocketTransport, run_replica_process
+from embserve.spi import ReplicaServer, SocketTransport, new_loop, run_replica_process
 
 __all__ = ["main", "run_worker"]
 
 # How often the worker checks that its parent is alive, besides noticing its connection close.
 _PARENT_CHECK_S = 1.0
-
-
-class _PollingSelector(selectors.DefaultSelector):
-    # Polls for up to `poll_s` before each sleep. Waking a sleeping process costs about as much
-    # as a whole call does, and the next request of a busy caller mostly comes within that time.
-    # An idle worker sleeps as before, after one such poll.
-
-    def __init__(self, poll_s: float) -> None:
-        super().__init__()
-        self._poll_s = poll_s
-
-    def select(self, timeout: float | None = None) -> list[tuple[selectors.SelectorKey, int]]:
-        if timeout is not None and timeout <= 0:
-            return super().select(timeout)
-        clock = time.monotonic
-        start = clock()
-        deadline = start + (self._poll_s if timeout is None else min(self._poll_s, timeout))
-        while True:
-            ready = super().select(0)
-            if ready:
-                return ready
-            now = clock()
-            if now >= deadline:
-                break
-        if timeout is not None:
-            timeout = max(0.0, timeout - (now - start))
-        return super().select(timeout)
 
 
 async def _serve(sock: socket.socket, parent_pid: int) -> None:
@@ -98,8 +69,5 @@ def run_worker(sock: socket.socket, parent_pid: int, poll_s: float = 0.0) -> Non
 
     ``poll_s``: how long the worker's loop polls for work before each sleep (0: it never polls).
     """
-    if poll_s > 0:
-        loop: asyncio.AbstractEventLoop = asyncio.SelectorEventLoop(_PollingSelector(poll_s))
-    else:
-        loop = asyncio.new_event_loop()
+    loop = new_loop(poll_s)
     run_replica_process(lambda: loop.run_until_complete(_serve(sock, parent_pid)))
