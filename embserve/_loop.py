@@ -17,6 +17,7 @@ import concurrent.futures
 import contextlib
 import contextvars
 import functools
+import os
 import selectors
 import sys
 import threading
@@ -65,9 +66,10 @@ class PollingSelector(selectors.BaseSelector):
 
     Waking a sleeping thread costs about as much as a whole call to another process does (on a
     virtual machine, several times as much), and the answer mostly comes within that moment;
-    a loop with nothing due sleeps as before, after its poll. It does not poll for a moment
-    after :func:`threads_at_work` said other threads work with the loop: a polling thread
-    holds the GIL they need to go on.
+    a loop with nothing due sleeps as before, after its poll. Between looks it yields the core
+    to any thread waiting for it (on a small machine, often the caller's). It does not poll for
+    a moment after :func:`threads_at_work` said other threads work with the loop: a polling
+    thread holds the GIL they need to go on.
     """
 
     def __init__(self, inner: selectors.BaseSelector, poll_s: float = 0.0) -> None:
@@ -99,6 +101,8 @@ class PollingSelector(selectors.BaseSelector):
             now = clock()
             if now >= deadline:
                 break
+            # Let a thread waiting for this core run (a caller's, or this process's own).
+            os.sched_yield()
         if timeout is not None:
             timeout = max(0.0, timeout - (now - start))
         return inner.select(timeout)
