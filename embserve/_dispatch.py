@@ -125,6 +125,17 @@ class Dispatcher:
         :meth:`RequestPath.serve`); raises at once what the traffic policy raises."""
         if has_responses(request.args, request.kwargs):
             return self._resolve_and_serve(request)
+        endpoint = self.endpoints.get(request.target)
+        if endpoint is not None and endpoint.single is not None and not endpoint.shadow:
+            # The usual request: one deployment to decide for, and no shadow (see _decide).
+            controller = self.controllers.get(endpoint.single)
+            if controller is not None:
+                if request.http_method is not None:
+                    controller.check_http_method(request.http_method)
+                if request.stream is None and not controller.streams(request.method):
+                    request.stream = False
+                if request.stream is not None:
+                    return controller.serve(request)
         loop = asyncio.get_running_loop()
         route = self._route(request, loop)
         if isinstance(route, ResponseStream):

@@ -68,21 +68,30 @@ def _kind_of(fn: Callable[..., Any]) -> _Kind:
     return _Kind.SYNC
 
 
-def _materialize(args: tuple[Any, ...]) -> tuple[Any, ...]:
+# Whether values of a type need materializing (see _materialize; the stand-ins define it on
+# their class): by type, since looking for a missing attribute on a value costs much of a call.
+_MATERIALIZES: dict[type, bool] = {}
+
+
+def _materialized(value: Any) -> Any:
     # An adapter may send a plain, picklable stand-in as the first argument (the ASGI adapter's
     # request snapshot) that becomes the real object only here, beside the user code: the core
-    # stays free of web frameworks. One attribute look-up is all an ordinary call pays.
-    materialize = getattr(args[0], "__embserve_materialize__", None)
-    if materialize is None:
-        return args
-    return (materialize(), *args[1:])
+    # stays free of web frameworks. One dictionary look-up is all an ordinary value pays.
+    kind = type(value)
+    materializes = _MATERIALIZES.get(kind)
+    if materializes is None:
+        materializes = _MATERIALIZES[kind] = hasattr(kind, "__embserve_materialize__")
+    return value.__embserve_materialize__() if materializes else value
+
+
+def _materialize(args: tuple[Any, ...]) -> tuple[Any, ...]:
+    # The arguments with the first one materialized (see _materialized).
+    first = args[0]
+    real = _materialized(first)
+    return args if real is first else (real, *args[1:])
 
 
 _UNKNOWN: Any = object()
-# Whether values of a type need materializing (see _materialize; the stand-ins define it on
-# their class): by type, since looking for a missing attribute on a value costs much of a
-# batched send.
-_MATERIALIZES: dict[type, bool] = {}
 
 
 def _in_request(request: Request, fn: Callable[[], Any]) -> Any:
@@ -201,7 +210,8 @@ class ReplicaHost:
         began = perf_counter()
         try:
             if kind is _Kind.ASYNC:
-                return await fn(*args, **request.kwargs)
+                kwargs = request.kwargs
+                return await (fn(*args, **kwargs) if kwargs else fn(*args))
             if kind is _Kind.SYNC:
                 return await self._in_thread(
                     functools.partial(fn, *args, **request.kwargs), request
@@ -293,13 +303,7 @@ class ReplicaHost:
             return None
         if request.trace_context is not None and tracing.ENABLED:
             return None
-        value = request.args[0]
-        kind = type(value)
-        materializes = _MATERIALIZES.get(kind)
-        if materializes is None:
-            materializes = _MATERIALIZES[kind] = hasattr(kind, "__embserve_materialize__")
-        if materializes:
-            value = value.__embserve_materialize__()
+        value = _materialized(request.args[0])
         try:
             withdraw: Callable[[], None] = batcher.send(value, future)
         except Exception:
