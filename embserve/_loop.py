@@ -145,6 +145,16 @@ def _polling_selector(loop: asyncio.AbstractEventLoop) -> PollingSelector | None
     return polling
 
 
+def default_poll_s() -> float:
+    """How long a replica's loop and its caller's poll before they sleep, by default: 100 µs
+    where this process may use two CPUs or more (the other end runs meanwhile), else 0."""
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        cpus = os.cpu_count() or 1
+    return 100e-6 if cpus >= 2 else 0.0
+
+
 def threads_at_work(loop: asyncio.AbstractEventLoop) -> None:
     """Other threads work with ``loop`` now (they handed it calls, or it handed them user
     code): if it is a polling loop, it does not poll for the next moment (2 ms)."""

@@ -24,7 +24,8 @@ inside without breaking it:
   :data:`STOP`, the message kind that asks a replica to stop (a replica serving several
   runtimes tells its owner's ``STOP`` from another's leaving);
 - :func:`new_loop`: an event loop that polls a moment before each sleep (a replica process's
-  loop, where the next request mostly comes within that moment);
+  loop, where the next request mostly comes within that moment), and :func:`default_poll_s`,
+  how long by default;
 - :func:`spawn_task`: run a coroutine's first step at once, as a task only if it waits (what
   a transport whose writes are coroutines needs to keep :meth:`Transport.send` synchronous and
   cheap).
@@ -35,7 +36,7 @@ A third-party backend registers its class in the ``embserve.backends`` entry-poi
 from __future__ import annotations
 
 from embserve._host import ReplicaHost
-from embserve._loop import new_loop, spawn_task
+from embserve._loop import default_poll_s, new_loop, spawn_task
 from embserve._remote import (
     STREAM_WINDOW,
     MemoryTransport,
@@ -85,6 +86,7 @@ __all__ = [
     "acquire",
     "build_pool",
     "decode",
+    "default_poll_s",
     "encode",
     "encode_start",
     "memory_pair",

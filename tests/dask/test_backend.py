@@ -280,6 +280,33 @@ def test_async_runtime_reaches_the_cluster_through_an_address(cluster: Any) -> N
     assert asyncio.run(main()) == [2 * i for i in range(20)]
 
 
+@embserve.deployment
+class LoopProbe:
+    """Says how long its replica's loop polls before it sleeps."""
+
+    async def __call__(self) -> float:
+        selector = asyncio.get_running_loop()._selector
+        return float(getattr(selector, "poll_s", 0.0))
+
+
+@pytest.mark.parametrize("poll_s", [0.0, 200e-6])
+def test_replicas_and_their_caller_poll_as_busy_poll_s_says(cluster: Any, poll_s: float) -> None:
+    async def main() -> tuple[float, bool]:
+        backend = DaskBackend(cluster.scheduler_address, busy_poll_s=poll_s)
+        async with embserve.Runtime(backend=backend) as rt:
+            handle = await rt.run_async(LoopProbe.bind(), name="probe")
+            in_replica = await handle.remote()
+            selector = asyncio.get_running_loop()._selector
+            waiters = getattr(selector, "waiters", ())
+            return in_replica, any(waiter.poll_s == poll_s for waiter in waiters)
+
+    in_replica, caller_polls = asyncio.run(main())
+    assert in_replica == poll_s
+    assert caller_polls is (poll_s > 0)
+    with pytest.raises(ValueError, match="busy_poll_s"):
+        DaskBackend(cluster.scheduler_address, busy_poll_s=1.0)
+
+
 def test_from_address_rejects_other_schemes() -> None:
     with pytest.raises(ValueError, match="dask://host:8786"):
         DaskBackend.from_address("http://127.0.0.1:8786")

@@ -46,7 +46,16 @@ from typing import Any
 
 from distributed.comm import core as comm_core
 
-from embserve.spi import STOP, Frame, OnClosed, OnMessage, ReplicaServer, run_replica_process
+from embserve.spi import (
+    STOP,
+    Frame,
+    OnClosed,
+    OnMessage,
+    ReplicaServer,
+    default_poll_s,
+    new_loop,
+    run_replica_process,
+)
 from embserve_dask._transport import CommTransport
 
 __all__ = ["ADMISSION_TIMEOUT_S", "CONNECT_TIMEOUT_S", "TOKEN_KEY", "main"]
@@ -340,6 +349,8 @@ def main() -> None:
         sys_path, settings = pipe.recv()
         # The worker's own path (upload_file, its local directory): user code resolves as there.
         sys.path[:] = sys_path
-        asyncio.new_event_loop().run_until_complete(_run(pipe, parent_pid, settings))
+        poll_s = settings.get("busy_poll_s")
+        loop = new_loop(default_poll_s() if poll_s is None else poll_s)
+        loop.run_until_complete(_run(pipe, parent_pid, settings))
 
     run_replica_process(serve)

@@ -59,6 +59,7 @@ def serve_replica(
     devices: Sequence[str],
     token_sha256: str,
     shared: bool = False,
+    busy_poll_s: float | None = None,
 ) -> str:
     """The Dask task of one replica: runs until the replica's process exits.
 
@@ -74,6 +75,8 @@ def serve_replica(
         shared: the replica serves every runtime of a namespace that presents the token, and
             outlives the connection of the runtime that started it (see
             :mod:`embserve_dask._child`).
+        busy_poll_s: how long the replica's process polls for the next request before it
+            sleeps (None: 100 µs where that process may use two CPUs or more, else 0).
     """
     worker = distributed.get_worker()
     # Only this worker's own teardown can keep it alive while its replicas drain.
@@ -82,6 +85,7 @@ def serve_replica(
     secede()
     supervisor = _Supervisor(worker, key, replica_id, topic, token_sha256)
     supervisor.shared = shared
+    supervisor.busy_poll_s = busy_poll_s
     with _lock:
         _supervisors.setdefault(worker.address, set()).add(supervisor)
     try:
@@ -160,6 +164,7 @@ class _Supervisor:
         self._pending: list[tuple[Any, ...]] = []  # notices sent before the child started
         self._announced = False
         self.shared = False
+        self.busy_poll_s: float | None = None
 
     def run(self, devices: Sequence[str]) -> None:
         """Start the child, announce its address, and wait for it to exit (this thread)."""
@@ -198,6 +203,7 @@ class _Supervisor:
             "gpu_ids": list(gpu_ids),
             "token_sha256": self.token_sha256,  # over the pipe: this machine only
             "shared": self.shared,
+            "busy_poll_s": self.busy_poll_s,
         }
         try:
             pipe.send((list(sys.path), settings))

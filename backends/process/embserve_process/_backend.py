@@ -9,7 +9,6 @@ in the machine's CPUs, GPUs and custom resources is :class:`~embserve.resources.
 from __future__ import annotations
 
 import asyncio
-import os
 from collections.abc import Mapping
 from typing import ClassVar
 
@@ -17,18 +16,10 @@ from embserve.backends import Backend, ReplicaDied
 from embserve.errors import EmbserveError
 from embserve.replica import Replica, ReplicaSpec
 from embserve.resources import ResourcePool, acquire, build_pool
+from embserve.spi import default_poll_s
 from embserve_process._replica import ProcessReplica
 
 __all__ = ["ProcessBackend"]
-
-
-def _default_poll_s() -> float:
-    # Polling only pays where the worker and its caller can run at once.
-    try:
-        cpus = len(os.sched_getaffinity(0))
-    except AttributeError:  # not on Linux
-        cpus = os.cpu_count() or 1
-    return 100e-6 if cpus >= 2 else 0.0
 
 
 class ProcessBackend(Backend):
@@ -64,7 +55,7 @@ class ProcessBackend(Backend):
             raise ValueError(f"busy_poll_s must be between 0 and 0.1 seconds, got {busy_poll_s!r}")
         self._capacity = resources
         self._gpu_ids = gpu_ids
-        self.busy_poll_s = _default_poll_s() if busy_poll_s is None else busy_poll_s
+        self.busy_poll_s = default_poll_s() if busy_poll_s is None else busy_poll_s
         self.pool: ResourcePool | None = None
         self._replicas: set[ProcessReplica] = set()
 
