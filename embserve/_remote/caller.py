@@ -143,10 +143,10 @@ class RemoteReplica(Replica):
     def connect(self, transport: Transport, *, poll_s: float = 0.0) -> None:
         """Talk to the replica over ``transport`` from now on (once).
 
-        ``poll_s``: while answers are due, a runtime's own loop polls this long for them
-        before it sleeps (see :func:`~embserve._loop.poll_while`): a replica that answers
-        within it spares the loop's thread a wake-up, which costs about as much as the call.
-        0 (the default): it never polls.
+        ``poll_s``: while answers are due, the runtime's loop polls this long for them before
+        it sleeps (see :func:`~embserve._loop.poll_while`; not on a loop without a selector,
+        such as uvloop's): a replica that answers within it spares the loop's thread a
+        wake-up, which costs about as much as the call. 0 (the default): it never polls.
         """
         self._transport = transport
         self._pending = Pending(transport, cancel=CANCEL, more=MORE, gone=self._gone, poll_s=poll_s)
