@@ -56,7 +56,7 @@ class Awaiting:
         return False
 
 
-# How long a loop does not poll once other threads work with it (see threads_at_work).
+# How long a loop does not poll once it handed user code to threads (see threads_at_work).
 _QUIET_S = 0.002
 
 
@@ -67,9 +67,9 @@ class PollingSelector(selectors.BaseSelector):
     Waking a sleeping thread costs about as much as a whole call to another process does (on a
     virtual machine, several times as much), and the answer mostly comes within that moment;
     a loop with nothing due sleeps as before, after its poll. Between looks it yields the core
-    to any thread waiting for it (on a small machine, often the caller's). It does not poll for
-    a moment after :func:`threads_at_work` said other threads work with the loop: a polling
-    thread holds the GIL they need to go on.
+    to any thread waiting for it (on a small machine, often the caller's), and the GIL with it.
+    It does not poll for a moment after :func:`threads_at_work` said it handed user code to
+    other threads, which need the GIL for longer than a look lasts.
     """
 
     def __init__(self, inner: selectors.BaseSelector, poll_s: float = 0.0) -> None:
@@ -156,8 +156,8 @@ def default_poll_s() -> float:
 
 
 def threads_at_work(loop: asyncio.AbstractEventLoop) -> None:
-    """Other threads work with ``loop`` now (they handed it calls, or it handed them user
-    code): if it is a polling loop, it does not poll for the next moment (2 ms)."""
+    """``loop`` handed user code to other threads: if it is a polling loop, it does not poll
+    for the next moment (2 ms), so that they have the GIL to themselves."""
     selector = getattr(loop, "_selector", None)
     if type(selector) is PollingSelector:
         selector.quiet_until = time.monotonic() + _QUIET_S
@@ -543,7 +543,6 @@ class _Inbox:
 
     def drain(self) -> None:
         self.scheduled = False
-        threads_at_work(self.loop)
         calls = self.calls
         # Only the calls there now: those added meanwhile have a drain of their own scheduled.
         for _ in range(len(calls)):
