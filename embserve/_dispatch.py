@@ -66,18 +66,10 @@ class Dispatcher:
         loop = asyncio.get_running_loop()
         if has_responses(request.args, request.kwargs):
             return start_task(loop, self._resolve_and_serve(request))
-        endpoint = self.endpoints.get(request.target)
-        if (
-            endpoint is not None
-            and endpoint.single is not None
-            and not endpoint.shadow
-            and request.http_method is None
-            and request.stream is not None
-        ):  # the usual handle call: one deployment, nothing to decide
-            controller = self.controllers.get(endpoint.single)
-            if controller is not None:
-                return controller.start(request)
         try:
+            only = self._only(request)
+            if only is not None:
+                return only.start(request)
             controller, shadows = self.controller(request.target, request.routing_key)
             if request.http_method is None and request.stream is not None and not shadows:
                 return controller.start(request)  # the usual handle call: nothing to decide
@@ -125,17 +117,9 @@ class Dispatcher:
         :meth:`RequestPath.serve`); raises at once what the traffic policy raises."""
         if has_responses(request.args, request.kwargs):
             return self._resolve_and_serve(request)
-        endpoint = self.endpoints.get(request.target)
-        if endpoint is not None and endpoint.single is not None and not endpoint.shadow:
-            # The usual request: one deployment to decide for, and no shadow (see _decide).
-            controller = self.controllers.get(endpoint.single)
-            if controller is not None:
-                if request.http_method is not None:
-                    controller.check_http_method(request.http_method)
-                if request.stream is None and not controller.streams(request.method):
-                    request.stream = False
-                if request.stream is not None:
-                    return controller.serve(request)
+        only = self._only(request)
+        if only is not None:
+            return only.serve(request)
         loop = asyncio.get_running_loop()
         route = self._route(request, loop)
         if isinstance(route, ResponseStream):
@@ -147,6 +131,25 @@ class Dispatcher:
     async def _resolve_and_serve(self, request: Request) -> Any:
         request.args, request.kwargs = await resolve_responses(request.args, request.kwargs)
         return await self.serve(request)
+
+    def _only(self, request: Request) -> DeploymentController | None:
+        # The usual request: its endpoint sends everything to one deployment, with no shadow.
+        # That deployment, with what depends on it decided as _decide would (the HTTP methods
+        # it answers, whether the request streams), or None for the general path (which also
+        # takes the requests that turn out to stream). Raises MethodNotAllowedError.
+        endpoint = self.endpoints.get(request.target)
+        if endpoint is None or endpoint.single is None or endpoint.shadow:
+            return None
+        controller = self.controllers.get(endpoint.single)
+        if controller is None:
+            return None
+        if request.http_method is not None:
+            controller.check_http_method(request.http_method)
+        if request.stream is None:
+            if controller.streams(request.method):
+                return None
+            request.stream = False
+        return controller
 
     def _route(
         self, request: Request, loop: asyncio.AbstractEventLoop
