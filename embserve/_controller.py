@@ -58,6 +58,7 @@ class DeploymentController(RequestPath):
         self.init_kwargs = init_kwargs
         self.backend = backend
         self.runs_in_process = backend.in_process
+        self.direct_calls = backend.direct_calls
         self.runtime_id = runtime_id
         self.router = router or make_router(
             self.config.router,

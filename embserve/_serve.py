@@ -56,6 +56,9 @@ class RequestPath:
     clock: Clock
     #: Whether replicas run user code in this process (their backend's ``in_process``).
     runs_in_process: bool = False
+    #: Whether replicas elsewhere take a plain thread's calls on a direct line (their
+    #: backend's ``direct_calls``).
+    direct_calls: bool = False
     #: Why requests fail at once: set while no replica runs and the last start failed.
     unavailable: str | None
 
@@ -86,15 +89,19 @@ class RequestPath:
         return kind
 
     def runs_here(self, method: str) -> bool:
-        """Whether a sync caller may run ``method`` in its own thread (:meth:`call_here`):
-        plain sync code on replicas in this process, and nothing to watch."""
+        """Whether a sync caller may serve ``method`` in its own thread (:meth:`call_here`),
+        when nothing needs watching: plain sync code on replicas in this process, or any
+        method but a generator on replicas that take direct calls."""
         here = self._here.get(method)
         if here is None:
-            here = self._here[method] = (
-                self.runs_in_process
-                and not self._always_watched
-                and is_sync_method(self.deployment.target, method)
-            )
+            target = self.deployment.target
+            if self._always_watched:
+                here = False
+            elif self.runs_in_process:
+                here = is_sync_method(target, method)
+            else:
+                here = self.direct_calls and is_plain_method(target, method)
+            self._here[method] = here
         return here
 
     def check_http_method(self, method: str) -> None:
@@ -151,10 +158,11 @@ class RequestPath:
         """Serve ``request`` in the calling thread, a plain thread that is not ``loop``'s:
         its result, or :data:`NOT_HERE` when it must go through the loop instead.
 
-        Runs here when nothing needs watching and a replica with room runs the method as sync
-        code in this process (:meth:`~embserve.replica.Replica.run_here`): the same lease,
-        ``max_ongoing_requests`` and metrics as on the loop, but no thread hop. Requests that
-        would wait for a replica, or need a timeout, go through the loop.
+        Runs here when nothing needs watching and a replica with room serves it in this thread
+        (:meth:`~embserve.replica.Replica.run_here`: sync code in this process, or a round trip
+        on a replica's direct line): the same lease, ``max_ongoing_requests`` and metrics as on
+        the loop, but no thread hop. Requests that would wait for a replica, or need a
+        timeout, go through the loop.
         """
         if self._always_watched or request.deadline is not None or self.unavailable is not None:
             return NOT_HERE
@@ -425,6 +433,13 @@ def is_generator_method(target: Any, method: str) -> bool:
     """Whether ``method`` of a deployment target (class or function) is a generator."""
     fn = _method_of(target, method)
     return inspect.isasyncgenfunction(fn) or inspect.isgeneratorfunction(fn)
+
+
+def is_plain_method(target: Any, method: str) -> bool:
+    """Whether ``method`` of a deployment target is a method that returns one result (sync code
+    or a coroutine, not a generator of either kind)."""
+    fn = _method_of(target, method)
+    return callable(fn) and not (inspect.isasyncgenfunction(fn) or inspect.isgeneratorfunction(fn))
 
 
 def is_sync_method(target: Any, method: str) -> bool:

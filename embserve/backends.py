@@ -48,6 +48,10 @@ class Backend(ABC):
     #: Whether replicas run user code in this process, with :meth:`Replica.run_here
     #: <embserve.replica.Replica.run_here>` (sync callers then run it in their own thread).
     in_process: ClassVar[bool] = False
+    #: Whether replicas elsewhere take a plain thread's call on a line of their own, whatever
+    #: the kind of its method (:meth:`Replica.run_here <embserve.replica.Replica.run_here>`):
+    #: the thread sends it and reads the answer itself, with no hop through the runtime's loop.
+    direct_calls: ClassVar[bool] = False
 
     def __init__(self) -> None:
         self.on_replica_died: ReplicaDied = _ignore_death

@@ -94,9 +94,11 @@ class Replica(ABC):
         return None
 
     def run_here(self, request: Request) -> Callable[[], Any] | None:
-        """What runs ``request`` in the calling thread (any thread but the loop's), for
-        replicas whose user code runs in this process and whose method is sync; None (the
-        default) when the request must go through :meth:`call`.
+        """What serves ``request`` in the calling thread (any thread but the loop's), to be
+        run at once: the method itself, for replicas whose user code runs in this process and
+        whose method is sync; a blocking round trip on a line of its own, for replicas
+        elsewhere whose backend has ``direct_calls``. None (the default) when the request must
+        go through :meth:`call`.
 
         The caller holds the request's lease while the function runs.
         """

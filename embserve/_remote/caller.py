@@ -12,7 +12,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
+import socket
+import threading
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
@@ -24,6 +27,7 @@ from embserve._remote.codec import (
     encode_code,
     find_unpicklable,
 )
+from embserve._remote.direct import DirectLine
 from embserve._remote.forwarding import Forwarder
 from embserve._remote.messages import (
     CALL,
@@ -62,6 +66,8 @@ logger = logging.getLogger("embserve.remote")
 
 # How long stop() waits for the replica to close its end before closing ours.
 _STOP_TIMEOUT_S = 5.0
+# How long a thread whose direct line broke waits for the loop to learn why (an exit code).
+_LOST_WAIT_S = 1.0
 
 
 def encode_start(spec: ReplicaSpec, context: ReplicaContext) -> list[Frame]:
@@ -130,12 +136,14 @@ class RemoteReplica(Replica):
         self._submitter = submitter
         self._transport: Transport | None = None
         self._pending: Pending | None = None
+        self._line: DirectLine | None = None
         self._forwarder: Forwarder | None = None
         self._started: asyncio.Future[Any] = self._loop.create_future()
         # A start abandoned (its deployment deleted meanwhile) leaves no one to read its error.
         self._started.add_done_callback(_retrieve)
         self._closed: asyncio.Future[None] = self._loop.create_future()
         self.dead_reason: str | None = None
+        self._line_lost = threading.Event()  # set with dead_reason, for threads on the line
         self.stopping = False
 
     # -- connecting -----------------------------------------------------------------------
@@ -166,6 +174,14 @@ class RemoteReplica(Replica):
         }
         transport.start(self._on_message, self._on_closed)
 
+    def connect_line(self, sock: socket.socket) -> None:
+        """Take plain threads' calls on ``sock`` too, a connected socket whose other end the
+        replica's side serves with :meth:`ReplicaServer.add_line
+        <embserve._remote.server.ReplicaServer.add_line>`: a thread that calls sends its
+        request and reads the answer itself (see :class:`~embserve._remote.direct.DirectLine`),
+        one thread at a time. A backend that connects a line says so with ``direct_calls``."""
+        self._line = DirectLine(sock, self._line_gone)
+
     async def begin(self, start: list[Frame]) -> Any:
         """Send ``START`` (the frames of :func:`encode_start`) and wait until the user object
         is built; returns what the replica said about itself. Raises
@@ -186,6 +202,11 @@ class RemoteReplica(Replica):
         reason = self.dead_reason or ("it is stopped" if self.stopping else "its connection broke")
         return ReplicaDiedError(f"replica {self.replica_id} is gone: {reason}", started=False)
 
+    def _line_gone(self, started: bool) -> ReplicaDiedError:
+        # In the thread whose call the line failed: the loop mostly learns why a moment later.
+        self._line_lost.wait(_LOST_WAIT_S)
+        return self._gone(started)
+
     def _alive(self) -> Pending:
         pending = self._pending
         if pending is None or self.dead_reason is not None or pending.transport.closed:
@@ -202,6 +223,12 @@ class RemoteReplica(Replica):
         if pending is None or self.dead_reason is not None:
             return None
         return pending.send(CALL, request.to_wire(), future, request.lease)
+
+    def run_here(self, request: Request) -> Callable[[], Any] | None:
+        line = self._line
+        if line is None or self.dead_reason is not None or not line.claim():
+            return None  # no line, or another thread's call is on it
+        return functools.partial(line.call, request)
 
     async def stream(self, request: Request) -> AsyncIterator[Any]:
         items = self._alive().stream(STREAM, request.to_wire(), request.lease)
@@ -298,10 +325,13 @@ class RemoteReplica(Replica):
         if self.dead_reason is not None:
             return False
         self.dead_reason = reason
+        self._line_lost.set()
         if not self._closed.done():
             self._closed.set_result(None)
         if self._transport is not None:
             self._transport.close()
+        if self._line is not None:
+            self._line.close()
         if self._pending is not None:
             self._pending.fail_all()
         if self._forwarder is not None:

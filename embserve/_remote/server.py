@@ -90,7 +90,19 @@ class ReplicaServer:
         self._credits: dict[int, Credit] = {}
         self._runtime_id = ""
         self._done: asyncio.Future[None] | None = None
+        self._stopping = False
         self.closes_host = True
+        self._lines: list[ReplicaServer] = []
+
+    def add_line(self, transport: Transport) -> None:
+        """Serve the calls that arrive on ``transport`` too, on this server's replica, each
+        answered there: the replica's side of a direct line (see
+        :class:`~embserve._remote.direct.DirectLine`), on which a caller's thread sends a call
+        and reads its answer itself. Call before :meth:`serve`, which serves the line until
+        this server ends (the line closing ends only the line)."""
+        line = ReplicaServer(transport, worker=self._worker, info=self._info, gpu_ids=self._gpu_ids)
+        line.closes_host = False
+        self._lines.append(line)
 
     async def serve(self) -> None:
         """Serve until ``STOP``, :meth:`stop` or the end of the connection; then cancel what
@@ -98,6 +110,8 @@ class ReplicaServer:
         transport."""
         loop = self._loop = asyncio.get_running_loop()
         self._done = loop.create_future()
+        if self._stopping:  # stopped before it began
+            self._done.set_result(None)
         self.submitter = submitter = RemoteSubmitter(loop, self._transport)
         answer = submitter.pending.answer
         self._handlers: dict[int, Callable[[int, list[Frame]], None]] = {
@@ -117,9 +131,12 @@ class ReplicaServer:
             STOP: lambda ident, frames: self.stop(),
         }
         self._transport.start(self._on_message, self._on_closed)
+        lines = [asyncio.ensure_future(line.serve()) for line in self._lines]
         try:
             await self._done
         finally:
+            for line in self._lines:
+                line.stop()
             for task, _ in list(self._work.values()):
                 task.cancel()
             if self.host is not None and self.closes_host:  # False: the host serves others
@@ -127,6 +144,7 @@ class ReplicaServer:
             self._transport.close()
             if self._runtime_id and find_submitter(self._runtime_id) is submitter:
                 unregister_submitter(self._runtime_id)
+            await asyncio.gather(*lines, return_exceptions=True)
 
     def notify(self, value: Any) -> None:
         """Tell the caller ``value`` unasked (``NOTICE``; its
@@ -137,6 +155,7 @@ class ReplicaServer:
 
     def stop(self) -> None:
         """Stop serving (the caller asked, or it is gone)."""
+        self._stopping = True
         if self._done is not None and not self._done.done():
             self._done.set_result(None)
 
@@ -177,6 +196,8 @@ class ReplicaServer:
             self._transport.send(START_FAILED, 0, encode_error(exc))
             return
         self.host = host
+        for line in self._lines:
+            line.host = host
         self._transport.send(STARTED, 0, encode(self._info))
 
     # -- requests -------------------------------------------------------------------------
