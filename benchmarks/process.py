@@ -11,8 +11,8 @@ Prints one JSON object. Figures:
   (the default); ``no_busy_poll`` is the same with ``ProcessBackend(busy_poll_s=0)``. Shown
   beside them, to explain the gap: a bare socket echo between two asyncio loops
   (``asyncio_echo``: the least any design with an event loop on each side pays) and the same
-  handle calls from a plain thread (``.result()``, which adds the two thread hops any sync
-  caller pays).
+  handle calls from a plain thread (``.result()``, sent and read by the thread itself on the
+  replica's direct line; ``sync_ratio``).
 - ``throughput``: calls/s with 64 in flight, against the raw Pipe with 64 messages in flight.
 - ``numpy_8mb``: an 8 MiB float64 array sent to the replica and back, against pickle 5 with
   out-of-band buffers over the raw Pipe (frames written as they are, no copy into the pickle).

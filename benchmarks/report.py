@@ -155,6 +155,14 @@ def process_rows(r: dict[str, Any]) -> Iterator[Row]:
         None if latency.get("ratio") is None else latency["ratio"] <= 2,
     )
     yield (
+        "process replica call p50, from a plain thread",
+        _num(latency.get("replica_sync_caller_p50_us"), "us"),
+        _num(latency.get("raw_pipe_p50_us"), "us (raw pipe)"),
+        _ratio(latency.get("sync_ratio")),
+        "",
+        None,
+    )
+    yield (
         "process replica calls/s, 64 in flight",
         _num(rate.get("replica_calls_per_s"), "calls/s"),
         _num(rate.get("raw_pipe_calls_per_s"), "calls/s (raw pipe)"),

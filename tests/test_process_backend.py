@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import signal
 import threading
 import time
 from collections.abc import AsyncIterator, Iterator
@@ -408,3 +409,91 @@ def test_the_request_context_reaches_a_worker(rt: embserve.Runtime) -> None:
     assert timed.context.remote().result(timeout_s=10)[2]  # the deadline crossed too
     rt.delete("context")
     rt.delete("context-timed")
+
+
+# -- plain threads' calls, on each replica's direct line ------------------------------------
+
+
+@embserve.deployment(max_ongoing_requests=2)
+class Napping:
+    """Sync code that takes its time in the worker, and says which worker it is."""
+
+    def pid(self) -> int:
+        return os.getpid()
+
+    def nap(self, seconds: float) -> float:
+        time.sleep(seconds)
+        return seconds
+
+
+def test_a_plain_threads_call_is_answered_while_the_runtimes_loop_is_held(
+    rt: embserve.Runtime, echo: embserve.Handle
+) -> None:
+    assert echo.remote(1).result() == 2  # the first call turns the shared counts on
+    assert rt.loop is not None
+    held, release = threading.Event(), threading.Event()
+
+    def hold() -> None:
+        held.set()
+        release.wait(10)
+
+    rt.loop.call_soon_threadsafe(hold)
+    assert held.wait(10)
+    answers: list[int] = []
+    try:
+        caller = threading.Thread(target=lambda: answers.append(echo.remote(21).result()))
+        caller.start()
+        caller.join(10)
+        # The thread sent its call and read the answer itself, on the replica's direct line.
+        assert answers == [42]
+    finally:
+        release.set()
+
+
+def test_a_thread_waiting_on_a_killed_worker_fails_at_once_and_the_next_call_is_served(
+    rt: embserve.Runtime,
+) -> None:
+    handle = rt.run(Napping.bind(), name="napping")
+    pid = handle.pid.remote().result()  # also turns the shared counts on
+    errors: list[BaseException] = []
+
+    def nap() -> None:
+        try:
+            handle.nap.remote(30).result()
+        except BaseException as exc:
+            errors.append(exc)
+
+    caller = threading.Thread(target=nap)
+    caller.start()
+    # The call holds its slot while it runs on the line, and status says so.
+    wait_for(lambda: "1 in flight" in str(rt.status()))
+    os.kill(pid, signal.SIGKILL)
+    caller.join(10)
+    assert not caller.is_alive()
+    assert len(errors) == 1 and isinstance(errors[0], embserve.ReplicaDiedError)
+    assert errors[0].started and "SIGKILL" in str(errors[0])
+    wait_for(lambda: handle.pid.remote().result() not in (pid, None))  # a new worker serves
+    rt.delete("napping")
+
+
+def test_threads_at_once_share_the_line_and_the_loop_and_each_call_is_answered_once(
+    rt: embserve.Runtime,
+) -> None:
+    handle = rt.run(Napping.bind(), name="napping-many")
+    handle.pid.remote().result()
+    answers: list[float] = []
+    lock = threading.Lock()
+
+    def caller(n: int) -> None:
+        for i in range(20):
+            got = handle.nap.remote((100 * n + i) / 1e5).result()
+            with lock:
+                answers.append(got)
+
+    threads = [threading.Thread(target=caller, args=(n,)) for n in range(6)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(30)
+    assert sorted(answers) == sorted((100 * n + i) / 1e5 for n in range(6) for i in range(20))
+    rt.delete("napping-many")

@@ -42,6 +42,7 @@ class ProcessBackend(Backend):
     """
 
     name: ClassVar[str] = "process"
+    direct_calls: ClassVar[bool] = True
 
     def __init__(
         self,

@@ -58,14 +58,16 @@ PATH_VARIABLE = "EMBSERVE_WORKER_SYS_PATH"
 _interpreter_flags: Any = getattr(subprocess, "_args_from_interpreter_flags", list)
 
 
-def worker_command(fd: int, parent_pid: int, poll_s: float) -> list[str]:
-    """The command line of a worker serving on descriptor ``fd``."""
+def worker_command(fd: int, line_fd: int, parent_pid: int, poll_s: float) -> list[str]:
+    """The command line of a worker serving on descriptor ``fd``, and plain threads' calls on
+    descriptor ``line_fd`` (its direct line)."""
     return [
         sys.executable,
         *_interpreter_flags(),
         "-c",
         _BOOT,
         str(fd),
+        str(line_fd),
         str(parent_pid),
         repr(poll_s),
     ]
@@ -133,12 +135,14 @@ class ProcessReplica(RemoteReplica):
             # replica that holds no GPU sees none, so it cannot take memory on one by accident.
             env["CUDA_VISIBLE_DEVICES"] = ",".join(self.gpu_ids)
         env[PATH_VARIABLE] = json.dumps(sys.path)
+        # One connection for the runtime's loop, one for plain threads' calls (a direct line).
         parent_sock, child_sock = socket.socketpair()
-        fd = child_sock.fileno()
+        parent_line, child_line = socket.socketpair()
+        fds = (child_sock.fileno(), child_line.fileno())
         start: functools.partial[subprocess.Popen[bytes]] = functools.partial(
             subprocess.Popen,
-            worker_command(fd, os.getpid(), self._backend.busy_poll_s),
-            pass_fds=(fd,),  # only this end: a worker holds no other worker's socket open
+            worker_command(*fds, os.getpid(), self._backend.busy_poll_s),
+            pass_fds=fds,  # only these ends: a worker holds no other worker's socket open
             env=env,
             stdin=subprocess.DEVNULL,  # the terminal's input is the parent's
         )
@@ -148,13 +152,16 @@ class ProcessReplica(RemoteReplica):
             process = await loop.run_in_executor(None, start)
         except BaseException:
             parent_sock.close()
+            parent_line.close()
             raise
         finally:
             child_sock.close()
+            child_line.close()
         self._process = process
         self.pid = process.pid
         self._watch_exit(process)
         self.connect(SocketTransport(parent_sock, loop), poll_s=self._backend.busy_poll_s)
+        self.connect_line(parent_line)
         try:
             await self.begin(start_frames)
         except BaseException:  # the constructor failed, the worker died, or we were cancelled

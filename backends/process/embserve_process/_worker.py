@@ -7,9 +7,10 @@ the loop (polling for work a moment before each sleep, see :func:`~embserve.spi.
 exiting when the parent is gone. The worker exits when told to stop, when its connection closes
 (the parent died), or when its parent process is no longer its parent.
 
-It is started as ``python -c "from embserve_process._worker import main; main()" FD PID POLL``
-(see :mod:`embserve_process._replica`): its socket is descriptor ``FD``, and its environment
-holds ``CUDA_VISIBLE_DEVICES`` and the parent's ``sys.path``.
+It is started as ``python -c "from embserve_process._worker import main; main()" FD LINE PID
+POLL`` (see :mod:`embserve_process._replica`): its socket is descriptor ``FD``, its direct line
+(plain threads' calls, see :meth:`~embserve.spi.ReplicaServer.add_line`) descriptor ``LINE``,
+and its environment holds ``CUDA_VISIBLE_DEVICES`` and the parent's ``sys.path``.
 """
 
 from __future__ import annotations
@@ -29,9 +30,11 @@ __all__ = ["main", "run_worker"]
 _PARENT_CHECK_S = 1.0
 
 
-async def _serve(sock: socket.socket, parent_pid: int) -> None:
+async def _serve(sock: socket.socket, line: socket.socket | None, parent_pid: int) -> None:
     pid = os.getpid()
     server = ReplicaServer(SocketTransport(sock), worker=str(pid), info={"pid": pid})
+    if line is not None:
+        server.add_line(SocketTransport(line))
     loop = asyncio.get_running_loop()
     check: asyncio.TimerHandle | None = None
 
@@ -51,23 +54,27 @@ async def _serve(sock: socket.socket, parent_pid: int) -> None:
 
 
 def main() -> None:
-    """The worker process's entry point: ``argv`` holds the socket's file descriptor, the parent's
-    pid and ``poll_s``."""
+    """The worker process's entry point: ``argv`` holds the file descriptors of the socket and
+    of the direct line, the parent's pid and ``poll_s``."""
     # First: Ctrl-C in a terminal reaches the whole process group; the parent decides when we stop.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    fd, parent_pid, poll_s = int(sys.argv[1]), int(sys.argv[2]), float(sys.argv[3])
+    fd, line_fd, parent_pid = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])
+    poll_s = float(sys.argv[4])
     # The parent's path (its script's directory, its current directory, what it added), so that
     # user modules import here as there; removed, so user code's own subprocesses do not see it.
     path = os.environ.pop("EMBSERVE_WORKER_SYS_PATH", None)
     if path is not None:
         sys.path[:] = json.loads(path)
-    run_worker(socket.socket(fileno=fd), parent_pid, poll_s)
+    run_worker(socket.socket(fileno=fd), parent_pid, poll_s, socket.socket(fileno=line_fd))
 
 
-def run_worker(sock: socket.socket, parent_pid: int, poll_s: float = 0.0) -> None:
-    """Serve one replica over ``sock`` until told to stop, then exit the process.
+def run_worker(
+    sock: socket.socket, parent_pid: int, poll_s: float = 0.0, line: socket.socket | None = None
+) -> None:
+    """Serve one replica over ``sock`` (and plain threads' calls on ``line``, when given) until
+    told to stop, then exit the process.
 
     ``poll_s``: how long the worker's loop polls for work before each sleep (0: it never polls).
     """
     loop = new_loop(poll_s)
-    run_replica_process(lambda: loop.run_until_complete(_serve(sock, parent_pid)))
+    run_replica_process(lambda: loop.run_until_complete(_serve(sock, line, parent_pid)))
