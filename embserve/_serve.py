@@ -183,15 +183,15 @@ class RequestPath:
         outcome = "error"
         try:
             result = run()
-            outcome = "ok"
+            outcome = "ok" if result is not NOT_HERE else ""  # not sent: the loop serves it
             return result
         except BaseException as exc:
             outcome = outcome_of(exc)
             raise
         finally:
             lease.release_here(loop)
-            # A count and a list append, each one step under the GIL, as on the loop.
-            self.metrics.finished(outcome, perf_counter() - began)
+            if outcome:  # a count and a list append, each one step under the GIL, as on the loop
+                self.metrics.finished(outcome, perf_counter() - began)
 
     def _send(
         self, request: Request, lease: Lease, loop: asyncio.AbstractEventLoop, began: float

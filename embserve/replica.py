@@ -100,7 +100,9 @@ class Replica(ABC):
         elsewhere whose backend has ``direct_calls``. None (the default) when the request must
         go through :meth:`call`.
 
-        The caller holds the request's lease while the function runs.
+        The caller holds the request's lease while the function runs. The function may return
+        :data:`~embserve.response.NOT_HERE` to say the request was not sent after all (a broken
+        line), so that the caller serves it through :meth:`call` instead.
         """
         return None
 

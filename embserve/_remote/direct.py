@@ -18,7 +18,6 @@ any call: the line carries only calls that already hold a router lease.
 from __future__ import annotations
 
 import contextlib
-import itertools
 import socket
 import threading
 from collections.abc import Callable
@@ -28,6 +27,7 @@ from embserve._remote.codec import Frame, decode, decode_error, encode
 from embserve._remote.messages import CALL, OK
 from embserve._remote.socket_transport import _FIXED, _LENGTH, _ONE
 from embserve.request import Request
+from embserve.response import NOT_HERE
 
 __all__ = ["DirectLine"]
 
@@ -48,7 +48,6 @@ class DirectLine:
         self._sock = sock
         self._gone = gone
         self._lock = threading.Lock()
-        self._ids = itertools.count(1)
         self._buf = bytearray(_READ)
         self.closed = False
 
@@ -64,20 +63,29 @@ class DirectLine:
 
     def call(self, request: Request) -> Any:
         """Send ``request`` and return its answer, or raise its error, in this thread; the
-        line must be :meth:`claim`\\ ed, and is given back. Raises
-        :class:`~embserve.ReplicaDiedError` when the connection ends first."""
+        line must be :meth:`claim`\\ ed, and is given back.
+
+        Returns :data:`~embserve.response.NOT_HERE` when the request could not be sent (the
+        line broke: it never reached the replica, so the loop's path may send it elsewhere);
+        raises :class:`~embserve.ReplicaDiedError` (``started=True``) when the line broke while
+        the answer was due. A thread interrupted meanwhile (``KeyboardInterrupt``) closes the
+        line, which cancels the call on the replica's side; later calls go through the loop.
+        """
         try:
             frames = encode(request.to_wire())
-            ident = next(self._ids)
             try:
-                self._send(CALL, ident, frames)
-                kind, answered, answer = self._receive()
+                self._send(CALL, 0, frames)
+            except OSError:  # not all of it left: the replica cannot have read the request
+                self.closed = True
+                return NOT_HERE
+            try:
+                kind, _, answer = self._receive()
             except OSError as exc:
                 self.closed = True
                 raise self._gone(True) from exc
-            if answered != ident:  # never expected: one call at a time, answered once
+            except BaseException:  # interrupted: the answer would arrive out of step
                 self.closed = True
-                raise self._gone(True)
+                raise
             if kind == OK:
                 return decode(answer)
             raise decode_error(answer)

@@ -14,6 +14,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -123,6 +124,50 @@ def test_with_max_retries_requests_in_flight_on_a_killed_worker_succeed(
     assert all(isinstance(o, int) for o in outcomes), outcomes
     assert victim not in outcomes[-8:]
     rt.delete("retrying")
+
+
+def test_threads_on_direct_lines_lose_only_what_a_killed_worker_was_running(
+    rt: embserve.Runtime,
+) -> None:
+    """Plain threads call ``.result()`` (on each replica's direct line, or through the loop
+    when the line is taken) while a worker is killed: every call ends, only calls the victim
+    was running fail, and the threads are served again."""
+    handle = rt.run(Sleeper.bind(), name="threads")
+    handle.remote(0).result(timeout_s=10)  # the first call turns the shared counts on
+    outcomes: list[Any] = []
+    lock = threading.Lock()
+    stop = threading.Event()
+
+    def caller() -> None:
+        while not stop.is_set():
+            try:
+                outcome: Any = handle.remote(0.002).result()
+            except Exception as exc:
+                outcome = exc
+            with lock:
+                outcomes.append(outcome)
+
+    threads = [threading.Thread(target=caller) for _ in range(8)]
+    for thread in threads:
+        thread.start()
+    try:
+        wait_for(lambda: len(outcomes) >= 100)
+        victim = next(iter(replicas(rt, "threads")))
+        os.kill(victim, signal.SIGKILL)
+        wait_for(lambda: victim not in (pids := replicas(rt, "threads")) and len(pids) == 2)
+        served = len(outcomes)
+        wait_for(lambda: len(outcomes) >= served + 100)  # served again, by both replicas
+    finally:
+        stop.set()
+        for thread in threads:
+            thread.join(10)
+    assert not any(thread.is_alive() for thread in threads)
+    failures = [o for o in outcomes if isinstance(o, Exception)]
+    assert len(failures) <= Sleeper.config.ongoing_limit
+    assert all(isinstance(f, embserve.ReplicaDiedError) and f.started for f in failures)
+    assert all("SIGKILL" in str(f) for f in failures)
+    assert victim not in outcomes[-50:]
+    rt.delete("threads")
 
 
 def test_every_worker_killed_at_once_under_load_ends_every_call_and_capacity_returns(

@@ -24,6 +24,7 @@ from embserve.context import ReplicaContext
 from embserve.deployment import DeploymentConfig
 from embserve.replica import ReplicaSpec
 from embserve.request import Request
+from embserve.response import NOT_HERE
 from embserve.wire import RemoteError
 from tests.remote.parts import RUNTIME_ID, Boom, Model, call, eventually, state
 
@@ -141,6 +142,15 @@ async def test_the_other_end_closing_fails_the_call_as_started() -> None:
     there.close()
     thread.join(10)
     assert len(thread_error) == 1 and isinstance(thread_error[0], embserve.ReplicaDiedError)
+    assert not line.claim()
+
+
+async def test_a_call_that_cannot_be_sent_is_left_to_the_loop() -> None:
+    here, there = socket.socketpair()
+    line = DirectLine(here, _gone)
+    there.close()  # the replica's end is gone before the call
+    assert line.claim()
+    assert line.call(call("add", 1, 2)) is NOT_HERE  # never left: the loop may send it on
     assert not line.claim()
 
 
