@@ -25,10 +25,12 @@ import bisect
 import contextlib
 import hashlib
 import random
+import sys
 import threading
+import time
 from abc import ABC, abstractmethod
 from collections import OrderedDict, deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 from embserve.errors import BackPressureError
 from embserve.replica import Replica
@@ -81,9 +83,11 @@ class Lease:
     def _free(self) -> None:
         # Released and no longer held: the one place a slot goes back to its router.
         router, replica = self._router, self.replica
-        lock = router._lock
-        if lock is not None:  # threads share the counts (Router.allow_threads)
-            lock.acquire()
+        turns = router._turns
+        if turns is not None:  # threads share the counts (Router.allow_threads)
+            turns.loop_in = True
+            if turns.thread_in:
+                turns.wait_for_thread()
         try:
             replica.ongoing -= 1
             if router._waiters.count:
@@ -91,21 +95,28 @@ class Lease:
             if replica.ongoing == 0 and replica.idle is not None:
                 replica.idle.set()  # wakes Replica.wait_idle
         finally:
-            if lock is not None:
-                lock.release()
+            if turns is not None:
+                turns.loop_in = False
 
     def release_here(self, loop: asyncio.AbstractEventLoop) -> None:
         """:meth:`release` from a thread other than ``loop``'s, for a lease that
         :meth:`Router.try_assign_here` gave (never held): what must happen on the loop (waking
         a waiter, or :meth:`~embserve.replica.Replica.wait_idle`) is handed to it."""
         router, replica = self._router, self.replica
-        assert router._lock is not None
-        with router._lock:
-            if self._released:
+        turns = router._turns
+        assert turns is not None
+        if self._released:  # a thread's lease is its own: nobody else releases it
+            return
+        self._released = True
+        with turns.threads:
+            if not turns.enter():  # the loop is busy at the counts: it gives the slot back
+                loop.call_soon_threadsafe(self._free)
                 return
-            self._released = True
-            replica.ongoing -= 1
-            wake = router._waiters.count or (replica.ongoing == 0 and replica.idle is not None)
+            try:
+                replica.ongoing -= 1
+                wake = router._waiters.count or (replica.ongoing == 0 and replica.idle is not None)
+            finally:
+                turns.thread_in = False
         if wake:
             loop.call_soon_threadsafe(router._released_here, replica)
 
@@ -194,6 +205,62 @@ class _WaitQueue:
         self._priorities.remove(priority)
 
 
+# Whether this Python has its GIL (3.13's free-threaded build may not): _Turns relies on it.
+_GIL: bool = getattr(sys, "_is_gil_enabled", lambda: True)()
+# How long a side that found the other inside sleeps before it looks again. Only a sleep hands
+# the GIL over for sure (sleep(0) mostly takes it back at once); it is rare: the other side
+# is inside for a few steps, and is caught there only by a switch of the GIL.
+_STEP_S = 20e-6
+# How often a thread looks before it leaves the counts to the loop (goes through it instead).
+_TRIES = 3
+
+
+class _Turns:
+    # How a router's loop and other threads take turns at its counts (Router.allow_threads).
+    # Threads take turns among themselves with a lock; a thread and the loop exclude each other
+    # with two flags, each side setting its own before it reads the other's (Dekker's way: under
+    # the GIL every store and load of them is one step, in one order, so both cannot pass).
+    # The loop, on every request's path, pays two stores and a load, not a lock: it waits
+    # only while a thread is inside, which it leaves within a few steps. A thread that finds
+    # the loop inside steps back and looks again, and after a few looks leaves the work to the
+    # loop (its call goes through the loop; its slot is given back there), so neither waits
+    # for the other at the same time and no thread waits long.
+
+    __slots__ = ("loop_in", "thread_in", "threads")
+
+    def __init__(self) -> None:
+        self.loop_in = False
+        self.thread_in = False
+        self.threads = threading.Lock()
+
+    def wait_for_thread(self) -> None:
+        # The loop, inside (loop_in set), saw a thread inside: it is there for a few steps.
+        while self.thread_in:
+            time.sleep(_STEP_S)  # sleeping, so that the thread surely gets the GIL
+
+    @contextlib.contextmanager
+    def loop(self) -> Iterator[None]:
+        # A turn of the loop's, for what is not on every request's path.
+        self.loop_in = True
+        if self.thread_in:
+            self.wait_for_thread()
+        try:
+            yield
+        finally:
+            self.loop_in = False
+
+    def enter(self) -> bool:
+        # A thread's turn (the caller holds ``threads``): True once inside (leave by clearing
+        # thread_in); False when the loop stayed inside while it looked, a few times.
+        for _ in range(_TRIES):
+            self.thread_in = True
+            if not self.loop_in:
+                return True
+            self.thread_in = False  # the loop is inside: step back, and look again
+            time.sleep(_STEP_S)
+        return False
+
+
 class Router(ABC):
     """Assigns requests to replicas of one deployment.
 
@@ -227,8 +294,8 @@ class Router(ABC):
         # Requests waiting for a free replica.
         self._waiters = _WaitQueue()
         # Set by allow_threads(): threads then take leases too, and every change of the counts
-        # is made under it.
-        self._lock: threading.Lock | None = None
+        # is made in a turn of its own (see _Turns).
+        self._turns: _Turns | None = None
 
     @abstractmethod
     def choose(self, replicas: Sequence[Replica], request: Request) -> Replica | None:
@@ -245,9 +312,9 @@ class Router(ABC):
 
     def set_replicas(self, replicas: Sequence[Replica]) -> None:
         """Route to exactly ``replicas`` from now on, and serve waiters that now fit."""
-        lock = self._lock
-        if lock is not None:
-            with lock:
+        turns = self._turns
+        if turns is not None:
+            with turns.loop():
                 self._set_replicas(replicas)
         else:
             self._set_replicas(replicas)
@@ -276,33 +343,46 @@ class Router(ABC):
     @property
     def threads_allowed(self) -> bool:
         """Whether :meth:`allow_threads` ran: other threads may take leases."""
-        return self._lock is not None
+        return self._turns is not None
 
     def allow_threads(self) -> None:
         """From now on, :meth:`try_assign_here` may be called from other threads (call on the
-        loop: the counts are then changed under a lock, by the loop too)."""
-        if self._lock is None:
-            self._lock = threading.Lock()
-            self.try_assign = self._try_assign_locked  # type: ignore[method-assign]
+        loop: the loop and those threads then take turns at the counts). Does nothing where
+        Python runs without its GIL, which the turns rely on: there, threads' calls go through
+        the loop."""
+        if self._turns is None and _GIL:
+            self._turns = _Turns()
+            self.try_assign = self._try_assign_in_turn  # type: ignore[method-assign]
 
-    def _try_assign_locked(self, request: Request) -> Lease | None:
-        assert self._lock is not None
-        with self._lock:
+    def _try_assign_in_turn(self, request: Request) -> Lease | None:
+        turns = self._turns
+        assert turns is not None
+        turns.loop_in = True
+        if turns.thread_in:
+            turns.wait_for_thread()
+        try:
             return Router.try_assign(self, request)
+        finally:
+            turns.loop_in = False
 
     def try_assign_here(self, request: Request) -> Lease | None:
         """:meth:`try_assign` from any thread, once :meth:`allow_threads` ran (None before);
         give the lease back with :meth:`Lease.release_here`."""
-        lock = self._lock
-        if lock is None:
+        turns = self._turns
+        if turns is None:
             return None
-        with lock:
-            return Router.try_assign(self, request)
+        with turns.threads:
+            if not turns.enter():
+                return None  # the loop is busy at the counts: the call goes through it
+            try:
+                return Router.try_assign(self, request)
+            finally:
+                turns.thread_in = False
 
     def _released_here(self, replica: Replica) -> None:
         # On the loop, after Lease.release_here freed a slot that a waiter or wait_idle wants.
-        assert self._lock is not None
-        with self._lock:
+        assert self._turns is not None
+        with self._turns.loop():
             self._serve_waiters()
             if replica.ongoing == 0 and replica.idle is not None:
                 replica.idle.set()
@@ -329,11 +409,11 @@ class Router(ABC):
                 raise self._full()
         waiter: asyncio.Future[Lease] = asyncio.get_running_loop().create_future()
         entry = (waiter, request)
-        lock = self._lock
-        if lock is None:
+        turns = self._turns
+        if turns is None:
             waiters.push(entry)
         else:
-            with lock:  # a thread may have freed a slot since try_assign: look again
+            with turns.loop():  # a thread may have freed a slot since try_assign: look again
                 waiters.push(entry)
                 self._serve_waiters()
         try:

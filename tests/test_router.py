@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import random
+import threading
+import time
 from collections import Counter
+from collections.abc import Sequence
 
 import pytest
 from hypothesis import given, settings
@@ -333,3 +336,51 @@ async def test_a_full_queue_takes_a_higher_priority_in_place_of_its_newest_lowes
     first.release()
     (await old).release()
     assert router.queued == 0
+
+
+class Yielding(PowerOfTwoChoicesRouter):
+    """Hands the GIL over while it chooses, as a slow custom router might."""
+
+    def choose(self, replicas: Sequence[Replica], request: Request) -> Replica | None:
+        chosen = super().choose(replicas, request)
+        time.sleep(1e-6)  # between the look at the counts and the count of the choice
+        return chosen
+
+
+def test_threads_and_the_loop_take_turns_at_the_counts() -> None:
+    """The loop and four threads take and give back leases of one replica at once, more than
+    it has room for, each handing the GIL over in the middle of its turn: the replica never
+    counts more than its limit, and every slot comes back."""
+
+    async def main() -> None:
+        router = Yielding(max_ongoing_requests=2, rng=random.Random(0))
+        (only,) = replicas = slots(1)
+        router.set_replicas(replicas)
+        router.allow_threads()
+        loop = asyncio.get_running_loop()
+        counts: list[int] = []
+
+        def thread_side() -> None:
+            for _ in range(200):
+                lease = router.try_assign_here(req())
+                if lease is not None:
+                    counts.append(only.ongoing)
+                    lease.release_here(loop)
+
+        threads = [threading.Thread(target=thread_side) for _ in range(4)]
+        for thread in threads:
+            thread.start()
+        while any(thread.is_alive() for thread in threads):
+            leases = [router.try_assign(req()) for _ in range(2)]
+            counts.extend(only.ongoing for lease in leases if lease is not None)
+            for lease in leases:
+                if lease is not None:
+                    lease.release()
+            await asyncio.sleep(0)
+        for thread in threads:
+            thread.join()
+        await asyncio.sleep(0.01)  # slots a thread left to the loop to give back
+        assert len(counts) > 100 and max(counts) <= 2
+        assert only.ongoing == 0
+
+    asyncio.run(main())
