@@ -109,7 +109,8 @@ class Lease:
             return
         self._released = True
         with turns.threads:
-            if not turns.enter():  # the loop is busy at the counts: it gives the slot back
+            turns.thread_in = True  # a thread's turn: see _Turns
+            if turns.loop_in and not turns.retry():  # the loop stays busy: it gives it back
                 loop.call_soon_threadsafe(self._free)
                 return
             try:
@@ -249,15 +250,17 @@ class _Turns:
         finally:
             self.loop_in = False
 
-    def enter(self) -> bool:
-        # A thread's turn (the caller holds ``threads``): True once inside (leave by clearing
-        # thread_in); False when the loop stayed inside while it looked, a few times.
+    def retry(self) -> bool:
+        # A thread (holding ``threads``) set thread_in and found the loop inside: step back and
+        # look again. True once inside (leave by clearing thread_in); False when the loop stayed
+        # inside while it looked, a few times.
         for _ in range(_TRIES):
+            self.thread_in = False
+            time.sleep(_STEP_S)
             self.thread_in = True
             if not self.loop_in:
                 return True
-            self.thread_in = False  # the loop is inside: step back, and look again
-            time.sleep(_STEP_S)
+        self.thread_in = False
         return False
 
 
@@ -302,7 +305,8 @@ class Router(ABC):
         """Pick a replica with ``ongoing < max_ongoing_requests`` from ``replicas``, or None.
 
         ``replicas`` is not empty. ``request`` is the request to place (its routing key,
-        priority, model id); a router must not keep it.
+        priority, model id); a router must not keep it. Runs on the runtime's loop, or in a
+        sync caller's thread (:meth:`try_assign_here`), never in both at once.
         """
 
     @property
@@ -372,8 +376,9 @@ class Router(ABC):
         if turns is None:
             return None
         with turns.threads:
-            if not turns.enter():
-                return None  # the loop is busy at the counts: the call goes through it
+            turns.thread_in = True  # a thread's turn: see _Turns
+            if turns.loop_in and not turns.retry():
+                return None  # the loop stays busy at the counts: the call goes through it
             try:
                 return Router.try_assign(self, request)
             finally:
