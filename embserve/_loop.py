@@ -673,6 +673,9 @@ def start_from_loop(
                 raise
             return
         started.append(source)
+        if source.done():  # over in its first step: its outcome goes back now, not a turn later
+            settled(source)
+            return
         source.add_done_callback(settled)
         if waiter.cancelled():  # cancelled while this ran: the done callback below missed it
             source.cancel()

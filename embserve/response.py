@@ -82,6 +82,11 @@ def _link(
     bridge: concurrent.futures.Future[Any],
 ) -> None:
     # On ``loop``: ``source``'s outcome goes to ``bridge``; cancelling ``bridge`` cancels it.
+    if source.done():  # over in its first step (a fast async method): now, not a turn later
+        with contextlib.suppress(concurrent.futures.InvalidStateError):
+            settle_like(bridge, source)
+        return
+
     def copy(done: asyncio.Future[Any]) -> None:
         # The bridge may have been cancelled from its own thread meanwhile.
         with contextlib.suppress(concurrent.futures.InvalidStateError):
