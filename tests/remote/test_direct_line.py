@@ -98,12 +98,18 @@ async def test_large_arrays_cross_both_ways_in_frames_of_their_own() -> None:
             assert result.flags.writeable
 
 
+async def blocked_on_the_line(replica: RemoteReplica) -> asyncio.Future[Any]:
+    """A thread's call on the line, running in user code that waits for ``state.release``."""
+    serve = replica.run_here(call("blocked"))
+    assert serve is not None
+    running = asyncio.ensure_future(asyncio.to_thread(serve))
+    await asyncio.to_thread(state.started.wait, 10)
+    return running
+
+
 async def test_one_call_at_a_time_a_second_thread_is_told_to_go_elsewhere() -> None:
     async with lined() as replica:
-        serve = replica.run_here(call("blocked"))
-        assert serve is not None
-        running = asyncio.ensure_future(asyncio.to_thread(serve))
-        await asyncio.to_thread(state.started.wait, 10)
+        running = await blocked_on_the_line(replica)
         assert replica.run_here(call("add", 1, 2)) is None  # taken: through the loop instead
         assert await replica.call(call("add", 1, 2)) == 3  # which still serves
         state.release.set()
@@ -113,10 +119,7 @@ async def test_one_call_at_a_time_a_second_thread_is_told_to_go_elsewhere() -> N
 
 async def test_a_thread_blocked_on_a_lost_replica_gets_its_error_at_once() -> None:
     async with lined() as replica:
-        serve = replica.run_here(call("blocked"))
-        assert serve is not None
-        running = asyncio.ensure_future(asyncio.to_thread(serve))
-        await asyncio.to_thread(state.started.wait, 10)
+        running = await blocked_on_the_line(replica)
         replica.lose("its worker was killed")
         with pytest.raises(embserve.ReplicaDiedError, match="its worker was killed") as info:
             await asyncio.wait_for(running, 10)
