@@ -71,19 +71,19 @@ class DirectLine:
         the answer was due. A thread interrupted meanwhile (``KeyboardInterrupt``) closes the
         line, which cancels the call on the replica's side; later calls go through the loop.
         """
+        sent = False
         try:
             frames = encode(request.to_wire())
             try:
                 self._send(CALL, 0, frames)
-            except OSError:  # not all of it left: the replica cannot have read the request
-                self.closed = True
-                return NOT_HERE
-            try:
+                sent = True
                 kind, _, answer = self._receive()
             except OSError as exc:
                 self.closed = True
+                if not sent:  # not all of it left: the replica cannot have read the request
+                    return NOT_HERE
                 raise self._gone(True) from exc
-            except BaseException:  # interrupted: the answer would arrive out of step
+            except BaseException:  # interrupted: what is left on the line is out of step
                 self.closed = True
                 raise
             if kind == OK:

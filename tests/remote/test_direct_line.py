@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
+import signal
 import socket
 import threading
 from collections.abc import AsyncIterator
@@ -155,6 +157,32 @@ async def test_a_call_that_cannot_be_sent_is_left_to_the_loop() -> None:
     assert line.claim()
     assert line.call(call("add", 1, 2)) is NOT_HERE  # never left: the loop may send it on
     assert not line.claim()
+
+
+def test_a_thread_interrupted_while_its_answer_is_due_closes_the_line() -> None:
+    """Ctrl-C in a script blocked in ``.result()``: the line closes (its replica's side sees it
+    end and cancels the call); later calls go through the loop instead of reading an answer
+    out of step."""
+    here, there = socket.socketpair()
+    line = DirectLine(here, _gone)
+
+    def interrupt(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGUSR1, interrupt)
+    timer = threading.Timer(0.05, os.kill, (os.getpid(), signal.SIGUSR1))
+    try:
+        assert line.claim()
+        timer.start()
+        with pytest.raises(KeyboardInterrupt):
+            line.call(call("add", 1, 2))  # the other end reads it and never answers
+    finally:
+        timer.cancel()
+        signal.signal(signal.SIGUSR1, previous)
+    assert line.closed and not line.claim()
+    there.settimeout(10)
+    assert there.recv(65536)  # the call, sent before the interrupt
+    assert there.recv(65536) == b""  # then the end of the line
 
 
 async def test_no_line_means_no_direct_calls() -> None:
