@@ -15,7 +15,6 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import distributed
 import pytest
 from distributed.comm.core import CommClosedError
 
@@ -23,12 +22,12 @@ import embserve
 import embserve_dask.backend
 from embserve_dask import DaskBackend
 from embserve_dask._child import TOKEN_KEY
+from tests.dask.clusters import loopback_cluster
 
 pytestmark = pytest.mark.timeout(90)
 
-# distributed's constructors are untyped; tests use them through these names.
-LocalCluster: Any = distributed.LocalCluster
-# (The module is shadowed by a function of the same name in its package.)
+# distributed's serialize module (shadowed by a function of the same name in its package),
+# and its untyped names.
 _serialize = importlib.import_module("distributed.protocol.serialize")
 to_serialize: Any = _serialize.to_serialize
 ToPickle: Any = _serialize.ToPickle
@@ -53,14 +52,7 @@ def pid() -> int:
 @pytest.fixture(scope="module")
 def cluster() -> Iterator[Any]:
     """One in-process worker on 127.0.0.1 (its replicas run in processes of their own)."""
-    with LocalCluster(
-        n_workers=1,
-        threads_per_worker=1,
-        processes=False,
-        protocol="tcp",
-        host="127.0.0.1",
-        dashboard_address=":0",
-    ) as local_cluster:
+    with loopback_cluster(n_workers=1, threads_per_worker=1, processes=False) as local_cluster:
         yield local_cluster
 
 

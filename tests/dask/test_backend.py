@@ -17,10 +17,10 @@ import embserve
 from embserve.errors import DeploymentFailedError
 from embserve.spi import STREAM_WINDOW
 from embserve_dask import DaskBackend
+from tests.dask.clusters import loopback_cluster
 from tests.waiting import wait_for, wait_until
 
 # distributed's constructors are untyped; tests use them through these names.
-LocalCluster: Any = distributed.LocalCluster
 Client: Any = distributed.Client
 wait: Any = distributed.wait
 
@@ -28,14 +28,8 @@ wait: Any = distributed.wait
 @pytest.fixture(scope="module")
 def cluster() -> Iterator[Any]:
     """Two in-process workers, each declaring one GPU, on 127.0.0.1."""
-    with LocalCluster(
-        n_workers=2,
-        threads_per_worker=2,
-        processes=False,
-        protocol="tcp",
-        host="127.0.0.1",
-        dashboard_address=":0",
-        resources={"GPU": 1},
+    with loopback_cluster(
+        n_workers=2, threads_per_worker=2, processes=False, resources={"GPU": 1}
     ) as local_cluster:
         yield local_cluster
 

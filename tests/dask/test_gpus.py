@@ -17,11 +17,11 @@ import pytest
 
 import embserve
 from embserve_dask import DaskBackend
+from tests.dask.clusters import loopback_cluster
 from tests.processes import alive
 from tests.waiting import wait_for, wait_until
 
-# distributed's constructors are untyped; tests use them through these names.
-LocalCluster: Any = distributed.LocalCluster
+# distributed's constructors are untyped; tests use them through this name.
 Client: Any = distributed.Client
 
 
@@ -30,14 +30,8 @@ def cluster() -> Iterator[Any]:
     """One in-process worker declaring two GPUs and pinned to none (so they are 0 and 1)."""
     pinned = os.environ.pop("CUDA_VISIBLE_DEVICES", None)
     try:
-        with LocalCluster(
-            n_workers=1,
-            threads_per_worker=2,
-            processes=False,
-            protocol="tcp",
-            host="127.0.0.1",
-            dashboard_address=":0",
-            resources={"GPU": 2},
+        with loopback_cluster(
+            n_workers=1, threads_per_worker=2, processes=False, resources={"GPU": 2}
         ) as local_cluster:
             yield local_cluster
     finally:

@@ -7,16 +7,13 @@ import asyncio
 import os
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
-from typing import Any
 
 import anyio
-import distributed
 import pytest
 
 import embserve
+from tests.dask.clusters import loopback_cluster
 from tests.waiting import wait_for
-
-LocalCluster: Any = distributed.LocalCluster
 
 
 @embserve.deployment(router="consistent_hash")
@@ -119,9 +116,7 @@ def runtime(request: pytest.FixtureRequest) -> Iterator[embserve.Runtime]:
         with embserve.Runtime(backend=request.param) as rt:
             yield rt
         return
-    cluster = LocalCluster(
-        n_workers=1, processes=False, protocol="tcp", host="127.0.0.1", dashboard_address=":0"
-    )
+    cluster = loopback_cluster(n_workers=1, processes=False)
     address = "dask://" + cluster.scheduler_address.removeprefix("tcp://")
     with cluster, embserve.Runtime(backend=address) as rt:
         yield rt

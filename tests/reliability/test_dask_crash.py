@@ -15,18 +15,15 @@ import time
 from collections.abc import Iterator
 from typing import Any
 
-import distributed
 import pytest
 
 import embserve
 from embserve_dask import DaskBackend
+from tests.dask.clusters import loopback_cluster
 from tests.processes import alive
 from tests.waiting import settle, wait_for
 
 pytestmark = pytest.mark.timeout(90)
-
-# distributed's constructors are untyped; tests use them through this name.
-LocalCluster: Any = distributed.LocalCluster
 
 LOAD = 64
 
@@ -35,14 +32,7 @@ LOAD = 64
 def cluster() -> Iterator[Any]:
     """Two worker processes with nannies (which restart a killed one), room for two replicas
     each, on 127.0.0.1."""
-    with LocalCluster(
-        n_workers=2,
-        threads_per_worker=2,
-        processes=True,
-        protocol="tcp",
-        host="127.0.0.1",
-        dashboard_address=":0",
-    ) as local_cluster:
+    with loopback_cluster(n_workers=2, threads_per_worker=2, processes=True) as local_cluster:
         yield local_cluster
 
 
