@@ -438,8 +438,7 @@ def is_generator_method(target: Any, method: str) -> bool:
 def is_plain_method(target: Any, method: str) -> bool:
     """Whether ``method`` of a deployment target is a method that returns one result (sync code
     or a coroutine, not a generator of either kind)."""
-    fn = _method_of(target, method)
-    return callable(fn) and not (inspect.isasyncgenfunction(fn) or inspect.isgeneratorfunction(fn))
+    return callable(_method_of(target, method)) and not is_generator_method(target, method)
 
 
 def is_sync_method(target: Any, method: str) -> bool:
