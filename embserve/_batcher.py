@@ -17,6 +17,7 @@ from typing import Any
 
 from embserve._batch_contract import Batcher
 from embserve._batch_policy import BatchMetrics, BatchPolicy, Clock, LoopClock, Timer
+from embserve._loop import set_results
 from embserve.errors import attach_traceback
 from embserve.metrics import PENDING_MAX, Histogram
 from embserve.request import set_current_request
@@ -492,19 +493,17 @@ class DynamicBatcher(Batcher[Any, Any]):
         self._settle(items, results)
 
     def _settle(self, items: list[_Item], results: Any) -> None:
-        # Every caller's answer in this one loop turn: each set_result only schedules its
-        # caller's wake-up, and the loop runs them all in its next turn.
-        execution = self.execution
-        pending = execution.pending if execution is not None else None
-        now = self._now()
+        # Every caller's answer in this one loop turn, in one step (set_results): each future
+        # set only schedules its caller's wake-up, and the loop runs them all in its next turn.
+        futures: list[asyncio.Future[Any]] = []
+        values: list[Any] = []
         for entry, result in zip(items, results):  # noqa: B905 (lengths checked by callers)
             future = entry.future
             if future is not None and not future.done():
-                future.set_result(result)
-            if pending is not None and entry.sent:
-                pending.append(now - entry.arrived)
-        if execution is not None and len(execution.pending) >= PENDING_MAX:
-            execution.flush()
+                futures.append(future)
+                values.append(result)
+        set_results(futures, values)
+        self._observe(items)
 
     def _fail_batch(self, items: list[_Item], exc: Exception) -> None:
         attach_traceback(exc)  # once for the batch: every caller re-raises this one
@@ -520,9 +519,7 @@ class DynamicBatcher(Batcher[Any, Any]):
             return
         now = self._now()
         pending = execution.pending
-        for entry in items:
-            if entry.sent:
-                pending.append(now - entry.arrived)
+        pending.extend([now - entry.arrived for entry in items if entry.sent])
         if len(pending) >= PENDING_MAX:
             execution.flush()
 

@@ -56,23 +56,27 @@ class Dispatcher:
             raise EmbserveError(f"no endpoint or deployment named {target!r} is running")
         return controller, shadows
 
-    def start(self, request: Request) -> asyncio.Future[Any]:
-        """Start ``request`` on the running loop; the future of its result.
+    def start(
+        self, request: Request, loop: asyncio.AbstractEventLoop | None = None
+    ) -> asyncio.Future[Any]:
+        """Start ``request`` on the running loop (``loop``, when the caller has it at hand);
+        the future of its result.
 
         With ``request.stream`` None, the deployment the policy chose decides: when its method
         is a generator the future's result is a :class:`~embserve.ResponseStream` of the items.
         Mostly the request is sent before this returns (see :meth:`RequestPath.start`).
         """
-        loop = asyncio.get_running_loop()
+        if loop is None:
+            loop = asyncio.get_running_loop()
         if has_responses(request.args, request.kwargs):
             return start_task(loop, self._resolve_and_serve(request))
         try:
             only = self._only(request)
             if only is not None:
-                return only.start(request)
+                return only.start(request, loop)
             controller, shadows = self.controller(request.target, request.routing_key)
             if request.http_method is None and request.stream is not None and not shadows:
-                return controller.start(request)  # the usual handle call: nothing to decide
+                return controller.start(request, loop)  # the usual handle call: nothing to decide
             route = self._decide(request, controller, shadows, loop)
         except EmbserveError as exc:
             failed: asyncio.Future[Any] = loop.create_future()
@@ -82,7 +86,7 @@ class Dispatcher:
             done: asyncio.Future[Any] = loop.create_future()
             done.set_result(route)
             return done
-        return route.start(request)
+        return route.start(request, loop)
 
     def may_run_here(self, request: Request) -> bool:
         """Whether ``request``, from a plain thread, may run in that thread: its endpoint sends

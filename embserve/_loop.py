@@ -589,6 +589,26 @@ def call_soon_threadsafe(
 AnyFuture = asyncio.Future[Any] | concurrent.futures.Future[Any]
 
 
+def set_results(futures: list[asyncio.Future[Any]], results: list[Any]) -> None:
+    """Settle each future of ``futures`` that is not done with its result in ``results``, on
+    their loop, in one step (a batch's answers).
+
+    Futures of a class with a ``set_results`` class method of the same signature (the request
+    path's sent futures, which give back a replica slot and count the request) are settled by
+    it when all are of that class, so that what they do beside is done once for all of them.
+    """
+    if not futures:
+        return
+    kind = type(futures[0])
+    many = getattr(kind, "set_results", None)
+    if many is not None and all(type(f) is kind for f in futures):
+        many(futures, results)
+        return
+    for future, result in zip(futures, results):  # noqa: B905 (same length: the caller's)
+        if not future.done():
+            future.set_result(result)
+
+
 def settle_like(target: AnyFuture, source: AnyFuture) -> None:
     """Settle ``target`` as ``source`` (done) ended: with its result, its exception, or
     cancelled. Raises what settling a ``target`` already done raises."""

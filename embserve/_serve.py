@@ -38,6 +38,7 @@ from embserve.router import Lease, Router
 # deployment whose replicas keep dying fails its callers instead of looping.
 _MAX_UNSTARTED_RETRIES = 8
 _NO_SEND = Replica.send
+_set_result = asyncio.Future.set_result  # without super()'s lookup, in _Sent
 
 
 class RequestPath:
@@ -115,15 +116,19 @@ class RequestPath:
         if self.unavailable is not None and not self.running:
             raise DeploymentUnavailableError(self.unavailable)
 
-    def start(self, request: Request) -> asyncio.Future[Any]:
-        """Start serving ``request`` on the running loop; the future of its outcome.
+    def start(
+        self, request: Request, loop: asyncio.AbstractEventLoop | None = None
+    ) -> asyncio.Future[Any]:
+        """Start serving ``request`` on the running loop (``loop``, when the caller has it at
+        hand); the future of its outcome.
 
         A free replica that takes requests as messages (see :meth:`Replica.send`) gets it at
         once, and the future is settled by the replica's answer, with no coroutine in between,
         when nothing needs watching (no retries, no deadline). Otherwise a task serves it, its
         first step run at once.
         """
-        loop = asyncio.get_running_loop()
+        if loop is None:
+            loop = asyncio.get_running_loop()
         began = perf_counter()
         if self._always_watched or request.deadline is not None or self.unavailable is not None:
             return start_task(loop, self._serve(request, began))
@@ -198,13 +203,15 @@ class RequestPath:
     ) -> _Sent | None:
         # The fast path, for replicas that take requests as messages (the callers checked):
         # the replica's answer settles the future and releases the lease.
-        replica = lease.replica
         request.lease = lease
         future = _Sent(loop=loop)
-        withdraw = replica.send(request, future)
+        withdraw = lease.replica.send(request, future)
         if withdraw is None:
             return None
-        future.sent(lease, withdraw, self.metrics, began)
+        future._lease = lease  # _Sent's fields, set here: no call of its own per request
+        future._withdraw = withdraw
+        future._metrics = self.metrics
+        future._began = began
         return future
 
     async def _serve(self, request: Request, began: float) -> Any:
@@ -328,23 +335,36 @@ class _Sent(asyncio.Future):  # type: ignore[type-arg]
     # withdraws the request (the replica may hold the lease until its work really ended).
 
     __slots__ = ("_began", "_lease", "_metrics", "_withdraw")
-
-    def sent(
-        self,
-        lease: Lease,
-        withdraw: Callable[[], None],
-        metrics: DeploymentMetrics,
-        began: float,
-    ) -> None:
-        self._lease = lease
-        self._withdraw = withdraw
-        self._metrics = metrics
-        self._began = began
+    _began: float
+    _lease: Lease
+    _metrics: DeploymentMetrics
+    _withdraw: Callable[[], None]
 
     def set_result(self, result: Any) -> None:
-        super().set_result(result)
+        _set_result(self, result)
         self._lease.release()
         self._metrics.finished("ok", perf_counter() - self._began)
+
+    @classmethod
+    def set_results(cls, futures: list[_Sent], results: list[Any]) -> None:
+        # A batch's answers (see embserve._loop.set_results): each future set as set_result
+        # does, the slots given back and the requests counted once for all.
+        set_result = _set_result
+        now = perf_counter()
+        leases: list[Lease] = []
+        durations: list[float] = []
+        metrics = futures[0]._metrics
+        for future, result in zip(futures, results):  # noqa: B905 (same length)
+            if future.done():  # cancelled: cancel() gave its slot back and counted it
+                continue
+            set_result(future, result)
+            leases.append(future._lease)
+            if future._metrics is metrics:
+                durations.append(now - future._began)
+            else:
+                future._metrics.finished("ok", now - future._began)
+        Lease.release_all(leases)
+        metrics.finished_all("ok", durations)
 
     def set_exception(self, exception: type | BaseException) -> None:
         super().set_exception(exception)

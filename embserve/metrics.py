@@ -166,6 +166,14 @@ class DeploymentMetrics:
         if len(pending) >= PENDING_MAX:
             self.duration.flush()
 
+    def finished_all(self, outcome: str, durations_s: list[float]) -> None:
+        """:meth:`finished` for each of ``durations_s``, all with ``outcome`` (a batch)."""
+        self.requests[outcome] += len(durations_s)
+        pending = self.duration.pending
+        pending.extend(durations_s)
+        if len(pending) >= PENDING_MAX:
+            self.duration.flush()
+
 
 @dataclasses.dataclass
 class ReplicaStats:

@@ -119,11 +119,13 @@ class Response:
         self._loop = loop
 
     def __await__(self) -> Generator[Any, None, Any]:
+        # The future's own iterator, not a generator around it: one frame less each time the
+        # awaiting task is resumed.
         future = self._future
         if isinstance(future, asyncio.Future) and running_loop() is self._loop:
-            return (yield from future.__await__())
+            return future.__await__()
         waiter = wrap_future(self._concurrent(), running_loop() or asyncio.get_event_loop())
-        return (yield from waiter.__await__())
+        return waiter.__await__()
 
     def _concurrent(self) -> concurrent.futures.Future[Any]:
         future = self._future

@@ -489,10 +489,10 @@ class Runtime:
             return ResponseStream(functools.partial(dispatch.stream, request), loop)
         caller = running_loop()
         if caller is loop:
-            return Response(dispatch.start(request), loop)
+            return Response(dispatch.start(request, loop), loop)
         if caller is None and request.stream is False and dispatch.may_run_here(request):
             return deferred(loop, dispatch, request)  # sync code: may run in this thread
-        start = functools.partial(dispatch.start, request)
+        start = functools.partial(dispatch.start, request, loop)
         if caller is not None:  # a coroutine on another loop: no thread-safe future between
             return Response(start_from_loop(loop, caller, start), caller)
         return Response(start_threadsafe(loop, start), loop)

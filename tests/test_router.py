@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 from embserve.errors import BackPressureError
 from embserve.replica import Replica
 from embserve.request import Request
-from embserve.router import PowerOfTwoChoicesRouter, RoundRobinRouter, Router, make_router
+from embserve.router import Lease, PowerOfTwoChoicesRouter, RoundRobinRouter, Router, make_router
 from tests.replicas import StubReplica
 
 
@@ -100,6 +100,35 @@ async def test_cancelled_waiter_leaves_the_queue_and_loses_no_slot() -> None:
     assert only.ongoing == 1
     with pytest.raises(asyncio.CancelledError):
         await cancelled
+
+
+@pytest.mark.anyio
+async def test_release_all_gives_back_each_slot_once_and_serves_waiters() -> None:
+    # A batch's leases go back in one step: a lease released before, a held one and one on
+    # another replica among them, and the queue served as one release at a time would.
+    router = RoundRobinRouter(max_ongoing_requests=3)
+    first, second = replicas = slots(2)
+    router.set_replicas(replicas)
+    leases = [await router.assign(req()) for _ in range(6)]
+    on_first = [lease for lease in leases if lease.replica is first]
+    on_second = [lease for lease in leases if lease.replica is second]
+    on_first[0].release()  # released already: not given back twice
+    refill = await router.assign(req())
+    assert refill.replica is first
+    assert (first.ongoing, second.ongoing) == (3, 3)
+    waiters = [asyncio.ensure_future(router.assign(req())) for _ in range(2)]
+    await asyncio.sleep(0)
+    let_go = on_first[1].hold()  # work that outlives its caller keeps its slot
+    Lease.release_all([*on_first, on_second[0]])
+    assert all(lease.released for lease in [*on_first, on_second[0]])
+    served = await asyncio.gather(*waiters)  # the two slots freed: first's third, second's
+    assert sorted(lease.replica.replica_id for lease in served) == ["r0", "r1"]
+    assert (first.ongoing, second.ongoing) == (3, 3)
+    let_go()
+    assert first.ongoing == 2
+    Lease.release_all([*on_first, *on_second, *served, refill])
+    assert (first.ongoing, second.ongoing) == (0, 0)
+    Lease.release_all([])
 
 
 @pytest.mark.anyio
