@@ -16,7 +16,6 @@ import asyncio
 import concurrent.futures
 import contextlib
 import contextvars
-import functools
 import os
 import selectors
 import sys
@@ -665,47 +664,77 @@ def start_from_loop(
     per burst each way. Cancelling the returned future cancels the call (``discard`` runs
     instead of ``start`` when that happened before ``loop`` got to it).
     """
-    waiter: asyncio.Future[T] = here.create_future()
-    started: list[asyncio.Future[T]] = []  # the source, once ``loop`` made it
+    crossing = _Crossing(loop, here, start, discard)
+    call_soon_threadsafe(loop, crossing.begin)
+    return crossing.waiter
 
-    def copy(source: asyncio.Future[T]) -> None:  # on ``here``; ``source`` is done
-        if not waiter.done():
-            settle_like(waiter, source)
 
-    def settled(source: asyncio.Future[T]) -> None:  # on ``loop``
-        with contextlib.suppress(RuntimeError):  # ``here`` closed: nobody is left to tell
-            call_soon_threadsafe(
-                here, functools.partial(copy, source), copy_context=False, defer=True
-            )
+class _Waiter(asyncio.Future):  # type: ignore[type-arg]
+    # The caller's future of a call started on another loop (start_from_loop): cancelling it
+    # cancels the call there, with no done callback on every call's way back.
 
-    def begin() -> None:  # on ``loop``
+    __slots__ = ("_crossing",)
+    _crossing: _Crossing
+
+    def cancel(self, msg: Any = None) -> bool:
+        if not super().cancel(msg):
+            return False
+        source = self._crossing.source
+        if source is not None:  # else begin() sees the waiter cancelled
+            with contextlib.suppress(RuntimeError):
+                self._crossing.loop.call_soon_threadsafe(source.cancel)
+        return True
+
+
+class _Crossing:
+    # One call of start_from_loop: begun and settled on ``loop``, answered on ``here``.
+
+    __slots__ = ("discard", "here", "loop", "source", "start", "waiter")
+
+    def __init__(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        here: asyncio.AbstractEventLoop,
+        start: Callable[[], asyncio.Future[Any]],
+        discard: Callable[[], object] | None,
+    ) -> None:
+        self.loop = loop
+        self.here = here
+        self.start = start
+        self.discard = discard
+        self.source: asyncio.Future[Any] | None = None  # once ``loop`` made it
+        waiter = self.waiter = _Waiter(loop=here)
+        waiter._crossing = self
+
+    def begin(self) -> None:  # on ``loop``
+        waiter = self.waiter
         if waiter.cancelled():
-            if discard is not None:
-                discard()
+            if self.discard is not None:
+                self.discard()
             return
         try:
-            source = start()
+            source = self.start()
         except BaseException as exc:
-            failed: asyncio.Future[T] = loop.create_future()
+            failed: asyncio.Future[Any] = self.loop.create_future()
             failed.set_exception(exc)
-            settled(failed)
+            self.source = failed
+            self.settled(failed)
             if not isinstance(exc, Exception):
                 raise
             return
-        started.append(source)
+        self.source = source
         if source.done():  # over in its first step: its outcome goes back now, not a turn later
-            settled(source)
+            self.settled(source)
             return
-        source.add_done_callback(settled)
-        if waiter.cancelled():  # cancelled while this ran: the done callback below missed it
+        source.add_done_callback(self.settled)
+        if waiter.cancelled():  # cancelled while this ran, before the source was there
             source.cancel()
 
-    def cancelled(_: asyncio.Future[T]) -> None:  # on ``here``
-        if waiter.cancelled() and started:
-            source = started[0]
-            with contextlib.suppress(RuntimeError):
-                loop.call_soon_threadsafe(source.cancel)
+    def settled(self, source: asyncio.Future[Any]) -> None:  # on ``loop``; ``source`` is done
+        with contextlib.suppress(RuntimeError):  # ``here`` closed: nobody is left to tell
+            call_soon_threadsafe(self.here, self.answer, copy_context=False, defer=True)
 
-    waiter.add_done_callback(cancelled)
-    call_soon_threadsafe(loop, begin)
-    return waiter
+    def answer(self) -> None:  # on ``here``
+        waiter, source = self.waiter, self.source
+        if not waiter.done() and source is not None:
+            settle_like(waiter, source)
