@@ -9,6 +9,7 @@ import asyncio
 import contextlib
 import contextvars
 import functools
+import time
 import weakref
 from collections import deque
 from collections.abc import AsyncIterator, Callable, Hashable
@@ -136,8 +137,13 @@ class DynamicBatcher(Batcher[Any, Any]):
         self._size_fn = batch_size_fn
         self._key_fn = bucket_key
         self._clock: Clock = clock or LoopClock(self.loop)
-        # The loop's own time() when the clock is the loop's: one call less per request.
-        self._now = self.loop.time if clock is None else self._clock.now
+        # The loop's own time() when the clock is the loop's: one call less per request, and
+        # two when that is asyncio's, which only returns time.monotonic().
+        self._now: Callable[[], float] = self._clock.now
+        if clock is None:
+            self._now = self.loop.time
+            if type(self.loop).time is asyncio.BaseEventLoop.time:
+                self._now = time.monotonic
         self._streaming = streaming
         self._buckets: dict[Hashable, _Bucket] = {}
         # The running batches (tasks, or thread work for in_thread) and their items.
@@ -179,10 +185,9 @@ class DynamicBatcher(Batcher[Any, Any]):
         callers' futures in one loop over them and wakes nothing else. Raises what
         :meth:`submit` raises at once (a closed batcher, an item over the size limit).
         """
-        # The checks of _enqueue, paid only by batchers that need them.
-        cost = self._enqueue(item).cost if self._size_fn is not None or self._closed else 1
         entry = _SentItem(self, item, future, self._now())
-        entry.cost = cost
+        if self._size_fn is not None or self._closed:  # the checks of _enqueue, if needed
+            entry.cost = self._enqueue(item).cost
         self._after_arrival(entry)
         return entry
 
@@ -394,7 +399,7 @@ class DynamicBatcher(Batcher[Any, Any]):
         metrics = self.metrics
         self._running_cost += self._cost_of(items)
         # Items are taken in arrival order: the first waited longest.
-        metrics.queue_wait_s_sum += now * len(items) - sum(entry.arrived for entry in items)
+        metrics.queue_wait_s_sum += now * len(items) - sum([entry.arrived for entry in items])
         waited = now - items[0].arrived
         if waited > metrics.queue_wait_s_max:
             metrics.queue_wait_s_max = waited
@@ -495,14 +500,9 @@ class DynamicBatcher(Batcher[Any, Any]):
     def _settle(self, items: list[_Item], results: Any) -> None:
         # Every caller's answer in this one loop turn, in one step (set_results): each future
         # set only schedules its caller's wake-up, and the loop runs them all in its next turn.
-        futures: list[asyncio.Future[Any]] = []
-        values: list[Any] = []
-        for entry, result in zip(items, results):  # noqa: B905 (lengths checked by callers)
-            future = entry.future
-            if future is not None and not future.done():
-                futures.append(future)
-                values.append(result)
-        set_results(futures, values)
+        # (Items of batches that are not streams all have a future; set_results leaves those
+        # already done, by a caller that left.)
+        set_results([entry.future for entry in items], results)  # type: ignore[misc]
         self._observe(items)
 
     def _fail_batch(self, items: list[_Item], exc: Exception) -> None:

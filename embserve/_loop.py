@@ -24,7 +24,7 @@ import time
 import weakref
 from asyncio.tasks import _enter_task, _leave_task
 from collections import deque
-from collections.abc import Callable, Coroutine, Generator, Mapping
+from collections.abc import Callable, Coroutine, Generator, Iterable, Mapping
 from typing import TYPE_CHECKING, Any, TypeVar
 
 if TYPE_CHECKING:
@@ -588,9 +588,9 @@ def call_soon_threadsafe(
 AnyFuture = asyncio.Future[Any] | concurrent.futures.Future[Any]
 
 
-def set_results(futures: list[asyncio.Future[Any]], results: list[Any]) -> None:
-    """Settle each future of ``futures`` that is not done with its result in ``results``, on
-    their loop, in one step (a batch's answers).
+def set_results(futures: list[asyncio.Future[Any]], results: Iterable[Any]) -> None:
+    """Settle each future of ``futures`` that is not done with its result in ``results`` (as
+    many, in order), on their loop, in one step (a batch's answers).
 
     Futures of a class with a ``set_results`` class method of the same signature (the request
     path's sent futures, which give back a replica slot and count the request) are settled by

@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import inspect
 import sys
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from time import perf_counter
 from typing import Any
 
@@ -346,7 +346,7 @@ class _Sent(asyncio.Future):  # type: ignore[type-arg]
         self._metrics.finished("ok", perf_counter() - self._began)
 
     @classmethod
-    def set_results(cls, futures: list[_Sent], results: list[Any]) -> None:
+    def set_results(cls, futures: list[_Sent], results: Iterable[Any]) -> None:
         # A batch's answers (see embserve._loop.set_results): each future set as set_result
         # does, the slots given back and the requests counted once for all.
         set_result = _set_result
