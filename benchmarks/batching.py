@@ -25,10 +25,17 @@ Variants, each measured at every load and from every place:
 ``floor``: the same numpy computation on ready-made batches of 32, no serving layer, measured
 between the cells; its median is the floor every ratio is taken to, so both see the same machine
 load and the same BLAS build and threads (reported under ``blas``). Each cell is the median of
-interleaved rounds. Targets (issue 11): ``fixed_32_10ms`` at 64 loop callers >= 0.5x the floor
-and >= 1.5x ``unbatched``; at 64 foreign-loop callers >= 0.35x the floor; at every load and from
-every place the best batched variant beats ``unbatched``; ``adaptive`` within 10% of the best
-fixed setting on throughput at every load; a lone request after an idle period within
+interleaved rounds.
+
+``no_serving_layer``: the same 64 callers with no serving layer at all (a bare asyncio queue of
+futures whose batches of 32 run on the loop; from a foreign loop, one hand-over each way per
+batch): what Python alone costs on this machine around the computation, so the bound any
+serving layer here stays under.
+
+Targets (issue 11): ``fixed_32_10ms`` at 64 loop callers >= 0.5x the floor and >= 1.5x
+``unbatched``; at 64 foreign-loop callers >= 0.35x the floor; at every load and from every place
+the best batched variant beats ``unbatched``; ``adaptive`` within 10% of the best fixed setting
+on throughput at every load; a lone request after an idle period within
 ``batch_wait_timeout_s`` + 2 ms.
 """
 
@@ -137,7 +144,7 @@ def figures(latencies: list[float], elapsed: float) -> dict[str, float]:
     }
 
 
-async def async_load(handle: embserve.Handle, callers: int, seconds: float) -> dict[str, float]:
+async def async_load(handle: Any, callers: int, seconds: float) -> dict[str, float]:
     """Closed-loop coroutines on the running loop (the runtime's, or a foreign one)."""
     inputs = np.random.default_rng(2).standard_normal((callers, SIZE)).astype(np.float32)
     latencies: list[float] = []
@@ -192,6 +199,12 @@ def thread_load(handle: embserve.Handle, callers: int, seconds: float) -> dict[s
     for thread in threads:
         thread.join()
     return figures([x for mine in per_thread for x in mine], clock() - start)
+
+
+async def bare_load(callers: int, seconds: float) -> float:
+    """Items/s of :class:`BareQueue` with ``callers`` closed-loop callers on this loop."""
+    figures = await async_load(BareQueue(asyncio.get_running_loop()), callers, seconds)
+    return figures["items_per_s"]
 
 
 async def lone_request_ms(handle: embserve.Handle, repeats: int) -> float:
@@ -281,6 +294,67 @@ def measure_backends(
     return measured
 
 
+class BareQueue:
+    """No serving layer at all: the callers' items queue for batches of 32 that run on the loop
+    they arrive on (``put``: from that loop; ``put_from``: from another loop, the outcome going
+    back in one hand-over per batch). What the same callers reach with asyncio alone: the bound
+    any serving layer on this machine stays under."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        self.waiting: list[tuple[np.ndarray, asyncio.Future[Any]]] = []
+        self.scheduled = False
+        self.arrived: list[tuple[np.ndarray, asyncio.Future[Any]]] = []  # from other loops
+        self.lock = threading.Lock()
+
+    def remote(self, x: np.ndarray) -> asyncio.Future[Any]:
+        """On ``loop``: queue ``x``; the future of its row."""
+        future = self.loop.create_future()
+        self.waiting.append((x, future))
+        if not self.scheduled:
+            self.scheduled = True
+            self.loop.call_soon(self.run)
+        return future
+
+    def run(self) -> None:
+        self.scheduled = False
+        with self.lock:
+            self.waiting += self.arrived
+            self.arrived = []
+        while self.waiting:
+            batch, self.waiting = self.waiting[:32], self.waiting[32:]
+            rows = compute([x for x, _ in batch])
+            answers = [(future, row) for (_, future), row in zip(batch, rows)]  # noqa: B905
+            loop = answers[0][0].get_loop()
+            if loop is self.loop:
+                settle_rows(answers)
+            else:
+                loop.call_soon_threadsafe(settle_rows, answers)
+
+    def from_loop(self) -> Any:
+        """A stand-in for a handle, for callers on another loop."""
+        bare = self
+
+        class Caller:
+            def remote(self, x: np.ndarray) -> asyncio.Future[Any]:
+                future = asyncio.get_running_loop().create_future()
+                with bare.lock:
+                    bare.arrived.append((x, future))
+                    wake = not bare.scheduled
+                    bare.scheduled = True
+                if wake:
+                    bare.loop.call_soon_threadsafe(bare.run)
+                return future
+
+        return Caller()
+
+
+def settle_rows(answers: list[tuple[asyncio.Future[Any], Any]]) -> None:
+    """Each future its row."""
+    for future, row in answers:
+        future.set_result(row)
+
+
 class ForeignLoop:
     """An event loop in a thread of its own that is not the runtime's."""
 
@@ -361,6 +435,16 @@ def main() -> None:
             seconds,
             rounds,
         )
+        # The bound with no serving layer, at 64 callers, where the headline is measured.
+        bare_runs: dict[str, list[float]] = {"loop": [], "foreign_loop": []}
+        for _ in range(rounds):
+            bare_runs["loop"].append(
+                asyncio.run_coroutine_threadsafe(bare_load(64, seconds), loop).result()
+            )
+            bare = BareQueue(loop)
+            bare_runs["foreign_loop"].append(
+                foreign.run(async_load(bare.from_loop(), 64, seconds))["items_per_s"]
+            )
         repeats = 5 if options.quick else 20
         lone = {
             name: asyncio.run_coroutine_threadsafe(
@@ -443,6 +527,13 @@ def main() -> None:
                 for variant, cell in cells.items()
             }
             for name, cells in backends.items()
+        },
+        "no_serving_layer": {
+            place: {
+                "items_per_s": round(statistics.median(runs)),
+                "ratio_to_floor": round(statistics.median(runs) / floor_rate, 3),
+            }
+            for place, runs in bare_runs.items()
         },
         "adaptive_vs_best_fixed": adaptive_vs_best,
         "lone_request_ms": lone,

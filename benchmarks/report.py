@@ -92,6 +92,17 @@ def batching_rows(r: dict[str, Any]) -> Iterator[Row]:
             ">= 0.35x" if key else "",
             _met(targets, key) if key else None,
         )
+    for place, words in (("loop", "the runtime's loop"), ("foreign_loop", "a foreign loop")):
+        bare = _get(r, f"no_serving_layer.{place}") or {}
+        if bare:
+            yield (
+                f"no serving layer (bare asyncio queue), 64 callers on {words}",
+                _num(bare.get("items_per_s"), "items/s"),
+                floor,
+                _ratio(bare.get("ratio_to_floor")),
+                "",
+                None,
+            )
     for backend, cells in (r.get("backends") or {}).items():
         best = max((k for k in cells if k != "unbatched"), key=lambda k: cells[k]["items_per_s"])
         yield (

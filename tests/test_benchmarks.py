@@ -59,6 +59,9 @@ def test_batching_benchmark_quick_run_and_the_table_written_from_it(tmp_path: Pa
             assert cells["unbatched"]["items_per_s"] > 0
             assert cells["fixed_32_10ms"]["ratio_to_unbatched"] > 0
     assert "loop_64_ge_0.5x_floor" in report["targets"]
+    assert all(
+        report["no_serving_layer"][place]["items_per_s"] > 0 for place in ("loop", "foreign_loop")
+    )
     readme = tmp_path / "README.md"
     readme.write_text("# x\n<!-- figures:start -->\nold\n<!-- figures:end -->\nafter\n")
     script = [sys.executable, str(ROOT / "benchmarks" / "report.py"), "--readme", str(readme)]
@@ -66,6 +69,9 @@ def test_batching_benchmark_quick_run_and_the_table_written_from_it(tmp_path: Pa
     text = readme.read_text()
     assert "old" not in text and text.endswith("<!-- figures:end -->\nafter\n")
     assert "| batching | batched, 64 callers on the runtime's loop |" in text
+    assert (
+        "| batching | no serving layer (bare asyncio queue), 64 callers on a foreign loop |" in text
+    )
     assert subprocess.run([*script, "--check", str(out)], timeout=60).returncode == 0
 
 
