@@ -1,10 +1,11 @@
 """Values and exceptions as frames: pickle protocol 5 with out-of-band buffers.
 
-A value becomes a pickle stream followed by its out-of-band buffers (a numpy array's memory is
-one frame of its own, never copied into the pickle). Plain pickle is tried first, as it is
-several times faster on small values; what it cannot pickle (lambdas, classes defined in
-functions) goes through cloudpickle. User code sent to start a replica (:func:`encode_code`)
-goes by reference wherever the other side can import it, and by value only where it cannot.
+A value becomes a pickle stream followed by its out-of-band buffers (a large numpy array's
+memory is one frame of its own, never copied into the pickle; a small one is copied in). Plain
+pickle is tried first, as it is several times faster on small values; what it cannot pickle
+(lambdas, classes defined in functions) goes through cloudpickle. User code sent to start a
+replica (:func:`encode_code`) goes by reference wherever the other side can import it, and by
+value only where it cannot.
 An exception travels as its type name, message and replica traceback beside the pickled
 exception, so that one the other side cannot rebuild still arrives, as a
 :class:`~embserve.wire.RemoteError` with that type name and traceback.
@@ -46,16 +47,34 @@ Frame = bytes | bytearray | memoryview
 ErrorPayload = tuple[str, str, str, "bytes | None"]
 
 
+#: Buffers up to this size go inside the pickle stream: copying a small array costs less than
+#: the frame of its own it would otherwise travel in.
+IN_BAND_MAX = 16 * 1024
+
+
+class _Buffers(list[pickle.PickleBuffer]):
+    # The out-of-band buffers of one value; as pickle's buffer_callback, it keeps the large ones
+    # and returns True (in-band) for the small.
+
+    def __call__(self, buffer: pickle.PickleBuffer) -> bool:
+        with memoryview(buffer) as view:
+            small = view.nbytes <= IN_BAND_MAX
+        if not small:
+            self.append(buffer)
+        return small
+
+
 def encode(value: Any, *, by_value: bool = False) -> list[Frame]:
-    """``value`` as a pickle stream and its out-of-band buffers.
+    """``value`` as a pickle stream and its out-of-band buffers (those over
+    :data:`IN_BAND_MAX` bytes; smaller ones are copied into the stream).
 
     ``by_value`` forces cloudpickle, for user code the other side may not be able to import.
     Raises what pickling raises.
     """
-    buffers: list[pickle.PickleBuffer] = []
+    buffers = _Buffers()
     if not by_value:
         try:
-            head = pickle.dumps(value, protocol=5, buffer_callback=buffers.append)
+            head = pickle.dumps(value, protocol=5, buffer_callback=buffers)
         except Exception:
             buffers.clear()
         else:
@@ -64,7 +83,7 @@ def encode(value: Any, *, by_value: bool = False) -> list[Frame]:
             return [head, *(b.raw() for b in buffers)]
     import cloudpickle
 
-    head = cloudpickle.dumps(value, protocol=5, buffer_callback=buffers.append)
+    head = cloudpickle.dumps(value, protocol=5, buffer_callback=buffers)
     return [head, *(b.raw() for b in buffers)]
 
 

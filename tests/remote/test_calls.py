@@ -105,6 +105,18 @@ async def test_numpy_buffers_travel_out_of_band(connect: Connect) -> None:
             assert memoryview(frames[0]).nbytes < 1024  # the pickle holds no array data
 
 
+async def test_small_arrays_travel_inside_the_pickle_and_arrive_writable(connect: Connect) -> None:
+    async with connect() as ends:
+        to_replica, to_caller = spy(ends.caller_end), spy(ends.replica_end)
+        array = np.arange(512, dtype=np.float32)  # 2 KiB: a frame of its own costs more
+        result = await ends.replica.call(call("array", array))
+        np.testing.assert_array_equal(result, array + 1)
+        assert result.flags.writeable
+        for kind, frames in (to_replica[-1], to_caller[-1]):
+            assert kind in (CALL, OK)
+            assert len(frames) == 1
+
+
 # -- the fast send path --------------------------------------------------------------------
 
 
