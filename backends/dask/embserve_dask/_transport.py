@@ -24,6 +24,7 @@ a read thus carry many messages each, which is what makes 64 requests in flight 
 from __future__ import annotations
 
 import asyncio
+import ctypes
 import importlib
 import logging
 from collections.abc import Sequence
@@ -61,6 +62,38 @@ def _family_loads(header: dict[str, Any], frames: Sequence[Frame]) -> list[Frame
 # Registered on import, in the runtime and in each replica's process, so that both ends read
 # the other's payloads.
 _register_family(_FAMILY, _family_dumps, _family_loads)
+
+
+# Out-of-band buffers are put at an address that is a multiple of this. distributed hands a
+# message's frames at whatever offset of the buffer it read they fall on, and numpy takes an
+# array whose items are not aligned through a slow loop, not BLAS (a float32 matrix-vector
+# product 25 times slower here); BLAS is fastest on whole cache lines.
+_ALIGN = 64
+
+
+def _address(view: memoryview) -> int:
+    # Where a writable, contiguous, non-empty buffer starts.
+    probe = ctypes.c_char.from_buffer(view)
+    try:
+        return ctypes.addressof(probe)
+    finally:
+        del probe  # lets go of the buffer
+
+
+def _own(frame: Frame, copy: bool) -> Frame:
+    """``frame`` as memory an array may be made over: writable and at an address that is a
+    multiple of ``_ALIGN``; the frame itself when it is both (and ``copy`` is false)."""
+    view = memoryview(frame)
+    size = view.nbytes
+    if size == 0:
+        return bytearray()
+    if not copy and not view.readonly and view.c_contiguous and _address(view) % _ALIGN == 0:
+        return frame
+    store = bytearray(size + _ALIGN - 1)
+    start = -_address(memoryview(store)) % _ALIGN
+    owned = memoryview(store)[start : start + size]
+    owned[:] = view.cast("B") if view.format != "B" or view.ndim != 1 else view
+    return owned
 
 
 def _ignore(kind: int, ident: int, frames: list[Frame]) -> None:
@@ -192,10 +225,8 @@ class CommTransport(Transport):
             payload = payload.frames
         frames: list[Frame] = list(payload)
         for index in range(1, len(frames)):
-            # Buffers become arrays, which must own writable memory.
-            frame = frames[index]
-            if self._copy or memoryview(frame).readonly:
-                frames[index] = bytearray(frame)
+            # Buffers become arrays, which must own writable memory, at an aligned address.
+            frames[index] = _own(frames[index], self._copy)
         if self._copy and type(frames[0]) is not bytes:
             frames[0] = bytes(frames[0])
         return frames
