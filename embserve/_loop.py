@@ -669,6 +669,23 @@ def start_from_loop(
     return crossing.waiter
 
 
+class Answered(asyncio.Future):  # type: ignore[type-arg]
+    """A future that tells its ``then`` function (one, or None) of its outcome in the step that
+    settles it: a done callback would wait for a later turn of the loop. What
+    :func:`start_from_loop` sets to hand the outcome to the caller's loop; a subclass calls
+    :meth:`answered` after each way it is settled (result, exception, cancelled), and whoever
+    makes one sets ``then`` to None."""
+
+    __slots__ = ("then",)
+    then: Callable[[asyncio.Future[Any]], object] | None
+
+    def answered(self) -> None:
+        """Tell ``then`` (once settled)."""
+        then = self.then
+        if then is not None:
+            then(self)
+
+
 class _Waiter(asyncio.Future):  # type: ignore[type-arg]
     # The caller's future of a call started on another loop (start_from_loop): cancelling it
     # cancels the call there, with no done callback on every call's way back.
@@ -726,7 +743,10 @@ class _Crossing:
         if source.done():  # over in its first step: its outcome goes back now, not a turn later
             self.settled(source)
             return
-        source.add_done_callback(self.settled)
+        if isinstance(source, Answered) and source.then is None:
+            source.then = self.settled  # in the step that settles it, not a turn later
+        else:
+            source.add_done_callback(self.settled)
         if waiter.cancelled():  # cancelled while this ran, before the source was there
             source.cancel()
 

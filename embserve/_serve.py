@@ -18,7 +18,7 @@ from time import perf_counter
 from typing import Any
 
 from embserve import tracing
-from embserve._loop import start_task
+from embserve._loop import Answered, start_task
 from embserve.clock import Clock
 from embserve.deployment import Deployment, DeploymentConfig
 from embserve.errors import (
@@ -205,6 +205,7 @@ class RequestPath:
         # the replica's answer settles the future and releases the lease.
         request.lease = lease
         future = _Sent(loop=loop)
+        future.then = None
         withdraw = lease.replica.send(request, future)
         if withdraw is None:
             return None
@@ -329,7 +330,7 @@ class RequestPath:
             self.metrics.finished(outcome, perf_counter() - began)
 
 
-class _Sent(asyncio.Future):  # type: ignore[type-arg]
+class _Sent(Answered):
     # The outcome of a request sent to a replica as a message. The replica's answer settles it
     # and releases the lease at once, with no callback left for a later loop turn; cancelling it
     # withdraws the request (the replica may hold the lease until its work really ended).
@@ -344,6 +345,8 @@ class _Sent(asyncio.Future):  # type: ignore[type-arg]
         _set_result(self, result)
         self._lease.release()
         self._metrics.finished("ok", perf_counter() - self._began)
+        if self.then is not None:
+            self.then(self)
 
     @classmethod
     def set_results(cls, futures: list[_Sent], results: Iterable[Any]) -> None:
@@ -358,6 +361,8 @@ class _Sent(asyncio.Future):  # type: ignore[type-arg]
             if future.done():  # cancelled: cancel() gave its slot back and counted it
                 continue
             set_result(future, result)
+            if future.then is not None:
+                future.then(future)
             leases.append(future._lease)
             if future._metrics is metrics:
                 durations.append(now - future._began)
@@ -371,6 +376,7 @@ class _Sent(asyncio.Future):  # type: ignore[type-arg]
         self._lease.release()
         error = exception if isinstance(exception, BaseException) else exception()
         self._metrics.finished(outcome_of(error), perf_counter() - self._began)
+        self.answered()
 
     def cancel(self, msg: Any = None) -> bool:
         if not super().cancel(msg):
@@ -378,6 +384,7 @@ class _Sent(asyncio.Future):  # type: ignore[type-arg]
         self._withdraw()
         self._lease.release()
         self._metrics.finished("cancelled", perf_counter() - self._began)
+        self.answered()
         return True
 
 

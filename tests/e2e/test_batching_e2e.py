@@ -128,6 +128,26 @@ def test_an_error_reaches_every_caller_of_its_batch_and_only_them(
     assert seen("doubler") == [16, 16]
 
 
+def test_callers_on_another_loop_get_their_results_errors_and_cancellations(
+    doubler: embserve.Handle,
+) -> None:
+    # Each answer reaches the caller's loop from the step that settles it (no done callback):
+    # results and the batch's error, none left waiting; and the caller may cancel.
+    async def calls() -> None:
+        good = [doubler.remote(x) for x in range(16)]
+        assert await asyncio.wait_for(asyncio.gather(*good), 5) == [2 * x for x in range(16)]
+        bad = [doubler.remote(x) for x in [1] * 15 + [-1]]
+        results = await asyncio.wait_for(asyncio.gather(*bad, return_exceptions=True), 5)
+        assert all(isinstance(r, KeyError) for r in results)
+        doomed = doubler.remote(7)  # alone: it waits 2 s for company
+        await asyncio.sleep(0.05)
+        assert doomed.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await asyncio.wait_for(doomed, 5)
+
+    asyncio.run(calls())
+
+
 def test_a_wrong_length_is_a_clear_error_to_the_whole_batch(doubler: embserve.Handle) -> None:
     results = call_all(doubler, [-2] + [1] * 15)
     assert all(isinstance(r, ValueError) for r in results)
