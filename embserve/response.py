@@ -17,7 +17,14 @@ import weakref
 from collections.abc import AsyncIterator, Callable, Coroutine, Generator, Iterator
 from typing import Any, Protocol
 
-from embserve._loop import call_soon_threadsafe, running_loop, settle_like, start_task, wrap_future
+from embserve._loop import (
+    Answered,
+    call_soon_threadsafe,
+    running_loop,
+    settle_like,
+    start_task,
+    wrap_future,
+)
 
 __all__ = [
     "NOT_HERE",
@@ -96,7 +103,10 @@ def _link(
         if bridge.cancelled() and not source.done():
             loop.call_soon_threadsafe(source.cancel)
 
-    source.add_done_callback(copy)
+    if isinstance(source, Answered) and source.then is None:
+        source.then = copy  # in the step that settles it, not a turn later
+    else:
+        source.add_done_callback(copy)
     bridge.add_done_callback(cancel_source)
 
 
