@@ -281,43 +281,27 @@ async def test_batched_requests_take_no_task_each_and_one_pass_answers_them() ->
         assert [await r for r in responses] == [i + 1 for i in range(32)]
 
 
-@embserve.deployment
-class GatedEight:
-    """An async batch, full at 8, that waits for the test's gate."""
-
-    def __init__(self) -> None:
-        self.gate = asyncio.Event()
-
-    @embserve.batch(max_batch_size=8, batch_wait_timeout_s=2.0)
-    async def __call__(self, xs: list[int]) -> list[int]:
-        await self.gate.wait()
-        return [x + 1 for x in xs]
-
-    def open(self) -> None:
-        self.gate.set()
-
-
 @pytest.mark.anyio
 async def test_a_batch_answered_in_one_step_gives_back_every_slot_and_counts_each_request() -> None:
     # The batch's answers settle its callers, give back their slots and count them at once; a
     # caller that left while the batch ran is counted as cancelled, and its slot not twice.
     async with Runtime() as rt:
-        handle = await rt.run_async(GatedEight.bind(), name="g8")
-        responses = [handle.remote(i) for i in range(8)]
+        handle = await rt.run_async(Gated.bind(), name="g")
+        responses = [handle.remote(i) for i in range(32)]  # one full batch, held at the gate
         await asyncio.sleep(0)
-        assert rt.status().deployments["g8"].replicas[0].ongoing_requests == 8
+        assert rt.status().deployments["g"].replicas[0].ongoing_requests == 32
         assert responses[3].cancel()
         await handle.open.remote()
         results = await asyncio.gather(*responses, return_exceptions=True)
-        assert [r for i, r in enumerate(results) if i != 3] == [i + 1 for i in range(8) if i != 3]
+        assert [r for i, r in enumerate(results) if i != 3] == [i + 1 for i in range(32) if i != 3]
         assert isinstance(results[3], asyncio.CancelledError)
-        assert rt.status().deployments["g8"].replicas[0].ongoing_requests == 0
+        assert rt.status().deployments["g"].replicas[0].ongoing_requests == 0
         found = samples(await rt.metrics_async())
         counts = {
-            outcome: found[("embserve_requests_total", (("deployment", "g8"), ("outcome", o)))]
-            for outcome, o in (("ok", "ok"), ("cancelled", "cancelled"))
+            outcome: found[("embserve_requests_total", (("deployment", "g"), ("outcome", outcome)))]
+            for outcome in ("ok", "cancelled")
         }
-        assert counts == {"ok": 8, "cancelled": 1}  # 7 of the batch and the gate's opener
+        assert counts == {"ok": 32, "cancelled": 1}  # 31 of the batch and the gate's opener
 
 
 def test_a_sync_batch_runs_in_a_thread_with_the_replica_context(runtime: Runtime) -> None:
