@@ -345,7 +345,7 @@ class _Sent(Answered):
         _set_result(self, result)
         self._lease.release()
         self._metrics.finished("ok", perf_counter() - self._began)
-        if self.then is not None:
+        if self.then is not None:  # answered(), without its call on every request
             self.then(self)
 
     @classmethod

@@ -126,6 +126,8 @@ def test_own_copies_only_what_is_read_only_or_not_aligned() -> None:
         assert owned is not frame and not view.readonly and view.tobytes() == bytes(frame)
         assert ctypes.addressof(ctypes.c_char.from_buffer(view)) % 64 == 0
     assert _own(b"", copy=False) == bytearray()
+    strided = memoryview(bytes(range(64))).cast("B", (8, 8))[::2]  # not contiguous
+    assert memoryview(_own(strided, copy=False)).tobytes() == strided.tobytes()
 
 
 async def test_a_write_that_waits_keeps_the_order_of_what_is_sent_after_it(ends: _Ends) -> None:

@@ -67,7 +67,7 @@ _register_family(_FAMILY, _family_dumps, _family_loads)
 # Out-of-band buffers are put at an address that is a multiple of this. distributed hands a
 # message's frames at whatever offset of the buffer it read they fall on, and numpy takes an
 # array whose items are not aligned through a slow loop, not BLAS (a float32 matrix-vector
-# product 25 times slower here); BLAS is fastest on whole cache lines.
+# product 30 times slower here); BLAS is fastest on whole cache lines.
 _ALIGN = 64
 
 
@@ -92,6 +92,8 @@ def _own(frame: Frame, copy: bool) -> Frame:
     store = bytearray(size + _ALIGN - 1)
     start = -_address(memoryview(store)) % _ALIGN
     owned = memoryview(store)[start : start + size]
+    if not view.c_contiguous:
+        view = memoryview(view.tobytes())
     owned[:] = view.cast("B") if view.format != "B" or view.ndim != 1 else view
     return owned
 
