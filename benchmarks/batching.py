@@ -295,10 +295,10 @@ def measure_backends(
 
 
 class BareQueue:
-    """No serving layer at all: the callers' items queue for batches of 32 that run on the loop
-    they arrive on (``put``: from that loop; ``put_from``: from another loop, the outcome going
-    back in one hand-over per batch). What the same callers reach with asyncio alone: the bound
-    any serving layer on this machine stays under."""
+    """No serving layer at all: the callers' items queue for batches of 32 that run on ``loop``
+    (:meth:`remote`: callers on that loop; :meth:`from_loop`: a stand-in handle for callers on
+    another loop, one hand-over each way per batch; one queue serves one kind). What the same
+    callers reach with asyncio alone: the bound any serving layer on this machine stays under."""
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         self.loop = loop
