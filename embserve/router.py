@@ -80,8 +80,9 @@ class Lease:
         if not self._holds:
             self._free()
 
-    def _free(self) -> None:
-        # Released and no longer held: the one place a slot goes back to its router.
+    def _free(self, count: int = 1) -> None:
+        # Released and no longer held: the one place slots go back to their router (``count``
+        # of them on this lease's replica, for release_all).
         router, replica = self._router, self.replica
         turns = router._turns
         if turns is not None:  # threads share the counts (Router.allow_threads)
@@ -89,7 +90,7 @@ class Lease:
             if turns.thread_in:
                 turns.wait_for_thread()
         try:
-            replica.ongoing -= 1
+            replica.ongoing -= count
             if router._waiters.count:
                 router._serve_waiters()
             if replica.ongoing == 0 and replica.idle is not None:
@@ -118,22 +119,8 @@ class Lease:
                 lease._free()
                 continue
             freed += 1
-        if not freed:
-            return
-        turns = router._turns
-        if turns is not None:
-            turns.loop_in = True
-            if turns.thread_in:
-                turns.wait_for_thread()
-        try:
-            replica.ongoing -= freed
-            if router._waiters.count:
-                router._serve_waiters()
-            if replica.ongoing == 0 and replica.idle is not None:
-                replica.idle.set()
-        finally:
-            if turns is not None:
-                turns.loop_in = False
+        if freed:
+            first._free(freed)
 
     def release_here(self, loop: asyncio.AbstractEventLoop) -> None:
         """:meth:`release` from a thread other than ``loop``'s, for a lease that

@@ -28,5 +28,5 @@ class WorkLease(Lease):
         self._holds = 0
         self._released = False
 
-    def _free(self) -> None:
+    def _free(self, count: int = 1) -> None:
         self._on_ended()
