@@ -8,7 +8,7 @@ reading its ``OK`` or ``ERR``: the replica's side is the one that wakes (or poll
 event loop on this side is involved. The messages are the protocol's own, framed as
 :class:`~embserve._remote.socket_transport.SocketTransport` frames them, so the replica's side
 serves the line with a :class:`~embserve._remote.server.ReplicaServer` of its own over the same
-replica (:meth:`ReplicaServer.line <embserve._remote.server.ReplicaServer.line>`).
+replica (:meth:`ReplicaServer.add_line <embserve._remote.server.ReplicaServer.add_line>`).
 
 One call at a time: a thread :meth:`DirectLine.claim`\\ s the line (without waiting), and a
 thread that finds it taken goes through the loop instead. Admission is the caller's, as for
@@ -17,6 +17,7 @@ any call: the line carries only calls that already hold a router lease.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import socket
 import threading
@@ -25,7 +26,7 @@ from typing import Any
 
 from embserve._remote.codec import Frame, decode, decode_error, encode
 from embserve._remote.messages import CALL, OK
-from embserve._remote.socket_transport import _FIXED, _LENGTH, _ONE
+from embserve._remote.socket_transport import _FIXED, _LENGTH, _ONE, drop_sent, message_header
 from embserve.request import Request
 from embserve.response import NOT_HERE
 
@@ -110,18 +111,10 @@ class DirectLine:
             self._sock.sendall(_ONE.pack(kind, ident, 1, len(frames[0])) + frames[0])
             return
         views = [memoryview(f).cast("B") for f in frames]
-        header = _FIXED.pack(kind, ident, len(views)) + b"".join(
-            _LENGTH.pack(v.nbytes) for v in views
-        )
-        chunks = [memoryview(header), *views]
+        header = message_header(kind, ident, [v.nbytes for v in views])
+        chunks = collections.deque([memoryview(header), *views])
         while chunks:
-            sent = self._sock.sendmsg(chunks)
-            while sent:
-                if sent >= chunks[0].nbytes:
-                    sent -= chunks.pop(0).nbytes
-                else:
-                    chunks[0] = chunks[0][sent:]
-                    sent = 0
+            drop_sent(chunks, self._sock.sendmsg(chunks))
 
     def _receive(self) -> tuple[int, int, list[Frame]]:
         # One answer to one call: nothing follows it, so whatever was read is this message.

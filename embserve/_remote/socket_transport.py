@@ -41,6 +41,23 @@ _SMALL = 16384  # messages below this size are joined into one bytes object and 
 _IOV_MAX = 512
 
 
+def message_header(kind: int, ident: int, sizes: Sequence[int]) -> bytes:
+    """The header of a message whose frames are ``sizes`` bytes long (the frames follow it)."""
+    return _FIXED.pack(kind, ident, len(sizes)) + b"".join(_LENGTH.pack(n) for n in sizes)
+
+
+def drop_sent(chunks: collections.deque[memoryview], sent: int) -> None:
+    """Take the ``sent`` bytes that a ``sendmsg`` of ``chunks`` wrote off their front."""
+    while sent:
+        head = chunks[0]
+        if sent >= head.nbytes:
+            sent -= head.nbytes
+            chunks.popleft()
+        else:
+            chunks[0] = head[sent:]
+            sent = 0
+
+
 def _ignore(kind: int, ident: int, frames: list[Frame]) -> None:
     pass
 
@@ -92,7 +109,7 @@ class SocketTransport(Transport):
                 self._send_bytes(_ONE.pack(kind, ident, 1, len(head)) + head)
                 return
         sizes = [memoryview(f).nbytes for f in frames]
-        header = _FIXED.pack(kind, ident, count) + b"".join(_LENGTH.pack(n) for n in sizes)
+        header = message_header(kind, ident, sizes)
         if sum(sizes) < _SMALL:
             self._send_bytes(header + b"".join(frames))
         else:
@@ -136,14 +153,7 @@ class SocketTransport(Transport):
             except OSError as exc:
                 self.broken(f"sending failed: {exc}")
                 return
-            while sent:
-                head = out[0]
-                if sent >= head.nbytes:
-                    sent -= head.nbytes
-                    out.popleft()
-                else:
-                    out[0] = head[sent:]
-                    sent = 0
+            drop_sent(out, sent)
 
     def _writable(self) -> None:
         self._flush()
