@@ -686,6 +686,16 @@ class Answered(asyncio.Future):  # type: ignore[type-arg]
             then(self)
 
 
+def when_done(future: asyncio.Future[T], callback: Callable[[asyncio.Future[T]], object]) -> None:
+    """Call ``callback(future)`` once ``future`` is settled: in the step that settles it when
+    it is an :class:`Answered` future with no ``then`` yet, else as a done callback (a turn of
+    the loop later)."""
+    if isinstance(future, Answered) and future.then is None:
+        future.then = callback
+    else:
+        future.add_done_callback(callback)
+
+
 class _Waiter(asyncio.Future):  # type: ignore[type-arg]
     # The caller's future of a call started on another loop (start_from_loop): cancelling it
     # cancels the call there, with no done callback on every call's way back.
@@ -743,10 +753,7 @@ class _Crossing:
         if source.done():  # over in its first step: its outcome goes back now, not a turn later
             self.settled(source)
             return
-        if isinstance(source, Answered) and source.then is None:
-            source.then = self.settled  # in the step that settles it, not a turn later
-        else:
-            source.add_done_callback(self.settled)
+        when_done(source, self.settled)
         if waiter.cancelled():  # cancelled while this ran, before the source was there
             source.cancel()
 

@@ -18,11 +18,11 @@ from collections.abc import AsyncIterator, Callable, Coroutine, Generator, Itera
 from typing import Any, Protocol
 
 from embserve._loop import (
-    Answered,
     call_soon_threadsafe,
     running_loop,
     settle_like,
     start_task,
+    when_done,
     wrap_future,
 )
 
@@ -103,10 +103,7 @@ def _link(
         if bridge.cancelled() and not source.done():
             loop.call_soon_threadsafe(source.cancel)
 
-    if isinstance(source, Answered) and source.then is None:
-        source.then = copy  # in the step that settles it, not a turn later
-    else:
-        source.add_done_callback(copy)
+    when_done(source, copy)
     bridge.add_done_callback(cancel_source)
 
 
