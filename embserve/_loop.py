@@ -671,8 +671,8 @@ def start_from_loop(
 
 class Answered(asyncio.Future):  # type: ignore[type-arg]
     """A future that tells its ``then`` function (one, or None) of its outcome in the step that
-    settles it: a done callback would wait for a later turn of the loop. What
-    :func:`start_from_loop` sets to hand the outcome to the caller's loop; a subclass calls
+    settles it: a done callback would wait for a later turn of the loop. :func:`when_done` sets
+    it (for the hand-over of a call's outcome to another loop or thread); a subclass calls
     :meth:`answered` after each way it is settled (result, exception, cancelled), and whoever
     makes one sets ``then`` to None."""
 
