@@ -6,13 +6,15 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextvars
+import os
 import threading
+import warnings
 from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
 
-from embserve._loop import call_soon_threadsafe, start_from_loop, wrap_future
+from embserve._loop import call_soon_threadsafe, running_loop, start_from_loop, wrap_future
 
 who: contextvars.ContextVar[str] = contextvars.ContextVar("who", default="nobody")
 
@@ -213,3 +215,39 @@ def test_answers_handed_over_in_one_turn_of_a_loop_wake_the_other_once(loop: Cou
         assert loop.wakes - before == 1
 
     asyncio.run(main())
+
+
+def test_running_loop_is_the_loop_running_in_this_thread_and_none_elsewhere() -> None:
+    assert running_loop() is None
+    seen: list[object] = []
+
+    async def look() -> None:
+        seen.append(running_loop())
+        seen.append(running_loop())  # the remembered one, still right
+        seen.append(await asyncio.to_thread(running_loop))  # another thread runs none
+
+    first = asyncio.new_event_loop()
+    first.run_until_complete(look())
+    assert seen == [first, first, None]
+    assert running_loop() is None  # it stopped: not remembered past its end
+    second = asyncio.new_event_loop()
+    second.run_until_complete(look())  # a new loop in the same thread is found
+    assert seen[3:] == [second, second, None]
+    first.close()
+    second.close()
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
+def test_running_loop_is_none_in_a_child_forked_from_a_running_loop() -> None:
+    async def fork() -> int:
+        assert running_loop() is asyncio.get_running_loop()  # remembered before the fork
+        pid = os.fork()
+        if pid == 0:  # the child: its copy of the loop does not run there
+            os._exit(0 if running_loop() is None else 1)
+        _, status = await asyncio.to_thread(os.waitpid, pid, 0)
+        return status
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)  # fork() with threads around
+        assert asyncio.run(fork()) == 0
+
