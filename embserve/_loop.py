@@ -685,14 +685,30 @@ def start_from_loop(
     thread; a future of ``here`` settled with the outcome of the future ``start`` returns.
 
     What ``asyncio.wrap_future(start_threadsafe(...))`` does without the thread-safe future
-    between (its lock and condition, and a second callback chain): the call is handed to
-    ``loop`` and its outcome back to ``here`` through :func:`call_soon_threadsafe`, one wake
-    per burst each way. Cancelling the returned future cancels the call (``discard`` runs
+    between (its lock and condition, and a second callback chain), and with one hand-over per
+    burst each way for all the calls between the two loops: each call is one object, the
+    caller's future, which carries it there and its outcome back. ``start`` runs in a copy of
+    the caller's context. Cancelling the returned future cancels the call (``discard`` runs
     instead of ``start`` when that happened before ``loop`` got to it).
     """
-    crossing = _Crossing(loop, here, start, discard)
-    call_soon_threadsafe(loop, crossing.begin)
-    return crossing.waiter
+    crossing: _Crossing = _Crossing(loop=here)
+    crossing.start = start
+    crossing.discard = discard
+    crossing.source = None
+    crossing.context = contextvars.copy_context()
+    lane = crossing.lane = _lane(loop, here)
+    lane.calls.append(crossing)
+    if not lane.calling:
+        # Set before the hand-over: a begin_all that starts now sees this call, or a later
+        # one is handed over for it (begin_all clears the flag before it takes the calls).
+        lane.calling = True
+        try:
+            call_soon_threadsafe(loop, lane.begin_all, copy_context=False)
+        except RuntimeError:  # ``loop`` is closed: nothing will ever begin these
+            lane.calling = False
+            lane.calls.clear()
+            raise
+    return crossing
 
 
 class Answered(asyncio.Future):  # type: ignore[type-arg]
@@ -722,72 +738,112 @@ def when_done(future: asyncio.Future[T], callback: Callable[[asyncio.Future[T]],
         future.add_done_callback(callback)
 
 
-class _Waiter(asyncio.Future):  # type: ignore[type-arg]
-    # The caller's future of a call started on another loop (start_from_loop): cancelling it
-    # cancels the call there, with no done callback on every call's way back.
+class _Crossing(asyncio.Future):  # type: ignore[type-arg]
+    # One call of start_from_loop, and the caller's future of it: begun and settled on its
+    # lane's ``loop``, answered on ``here``. Cancelling it cancels the call there.
 
-    __slots__ = ("_crossing",)
-    _crossing: _Crossing
+    __slots__ = ("context", "discard", "lane", "source", "start")
+    context: contextvars.Context
+    discard: Callable[[], object] | None
+    lane: _Lane
+    source: asyncio.Future[Any] | None  # once ``loop`` made it
+    start: Callable[[], asyncio.Future[Any]]
 
     def cancel(self, msg: Any = None) -> bool:
         if not super().cancel(msg):
             return False
-        source = self._crossing.source
-        if source is not None:  # else begin() sees the waiter cancelled
+        source = self.source
+        if source is not None and not source.done():  # else begin_all sees it cancelled
             with contextlib.suppress(RuntimeError):
-                self._crossing.loop.call_soon_threadsafe(source.cancel)
+                self.lane.loop.call_soon_threadsafe(source.cancel)
         return True
 
+    def settled(self, source: asyncio.Future[Any]) -> None:  # on ``loop``; ``source`` is done
+        lane = self.lane
+        lane.answers.append(self)
+        if not lane.answering:  # as in start_from_loop, the other way
+            lane.answering = True
+            with contextlib.suppress(RuntimeError):  # ``here`` closed: nobody is left to tell
+                call_soon_threadsafe(lane.here, lane.answer_all, copy_context=False, defer=True)
 
-class _Crossing:
-    # One call of start_from_loop: begun and settled on ``loop``, answered on ``here``.
 
-    __slots__ = ("discard", "here", "loop", "source", "start", "waiter")
+class _Lane:
+    # The calls from coroutines on one loop (``here``) to another (``loop``): handed over in
+    # bursts, begun on ``loop`` by one begin_all per burst, and their outcomes handed back
+    # in bursts, settled on ``here`` by one answer_all. Each deque is appended to in one
+    # thread and emptied in the other (one step each under the GIL), each flag set by the
+    # appending side and cleared by the emptying side before it looks.
 
-    def __init__(
-        self,
-        loop: asyncio.AbstractEventLoop,
-        here: asyncio.AbstractEventLoop,
-        start: Callable[[], asyncio.Future[Any]],
-        discard: Callable[[], object] | None,
-    ) -> None:
+    __slots__ = ("answering", "answers", "calling", "calls", "here", "loop")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, here: asyncio.AbstractEventLoop) -> None:
         self.loop = loop
         self.here = here
-        self.start = start
-        self.discard = discard
-        self.source: asyncio.Future[Any] | None = None  # once ``loop`` made it
-        waiter = self.waiter = _Waiter(loop=here)
-        waiter._crossing = self
+        self.calls: deque[_Crossing] = deque()
+        self.calling = False
+        self.answers: deque[_Crossing] = deque()
+        self.answering = False
 
-    def begin(self) -> None:  # on ``loop``
-        waiter = self.waiter
-        if waiter.cancelled():
-            if self.discard is not None:
-                self.discard()
-            return
+    def begin_all(self) -> None:  # on ``loop``
+        self.calling = False
+        calls = self.calls
+        for _ in range(len(calls)):  # those there now: later ones have a begin_all of their own
+            crossing = calls.popleft()
+            if crossing.cancelled():
+                if crossing.discard is not None:
+                    crossing.discard()
+                continue
+            try:
+                source = crossing.context.run(crossing.start)
+            except BaseException as exc:
+                failed: asyncio.Future[Any] = self.loop.create_future()
+                failed.set_exception(exc)
+                crossing.source = failed
+                crossing.settled(failed)
+                if not isinstance(exc, Exception):
+                    if calls:  # the rest go in a begin_all of their own
+                        self.calling = True
+                        self.loop.call_soon(self.begin_all)
+                    raise
+                continue
+            crossing.source = source
+            if source.done():  # over in its first step: its outcome goes back in this burst
+                crossing.settled(source)
+                continue
+            when_done(source, crossing.settled)
+            if crossing.cancelled():  # cancelled while this ran, before the source was there
+                source.cancel()
+
+    def answer_all(self) -> None:  # on ``here``
+        self.answering = False
+        answers = self.answers
+        for _ in range(len(answers)):
+            crossing = answers.popleft()
+            if crossing.done():
+                continue
+            source = crossing.source
+            assert source is not None
+            if source.cancelled():
+                crossing.cancel()
+            elif (error := source.exception()) is not None:
+                crossing.set_exception(error)
+            else:
+                crossing.set_result(source.result())
+
+
+def _lane(loop: asyncio.AbstractEventLoop, here: asyncio.AbstractEventLoop) -> _Lane:
+    # The lane from ``here`` (the running loop) to ``loop``: kept by ``here``, which alone
+    # makes and looks up its lanes, and which they go with.
+    lanes: dict[asyncio.AbstractEventLoop, _Lane] | None = getattr(here, "_embserve_lanes", None)
+    if lanes is None:
+        lanes = {}
         try:
-            source = self.start()
-        except BaseException as exc:
-            failed: asyncio.Future[Any] = self.loop.create_future()
-            failed.set_exception(exc)
-            self.source = failed
-            self.settled(failed)
-            if not isinstance(exc, Exception):
-                raise
-            return
-        self.source = source
-        if source.done():  # over in its first step: its outcome goes back now, not a turn later
-            self.settled(source)
-            return
-        when_done(source, self.settled)
-        if waiter.cancelled():  # cancelled while this ran, before the source was there
-            source.cancel()
-
-    def settled(self, source: asyncio.Future[Any]) -> None:  # on ``loop``; ``source`` is done
-        with contextlib.suppress(RuntimeError):  # ``here`` closed: nobody is left to tell
-            call_soon_threadsafe(self.here, self.answer, copy_context=False, defer=True)
-
-    def answer(self) -> None:  # on ``here``
-        waiter, source = self.waiter, self.source
-        if not waiter.done() and source is not None:
-            settle_like(waiter, source)
+            here._embserve_lanes = lanes  # type: ignore[attr-defined]
+        except AttributeError:  # a loop that takes no attributes: a lane per call
+            return _Lane(loop, here)
+    lane = lanes.get(loop)
+    if lane is None:
+        for closed in [other for other in lanes if other.is_closed()]:
+            del lanes[closed]  # runtimes come and go; their lanes with them
+        lane = lanes[loop] = _Lane(loop, here)
+    return lane

@@ -251,3 +251,30 @@ def test_running_loop_is_none_in_a_child_forked_from_a_running_loop() -> None:
         warnings.simplefilter("ignore", DeprecationWarning)  # fork() with threads around
         assert asyncio.run(fork()) == 0
 
+
+def test_calls_from_another_loop_go_over_and_come_back_in_one_wake_per_burst(
+    loop: CountingLoop,
+) -> None:
+    def ready(value: int) -> Callable[[], asyncio.Future[int]]:
+        def start() -> asyncio.Future[int]:
+            future: asyncio.Future[int] = loop.create_future()
+            future.set_result(value)
+            return future
+
+        return start
+
+    async def main() -> None:
+        here = asyncio.get_running_loop()
+        assert isinstance(here, CountingLoop)
+        gate = block(loop)  # so that all 50 are there when it looks
+        wakes = loop.wakes, here.wakes
+        waiters = [start_from_loop(loop, here, ready(i)) for i in range(50)]
+        gate.set()
+        assert await asyncio.gather(*waiters) == list(range(50))
+        assert (loop.wakes - wakes[0], here.wakes - wakes[1]) == (1, 1)
+
+    here = CountingLoop()
+    try:
+        here.run_until_complete(main())
+    finally:
+        here.close()
