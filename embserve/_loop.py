@@ -716,15 +716,18 @@ class Answered(asyncio.Future):  # type: ignore[type-arg]
     settles it: a done callback would wait for a later turn of the loop. :func:`when_done` sets
     it (for the hand-over of a call's outcome to another loop or thread); a subclass calls
     :meth:`answered` after each way it is settled (result, exception, cancelled), and whoever
-    makes one sets ``then`` to None."""
+    makes one sets ``then`` to None. Once told, ``then`` is let go, as asyncio lets go of done
+    callbacks: it mostly holds what holds this future, a cycle only the garbage collector
+    would free otherwise."""
 
     __slots__ = ("then",)
     then: Callable[[asyncio.Future[Any]], object] | None
 
     def answered(self) -> None:
-        """Tell ``then`` (once settled)."""
+        """Tell ``then`` (once settled), and let go of it."""
         then = self.then
         if then is not None:
+            self.then = None
             then(self)
 
 

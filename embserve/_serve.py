@@ -41,6 +41,10 @@ _NO_SEND = Replica.send
 _set_result = asyncio.Future.set_result  # without super()'s lookup, in _Sent
 
 
+def _settled() -> None:
+    """A settled request's withdraw function: nothing left to withdraw."""
+
+
 class RequestPath:
     """Serves the requests of one deployment; :class:`DeploymentController` is one.
 
@@ -341,12 +345,19 @@ class _Sent(Answered):
     _metrics: DeploymentMetrics
     _withdraw: Callable[[], None]
 
+    # Settling it lets go of the withdraw function (a replica's queue entry, which holds this
+    # future: a cycle that only the garbage collector would otherwise free, at a cost per
+    # request many times that of the store).
+
     def set_result(self, result: Any) -> None:
         _set_result(self, result)
+        self._withdraw = _settled
         self._lease.release()
         self._metrics.finished("ok", perf_counter() - self._began)
-        if self.then is not None:  # answered(), without its call on every request
-            self.then(self)
+        then = self.then
+        if then is not None:  # answered(), without its call on every request
+            self.then = None
+            then(self)
 
     @classmethod
     def set_results(cls, futures: list[_Sent], results: Iterable[Any]) -> None:
@@ -361,8 +372,11 @@ class _Sent(Answered):
             if future.done():  # cancelled: cancel() gave its slot back and counted it
                 continue
             set_result(future, result)
-            if future.then is not None:
-                future.then(future)
+            future._withdraw = _settled
+            then = future.then
+            if then is not None:  # as answered() does
+                future.then = None
+                then(future)
             leases.append(future._lease)
             if future._metrics is metrics:
                 durations.append(now - future._began)
@@ -373,6 +387,7 @@ class _Sent(Answered):
 
     def set_exception(self, exception: type | BaseException) -> None:
         super().set_exception(exception)
+        self._withdraw = _settled
         self._lease.release()
         error = exception if isinstance(exception, BaseException) else exception()
         self._metrics.finished(outcome_of(error), perf_counter() - self._began)
@@ -382,6 +397,7 @@ class _Sent(Answered):
         if not super().cancel(msg):
             return False
         self._withdraw()
+        self._withdraw = _settled
         self._lease.release()
         self._metrics.finished("cancelled", perf_counter() - self._began)
         self.answered()

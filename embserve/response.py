@@ -99,8 +99,10 @@ def _link(
         with contextlib.suppress(concurrent.futures.InvalidStateError):
             settle_like(bridge, done)
 
-    def cancel_source(_: concurrent.futures.Future[Any]) -> None:
-        if bridge.cancelled() and not source.done():
+    def cancel_source(done: concurrent.futures.Future[Any]) -> None:
+        # ``done`` is the bridge, taken as the argument: a bridge that held a function that
+        # held it would be a cycle, freed only by the garbage collector.
+        if done.cancelled() and not source.done():
             loop.call_soon_threadsafe(source.cancel)
 
     when_done(source, copy)
