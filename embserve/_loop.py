@@ -618,15 +618,15 @@ def set_results(futures: list[asyncio.Future[Any]], results: Iterable[Any]) -> N
     """Settle each future of ``futures`` that is not done with its result in ``results`` (as
     many, in order), on their loop, in one step (a batch's answers).
 
-    Futures of a class with a ``set_results`` class method of the same signature (the request
-    path's sent futures, which give back a replica slot and count the request) are settled by
-    it when all are of that class, so that what they do beside is done once for all of them.
+    When the first future's class has a ``set_results`` class method of the same signature
+    (the request path's sent futures, which give back a replica slot and count the request),
+    it settles them all, so that what its futures do beside is done once for all of them; it
+    settles futures of other classes as this function does.
     """
     if not futures:
         return
-    kind = type(futures[0])
-    many = getattr(kind, "set_results", None)
-    if many is not None and all(type(f) is kind for f in futures):
+    many = getattr(type(futures[0]), "set_results", None)
+    if many is not None:
         many(futures, results)
         return
     for future, result in zip(futures, results):  # noqa: B905 (same length: the caller's)

@@ -371,6 +371,9 @@ class _Sent(Answered):
         for future, result in zip(futures, results):  # noqa: B905 (same length)
             if future.done():  # cancelled: cancel() gave its slot back and counted it
                 continue
+            if type(future) is not cls:  # another kind of future in the same batch
+                future.set_result(result)
+                continue
             set_result(future, result)
             future._withdraw = _settled
             then = future.then

@@ -14,6 +14,7 @@ import pytest
 import embserve
 from embserve import Runtime
 from embserve.batching import live_batchers
+from embserve.request import Request
 from tests.test_metrics import samples
 
 SEEN: dict[str, list[int]] = {}
@@ -389,3 +390,27 @@ def test_http_requests_are_batched_as_starlette_requests() -> None:
     assert [a["x"] for a in answers] == list(range(8))
     assert {a["path"] for a in answers} == {"/b/item"}
     assert max(a["batch"] for a in answers) > 1
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("watched_at", [0, 31])
+async def test_a_batch_of_sent_and_watched_requests_answers_each_once(watched_at: int) -> None:
+    # A request with a deadline is watched by a coroutine, which queues it with submit() and a
+    # future of the batcher's own; the others are sent, with the request path's futures. One
+    # batch holds both kinds, whichever comes first.
+    async with Runtime() as rt:
+        handle = await rt.run_async(Gated.bind(), name="g")
+        responses = []
+        for i in range(32):
+            if i == watched_at:
+                deadline = time.monotonic() + 30
+                responses.append(rt.submit(Request("g", "__call__", (i,), deadline=deadline)))
+            else:
+                responses.append(handle.remote(i))
+        await asyncio.sleep(0)
+        assert rt.status().deployments["g"].replicas[0].ongoing_requests == 32
+        await handle.open.remote()
+        assert await asyncio.gather(*responses) == [i + 1 for i in range(32)]
+        assert rt.status().deployments["g"].replicas[0].ongoing_requests == 0
+        found = samples(await rt.metrics_async())
+        assert found[("embserve_requests_total", (("deployment", "g"), ("outcome", "ok")))] == 33
