@@ -18,7 +18,7 @@ from typing import Any
 
 from embserve._batch_contract import Batcher
 from embserve._batch_policy import BatchMetrics, BatchPolicy, Clock, LoopClock, Timer
-from embserve._loop import set_results
+from embserve._loop import current_task, set_results
 from embserve.errors import attach_traceback
 from embserve.metrics import PENDING_MAX, Histogram
 from embserve.request import set_current_request
@@ -492,7 +492,7 @@ class DynamicBatcher(Batcher[Any, Any]):
             self._fail_batch(items, exc)
             return
         self._record(len(items), started, False)
-        task = asyncio.current_task()
+        task = current_task(self.loop)  # asyncio's asks for the loop (and, before 3.12, the pid)
         if task is not None:
             self._finished(task)
         self._settle(items, results)
