@@ -95,10 +95,19 @@ class Histogram:
         """
         with _flushing:
             pending, self.pending = self.pending, []
-            counts, bounds = self._counts, self.bounds
-            where = bisect.bisect_left
-            for value in pending:
-                counts[where(bounds, value)] += 1
+            if not pending:
+                return
+            # Sorted, each bucket's count is where its bound falls among them: a step per
+            # bucket rather than per observation (bucket i holds bounds[i - 1] < v <= bounds[i]).
+            pending.sort()
+            counts = self._counts
+            where = bisect.bisect_right
+            below = 0
+            for index, bound in enumerate(self.bounds):
+                upto = where(pending, bound, below)
+                counts[index] += upto - below
+                below = upto
+            counts[-1] += len(pending) - below
             self._sum += sum(pending)
 
     @property

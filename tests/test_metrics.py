@@ -4,12 +4,16 @@ runtimes that never mix."""
 from __future__ import annotations
 
 import asyncio
+import math
 from typing import Any
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from prometheus_client.parser import text_string_to_metric_families
 
 import embserve
+from embserve.metrics import DURATION_BUCKETS, PENDING_MAX, Histogram
 
 FAMILIES = {
     "embserve_requests",
@@ -145,3 +149,28 @@ def test_two_runtimes_metrics_never_mix() -> None:
     assert value(first, "embserve_requests_total", deployment="one", outcome="ok") == 3
     assert ("embserve_requests_total", (("deployment", "one"), ("outcome", "ok"))) not in second
     assert value(second, "embserve_requests_total", deployment="two", outcome="ok") == 0
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    st.lists(
+        st.one_of(
+            st.sampled_from([*DURATION_BUCKETS, 0.0]),  # on a bound: in that bound's bucket
+            st.floats(min_value=0, max_value=100, allow_nan=False),
+        ),
+        max_size=PENDING_MAX * 2,
+    )
+)
+def test_a_histogram_puts_each_observation_in_the_bucket_of_the_first_bound_it_is_under(
+    values: list[float],
+) -> None:
+    histogram = Histogram()
+    for value in values:
+        histogram.observe(value)  # flushed along the way once PENDING_MAX are pending
+    expected = [0] * (len(DURATION_BUCKETS) + 1)
+    for value in values:
+        index = next((i for i, b in enumerate(DURATION_BUCKETS) if value <= b), -1)
+        expected[index] += 1
+    assert histogram.counts == expected
+    assert histogram.count == len(values)
+    assert histogram.sum == pytest.approx(math.fsum(values))
