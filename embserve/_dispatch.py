@@ -116,21 +116,25 @@ class Dispatcher:
             return NOT_HERE
         return controller.call_here(request, loop)
 
-    def serve(self, request: Request) -> Awaitable[Any]:
-        """What serves ``request`` in the calling task, to await at once there (see
-        :meth:`RequestPath.serve`); raises at once what the traffic policy raises."""
+    def serve(
+        self, request: Request, loop: asyncio.AbstractEventLoop | None = None
+    ) -> Awaitable[Any]:
+        """What serves ``request`` in the calling task (on the running loop: ``loop``, when
+        the caller has it at hand), to await at once there (see :meth:`RequestPath.serve`);
+        raises at once what the traffic policy raises."""
         if has_responses(request.args, request.kwargs):
             return self._resolve_and_serve(request)
+        if loop is None:
+            loop = asyncio.get_running_loop()
         only = self._only(request)
         if only is not None:
-            return only.serve(request)
-        loop = asyncio.get_running_loop()
+            return only.serve(request, loop)
         route = self._route(request, loop)
         if isinstance(route, ResponseStream):
             done: asyncio.Future[Any] = loop.create_future()
             done.set_result(route)
             return done
-        return route.serve(request)
+        return route.serve(request, loop)
 
     async def _resolve_and_serve(self, request: Request) -> Any:
         request.args, request.kwargs = await resolve_responses(request.args, request.kwargs)

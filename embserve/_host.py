@@ -134,6 +134,9 @@ class ReplicaHost:
         self._ended: set[asyncio.Task[Any]] = set()
         # Per method: the batcher send() queues its items in, or None (not batched: call() it).
         self._senders: dict[str, DynamicBatcher | None] = {}
+        # The loop it runs on, from start(): asked once, not per call (before Python 3.12 each
+        # look-up of the running loop is a system call, getpid).
+        self._loop: asyncio.AbstractEventLoop | None = None
 
     async def start(self) -> None:
         """Construct the user object and apply ``user_config``.
@@ -142,6 +145,7 @@ class ReplicaHost:
         constructor (or the first ``reconfigure``) raises.
         """
         spec = self.spec
+        self._loop = asyncio.get_running_loop()
         if inspect.isclass(spec.target):
             factory = functools.partial(spec.target, *spec.init_args, **spec.init_kwargs)
             try:
@@ -204,7 +208,7 @@ class ReplicaHost:
         if request.trace_context is not None and tracing.ENABLED:
             traced = self._span(request)
             traced.__enter__()
-        task = current_task(running_loop())
+        task = current_task(self._loop or running_loop())
         calls = self._calls
         calls.add(task)
         began = perf_counter()
@@ -440,14 +444,14 @@ class ReplicaHost:
             work = self._executor.submit(_in_request, request, fn)
         self._in_threads.add(work)
         work.add_done_callback(self._in_threads.discard)
-        threads_at_work(asyncio.get_running_loop())
+        loop = self._loop or asyncio.get_running_loop()
+        threads_at_work(loop)
         try:
-            return await asyncio.wrap_future(work)
+            return await asyncio.wrap_future(work, loop=loop)
         except asyncio.CancelledError:
             lease = request.lease if request is not None else None
             if lease is not None and not work.done():
                 # Cancelling could not stop the thread: its slot stays taken until it ends.
-                loop = asyncio.get_running_loop()
                 let_go = lease.hold()
                 work.add_done_callback(lambda _: _call_soon(loop, let_go))
             raise

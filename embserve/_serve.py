@@ -145,8 +145,11 @@ class RequestPath:
                 return sent
         return start_task(loop, self._attempts(request, lease, began))
 
-    def serve(self, request: Request) -> Awaitable[Any]:
-        """Serve ``request`` in the calling task: :meth:`start`'s path, driven by the caller.
+    def serve(
+        self, request: Request, loop: asyncio.AbstractEventLoop | None = None
+    ) -> Awaitable[Any]:
+        """Serve ``request`` in the calling task: :meth:`start`'s path, driven by the caller
+        (on the running loop: ``loop``, when the caller has it at hand).
 
         Returns what to await at once, in the task that called: the sent future, or the
         coroutine that serves the request (no task of its own, and no coroutine frame around
@@ -158,7 +161,7 @@ class RequestPath:
             return self._serve(request, began)
         lease = self.router.try_assign(request)
         if lease is not None and type(lease.replica).send is not _NO_SEND:
-            sent = self._send(request, lease, asyncio.get_running_loop(), began)
+            sent = self._send(request, lease, loop or asyncio.get_running_loop(), began)
             if sent is not None:
                 return sent
         return self._attempts(request, lease, began)

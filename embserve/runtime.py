@@ -506,11 +506,12 @@ class Runtime:
         result is a :class:`~embserve.ResponseStream` when ``request.stream`` is None and the
         chosen deployment streams.
         """
-        if self._closed or running_loop() is not self._loop:
+        loop = running_loop()
+        if self._closed or loop is not self._loop:
             if self._closed:
                 raise EmbserveError("this runtime was shut down; create a new one")
             raise RuntimeError("call_async() runs on the runtime's loop only; use submit()")
-        return self._dispatch.serve(request)
+        return self._dispatch.serve(request, loop)
 
     def _replica_died(self, replica: Replica, reason: str) -> None:
         controller = self._controllers.get(replica.deployment)

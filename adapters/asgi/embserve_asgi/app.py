@@ -335,12 +335,15 @@ class App:
         metrics.in_flight += 1
         started = time.perf_counter()
         status = 500
-        task = asyncio.current_task()
+        # The loop, looked up once: before Python 3.12 each look-up is a system call (getpid),
+        # and uvloop's cannot be remembered as asyncio's are.
+        loop = asyncio.get_running_loop()
+        task = asyncio.current_task(loop)
         if task is not None:
             self._serving.add(task)
         try:
             status = await self._serve(
-                route, request_id, declared, options, scope, receive, send, task
+                route, request_id, declared, options, scope, receive, send, task, loop
             )
         finally:
             self._serving.discard(task)
@@ -373,8 +376,10 @@ class App:
         receive: Receive,
         send: Send,
         task: asyncio.Task[Any] | None,
+        loop: asyncio.AbstractEventLoop,
     ) -> int:
-        """Serve one request to ``route``; returns the status code sent (499: client gone)."""
+        """Serve one request to ``route`` (on ``loop``, the running loop); returns the status
+        code sent (499: client gone)."""
         watch: DisconnectWatch | None = None
         responding = False
         try:
@@ -406,7 +411,7 @@ class App:
             # Cancelling this task (the client left) cancels the request. On the runtime's own
             # loop the request is served in this task: no task or future per request.
             runtime = self.runtime
-            if runtime.loop is asyncio.get_running_loop():
+            if runtime.loop is loop:
                 result = await runtime.call_async(request)
             else:
                 result = await runtime.submit(request)
