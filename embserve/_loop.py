@@ -43,21 +43,29 @@ else:
     # runs in this thread (a thread runs one loop at a time); a fork forgets them all.
     _get_running_loop = asyncio._get_running_loop
     _ident = threading.get_ident
-    _found = threading.local()
+
+    class _Found(threading.local):
+        loop: Any = None  # a class default: a thread that never found one reads it at once
+
+    _found = _Found()
 
     def running_loop() -> asyncio.AbstractEventLoop | None:
         """The running loop of this thread, or None (asyncio's, without its getpid())."""
-        loop = getattr(_found, "loop", None)
-        if loop is not None and loop._thread_id == _ident():
-            return loop  # type: ignore[no-any-return]
+        loop = _found.loop
+        if loop is not None:
+            if loop._thread_id == _ident():
+                return loop  # type: ignore[no-any-return]
+            _found.loop = None  # it stopped (or another thread runs it now)
         loop = _get_running_loop()
-        # Remembered only when it tells which thread runs it, as asyncio's own loops do.
-        _found.loop = loop if isinstance(loop, asyncio.BaseEventLoop) else None
+        # Remembered only when it tells which thread runs it, as asyncio's own loops do (a
+        # plain thread finds none, and asyncio answers that without the system call).
+        if loop is not None and isinstance(loop, asyncio.BaseEventLoop):
+            _found.loop = loop
         return loop
 
     def _forget_loops() -> None:
         global _found
-        _found = threading.local()
+        _found = _Found()
 
     if hasattr(os, "register_at_fork"):
         os.register_at_fork(after_in_child=_forget_loops)
