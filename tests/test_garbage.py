@@ -1,4 +1,5 @@
-"""Requests leave no reference cycles behind, from every way in.
+"""Requests leave no reference cycles behind, from every way in, at both ends of the
+remote-replica protocol.
 
 An object in a cycle is freed only by the garbage collector, whose passes over the young
 objects then grow with the requests in flight: at 64 callers they cost more than the rest of
@@ -12,13 +13,19 @@ from __future__ import annotations
 import asyncio
 import collections
 import gc
+import socket
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 
 import pytest
 
 import embserve
 from embserve import Runtime
+from embserve._remote import RemoteReplica, ReplicaServer, SocketTransport, encode_start
+from embserve.context import ReplicaContext
+from embserve.deployment import DeploymentConfig
+from embserve.replica import ReplicaSpec
+from embserve.request import Request
 
 REQUESTS = 100
 
@@ -127,4 +134,77 @@ def test_a_request_leaves_nothing_for_the_garbage_collector(
     kinds = collections.Counter(type(o).__name__ for o in garbage).most_common(8)
     # None is expected; a few allow for whatever else the process did meanwhile. Each cycle
     # per request would leave REQUESTS times its size.
+    assert len(garbage) < REQUESTS // 4, f"{len(garbage)} objects in cycles: {kinds}"
+
+
+class RemoteModel:
+    """User code for a replica reached over the remote-replica protocol."""
+
+    async def __call__(self, x: int) -> int:
+        return x + 1
+
+    def add(self, x: int) -> int:
+        return x + 1
+
+    @embserve.batch(max_batch_size=8, batch_wait_timeout_s=0.001)
+    async def batched(self, xs: list[int]) -> list[int]:
+        return [x + 1 for x in xs]
+
+    async def count(self, x: int) -> AsyncIterator[int]:
+        yield x + 1
+
+
+@pytest.mark.parametrize("method", ["__call__", "add", "batched", "count"])
+def test_a_remote_request_leaves_nothing_for_the_garbage_collector_at_either_end(
+    method: str,
+) -> None:
+    # Both ends of the protocol in this process (over a socket pair), so that the replica
+    # server's side is looked at too: what a process or Dask worker runs.
+    async def main() -> list[object]:
+        here, there = socket.socketpair()
+        spec = ReplicaSpec(
+            "model", "model#1", RemoteModel, (), {}, DeploymentConfig(max_ongoing_requests=64)
+        )
+        server = ReplicaServer(SocketTransport(there), worker="w", info={}, gpu_ids=())
+        serving = asyncio.ensure_future(server.serve())
+        replica = RemoteReplica(spec)
+        replica.connect(SocketTransport(here))
+        await replica.begin(encode_start(spec, ReplicaContext("model", "model#1")))
+        loop = asyncio.get_running_loop()
+
+        async def one(i: int) -> int:
+            if method == "count":
+                request = Request("model", method, (i,), stream=True)
+                return [x async for x in replica.stream(request)][0]  # type: ignore[no-any-return]
+            request = Request("model", method, (i,))
+            future: asyncio.Future[int] = loop.create_future()
+            if replica.send(request, future) is None:
+                return await replica.call(request)  # type: ignore[no-any-return]
+            return await future
+
+        async def burst() -> None:
+            assert await asyncio.gather(*(one(i) for i in range(REQUESTS))) == [
+                i + 1 for i in range(REQUESTS)
+            ]
+
+        try:
+            await burst()
+            gc.collect()
+            gc.disable()
+            gc.set_debug(gc.DEBUG_SAVEALL)
+            try:
+                await burst()
+                gc.collect()
+                return list(gc.garbage)
+            finally:
+                gc.garbage.clear()
+                gc.set_debug(0)
+                gc.enable()
+        finally:
+            await replica.stop()
+            server.stop()
+            await serving
+
+    garbage = asyncio.run(main())
+    kinds = collections.Counter(type(o).__name__ for o in garbage).most_common(8)
     assert len(garbage) < REQUESTS // 4, f"{len(garbage)} objects in cycles: {kinds}"

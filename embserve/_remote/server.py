@@ -340,8 +340,12 @@ class _Reply(asyncio.Future):  # type: ignore[type-arg]
         self._ident = ident
         self.withdraw: Callable[[], None] | None = None
 
+    # Settled, it lets go of its withdraw function (the batch's queue entry, which holds this
+    # future: a cycle only the garbage collector would free otherwise).
+
     def set_result(self, result: Any) -> None:
         super().set_result(result)
+        self.withdraw = None
         server, ident = self._server, self._ident
         try:
             frames = encode(result)
@@ -354,6 +358,7 @@ class _Reply(asyncio.Future):  # type: ignore[type-arg]
 
     def set_exception(self, exception: type | BaseException) -> None:
         super().set_exception(exception)
+        self.withdraw = None
         self.exception()  # retrieved: it goes to the caller, not to the loop's log
         error = exception if isinstance(exception, BaseException) else exception()
         self._server._transport.send(ERR, self._ident, encode_error(error))
@@ -364,6 +369,7 @@ class _Reply(asyncio.Future):  # type: ignore[type-arg]
             return False
         if self.withdraw is not None:
             self.withdraw()
+            self.withdraw = None
         self._server._work_done(self._ident, self)
         return True
 
