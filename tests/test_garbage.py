@@ -175,7 +175,8 @@ def test_a_remote_request_leaves_nothing_for_the_garbage_collector_at_either_end
         async def one(i: int) -> int:
             if method == "count":
                 request = Request("model", method, (i,), stream=True)
-                return [x async for x in replica.stream(request)][0]  # type: ignore[no-any-return]
+                (item,) = [x async for x in replica.stream(request)]
+                return item  # type: ignore[no-any-return]
             request = Request("model", method, (i,))
             future: asyncio.Future[int] = loop.create_future()
             if replica.send(request, future) is None:
