@@ -830,16 +830,9 @@ class _Lane:
         answers = self.answers
         for _ in range(len(answers)):
             crossing = answers.popleft()
-            if crossing.done():
-                continue
-            source = crossing.source
-            assert source is not None
-            if source.cancelled():
-                crossing.cancel()
-            elif (error := source.exception()) is not None:
-                crossing.set_exception(error)
-            else:
-                crossing.set_result(source.result())
+            if not crossing.done():
+                assert crossing.source is not None
+                settle_like(crossing, crossing.source)
 
 
 def _lane(loop: asyncio.AbstractEventLoop, here: asyncio.AbstractEventLoop) -> _Lane:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import gc
 import socket
 import threading
@@ -78,20 +79,30 @@ class OtherLoop:
         self.loop.close()
 
 
-def garbage_of(serve: Callable[[], None]) -> list[object]:
-    """What ``serve()`` left for the garbage collector (run once before, to warm up)."""
-    serve()
+@contextlib.contextmanager
+def saved_garbage() -> Iterator[list[object]]:
+    """Inside, the collector is off; on the way out it collects, keeping all it finds
+    (``gc.DEBUG_SAVEALL``) in the list this yields."""
+    found: list[object] = []
     gc.collect()
     gc.disable()
     gc.set_debug(gc.DEBUG_SAVEALL)
     try:
-        serve()
+        yield found
         gc.collect()
-        return list(gc.garbage)
+        found.extend(gc.garbage)
     finally:
         gc.garbage.clear()
         gc.set_debug(0)
         gc.enable()
+
+
+def garbage_of(serve: Callable[[], None]) -> list[object]:
+    """What ``serve()`` left for the garbage collector (run once before, to warm up)."""
+    serve()
+    with saved_garbage() as found:
+        serve()
+    return found
 
 
 @pytest.mark.parametrize("kind", list(KINDS))
@@ -190,17 +201,9 @@ def test_a_remote_request_leaves_nothing_for_the_garbage_collector_at_either_end
 
         try:
             await burst()
-            gc.collect()
-            gc.disable()
-            gc.set_debug(gc.DEBUG_SAVEALL)
-            try:
+            with saved_garbage() as found:
                 await burst()
-                gc.collect()
-                return list(gc.garbage)
-            finally:
-                gc.garbage.clear()
-                gc.set_debug(0)
-                gc.enable()
+            return found
         finally:
             await replica.stop()
             server.stop()
