@@ -40,9 +40,11 @@ else:
     # Before 3.12 asyncio's look-up asks the kernel for the process id each time (getpid(),
     # a system call: 0.15 us here, two or three times per call), to notice a fork. Here a
     # thread remembers the loop it found, which is still its running loop while that loop
-    # runs in this thread (a thread runs one loop at a time); a fork forgets them all.
+    # runs in this thread (a thread runs one loop at a time); a fork forgets them all. Not
+    # once nest_asyncio patched asyncio: there a loop may run inside another in one thread.
     _get_running_loop = asyncio._get_running_loop
     _ident = threading.get_ident
+    _asyncio_names = vars(asyncio)
 
     class _Found(threading.local):
         loop: Any = None  # a class default: a thread that never found one reads it at once
@@ -53,7 +55,7 @@ else:
         """The running loop of this thread, or None (asyncio's, without its getpid())."""
         loop = _found.loop
         if loop is not None:
-            if loop._thread_id == _ident():
+            if loop._thread_id == _ident() and "_nest_patched" not in _asyncio_names:
                 return loop  # type: ignore[no-any-return]
             _found.loop = None  # it stopped (or another thread runs it now)
         loop = _get_running_loop()

@@ -278,3 +278,28 @@ def test_calls_from_another_loop_go_over_and_come_back_in_one_wake_per_burst(
         here.run_until_complete(main())
     finally:
         here.close()
+
+
+def test_running_loop_remembers_nothing_once_asyncio_allows_nested_loops(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # nest_asyncio marks asyncio so; then a loop may run inside another in one thread, and
+    # the one running is asyncio's answer, not the one this thread found first.
+    outer = asyncio.new_event_loop()
+    inner = asyncio.new_event_loop()
+
+    async def look() -> tuple[object, object]:
+        first = running_loop()  # remembered
+        monkeypatch.setattr(asyncio, "_nest_patched", True, raising=False)
+        # What a nested run looks like to asyncio: the inner loop is the running one.
+        asyncio.events._set_running_loop(inner)
+        inner._thread_id = threading.get_ident()
+        try:
+            return first, running_loop()
+        finally:
+            inner._thread_id = None
+            asyncio.events._set_running_loop(outer)
+
+    assert outer.run_until_complete(look()) == (outer, inner)
+    outer.close()
+    inner.close()
