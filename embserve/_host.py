@@ -301,15 +301,13 @@ class ReplicaHost:
         """
         method = request.method
         batcher = self._senders.get(method, _UNKNOWN)
-        if batcher is _UNKNOWN or (batcher is not None and batcher._closed):
+        if batcher is _UNKNOWN or (batcher is not None and batcher.closed):
             batcher = self._batcher(method)
         if batcher is None or request.kwargs or len(request.args) != 1:
             return None
         if request.trace_context is not None and tracing.ENABLED:
             return None
-        value = request.args[0]
-        if _MATERIALIZES.get(type(value), True):  # unknown types are looked at once
-            value = _materialized(value)
+        value = _materialized(request.args[0])
         try:
             withdraw: Callable[[], None] = batcher.send(value, future)
         except Exception:
