@@ -2,15 +2,20 @@
 
     python benchmarks/http.py [--quick] [--connections 32] [--rounds 5] [--seconds 3]
 
-Four servers, each a process of its own, serve the same no-op handler (``{"ok": true}``, see
-``benchmarks/noop_service.py``): ``embserve run`` with ``--server uvicorn`` and with
-``--server hypercorn``, and the plain Starlette app under uvicorn (its defaults: httptools and
-uvloop where installed; access log off) and under hypercorn (its defaults). The load comes from
+Six servers, each a process of its own, serve the same no-op handler (``{"ok": true}``, see
+``benchmarks/noop_service.py``): ``embserve run`` with ``--server granian`` (its default where
+granian is installed), ``--server uvicorn`` and ``--server hypercorn``, and the plain Starlette
+app under uvicorn (its defaults: httptools and uvloop where installed; access log off), under
+hypercorn (its defaults) and under granian (in process on uvloop, as ``embserve run`` serves
+it, through ``embserve_asgi.server.serve``). The load comes from
 another process: ``wrk`` where installed, otherwise the Python load generator below (N
 keep-alive connections, one request in flight on each, raw HTTP/1.1 on asyncio protocols, on
 uvloop where installed). Rounds take the servers in turn, each round in a new order, so that
 all see the same machine; the figures are the medians over rounds. The floors are the plain
 Starlette apps, measured in the same run; ``ratio`` is embserve's req/s over the floor's.
+``embserve run``'s default server is held to uvicorn + Starlette, the fastest common Python
+stack; beside that, ``anchors`` compares it with plain Starlette on the same server (no
+target).
 
 Beside req/s, each server's CPU time per request (from ``/proc``, on Linux) and its ratio: the
 floor's CPU per request over embserve's, so that higher is better, as for req/s. On a shared
@@ -47,13 +52,17 @@ PATH = "/noop"
 # `http` package from Starlette: take the folder off the path.
 sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != HERE.parent]
 
-# name -> (what serves, floor it is compared with)
+# name -> the floor it is compared with (None: a floor)
 SERVERS = {
+    "embserve_granian": "uvicorn_starlette",
     "embserve_uvicorn": "uvicorn_starlette",
     "embserve_hypercorn": "hypercorn_starlette",
     "uvicorn_starlette": None,
     "hypercorn_starlette": None,
+    "granian_starlette": None,
 }
+# Compared too, with no target: the same server serving plain Starlette.
+ANCHORS = {"embserve_granian": "granian_starlette"}
 TARGET_RATIO = 1.0
 
 
@@ -90,6 +99,12 @@ def run_plain(server: str) -> None:
 
         config = uvicorn.Config(starlette_app, access_log=False, log_level="warning")
         uvicorn.Server(config).run(sockets=[sock])
+        return
+    if server == "granian":
+        from embserve_asgi import server as embserve_server
+
+        serving = embserve_server.serve(starlette_app, sock, server="granian")
+        embserve_server.run_on(embserve_server.loop_factory("granian"), serving)
         return
     from hypercorn.asyncio import serve
     from hypercorn.config import Config
@@ -383,7 +398,7 @@ def _versions() -> dict[str, str]:
     from importlib import metadata
 
     found = {}
-    for name in ("uvicorn", "httptools", "uvloop", "hypercorn", "starlette"):
+    for name in ("granian", "uvicorn", "httptools", "uvloop", "hypercorn", "starlette"):
         try:
             found[name] = metadata.version(name)
         except metadata.PackageNotFoundError:
@@ -399,7 +414,9 @@ def main() -> None:
     parser.add_argument("--connections", type=int, default=32)
     parser.add_argument("--rounds", type=int, default=None)
     parser.add_argument("--seconds", type=float, default=None)
-    parser.add_argument("--serve", choices=["uvicorn", "hypercorn"], help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--serve", choices=["uvicorn", "hypercorn", "granian"], help=argparse.SUPPRESS
+    )
     parser.add_argument("--load", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.serve:
@@ -457,10 +474,11 @@ def main() -> None:
         return figures
 
     served = {name: summary(rows) for name, rows in results.items()}
+    pairs = [(name, floor) for name, floor in SERVERS.items() if floor is not None]
+    pairs += ANCHORS.items()
     ratios = {
         f"{name}_to_{floor}": round(served[name]["req_per_s"] / served[floor]["req_per_s"], 3)
-        for name, floor in SERVERS.items()
-        if floor is not None
+        for name, floor in pairs
     }
     # The server's own CPU per request, floor over embserve (higher is better, as req/s):
     # steadier than req/s on a shared machine, where a server is not always on a core.
@@ -468,10 +486,8 @@ def main() -> None:
         f"{name}_to_{floor}": round(
             served[floor]["cpu_us_per_request"] / served[name]["cpu_us_per_request"], 3
         )
-        for name, floor in SERVERS.items()
-        if floor is not None
-        and "cpu_us_per_request" in served[name]
-        and "cpu_us_per_request" in served[floor]
+        for name, floor in pairs
+        if "cpu_us_per_request" in served[name] and "cpu_us_per_request" in served[floor]
     }
     from embserve_asgi.server import choose_server
 
@@ -488,6 +504,7 @@ def main() -> None:
                 "embserve_run_default_server": choose_server("auto"),
                 "servers": served,
                 "floors": {name: floor for name, floor in SERVERS.items() if floor},
+                "anchors": ANCHORS,
                 "ratios_req_per_s": ratios,
                 "ratios_cpu_per_request": cpu_ratios,
                 "target_ratio": TARGET_RATIO,

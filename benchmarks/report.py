@@ -224,6 +224,15 @@ def http_rows(r: dict[str, Any]) -> Iterator[Row]:
             f">= {target}x" if target else "",
             None if target is None or ratio is None else ratio >= target,
         )
+    for name, anchor in r.get("anchors", {}).items():
+        yield (
+            f"HTTP no-op, {name.replace('_', ' + ')}, against Starlette on the same server",
+            _num(served.get(name, {}).get("req_per_s"), "req/s"),
+            _num(served.get(anchor, {}).get("req_per_s"), f"req/s ({anchor.replace('_', ' + ')})"),
+            _ratio(r.get("ratios_req_per_s", {}).get(f"{name}_to_{anchor}")),
+            "",
+            None,
+        )
 
 
 def threads_rows(r: dict[str, Any]) -> Iterator[Row]:

@@ -133,11 +133,13 @@ def test_progress_reads_plainly() -> None:
     assert plain.format(record) == "embserve: replica m#0 waits: a GPU"
 
 
-def test_the_server_is_uvicorn_unless_only_hypercorn_can_do_what_is_asked() -> None:
-    assert choose_server() == "uvicorn"  # uvicorn and httptools are installed here
+def test_the_server_is_the_fastest_installed_that_can_do_what_is_asked() -> None:
+    assert choose_server() == "granian"  # granian, uvicorn and httptools are installed here
     assert choose_server("auto", read_timeout=True) == "hypercorn"
     assert choose_server("hypercorn") == "hypercorn"
-    with pytest.raises(ValueError, match="uvicorn has no read timeout; use hypercorn"):
-        choose_server("uvicorn", read_timeout=True)
-    with pytest.raises(ValueError, match="server must be one of auto, uvicorn, hypercorn"):
+    assert choose_server("uvicorn") == "uvicorn"
+    for server in ("granian", "uvicorn"):
+        with pytest.raises(ValueError, match=f"{server} has no read timeout; use hypercorn"):
+            choose_server(server, read_timeout=True)
+    with pytest.raises(ValueError, match="server must be one of auto, granian, uvicorn, hyperc"):
         choose_server("gunicorn")

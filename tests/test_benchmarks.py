@@ -83,22 +83,26 @@ def test_threads_benchmark_quick_run_reports_its_floor() -> None:
     assert 0 <= report["in_caller_thread"] <= 1
 
 
-def test_http_benchmark_quick_run_compares_embserve_run_with_both_floors() -> None:
+def test_http_benchmark_quick_run_compares_embserve_run_with_its_floors() -> None:
     report = quick_report("http")
     assert report["benchmark"] == "http"
     servers = report["servers"]
     assert set(servers) == {
+        "embserve_granian",
         "embserve_uvicorn",
         "embserve_hypercorn",
         "uvicorn_starlette",
         "hypercorn_starlette",
+        "granian_starlette",
     }
     assert all(s["req_per_s"] > 0 and s["errors"] == 0 for s in servers.values())
     assert set(report["ratios_req_per_s"]) == {
+        "embserve_granian_to_uvicorn_starlette",
         "embserve_uvicorn_to_uvicorn_starlette",
         "embserve_hypercorn_to_hypercorn_starlette",
+        "embserve_granian_to_granian_starlette",
     }
-    assert report["embserve_run_default_server"] == "uvicorn"
+    assert report["embserve_run_default_server"] == "granian"
     alone = report["app_alone_per_request"]
     assert 0 < alone["of_which_runtime_us"] < alone["embserve_app_us"]
     assert alone["plain_starlette_us"] > 0

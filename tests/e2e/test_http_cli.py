@@ -31,7 +31,7 @@ from tests.e2e.servers import raw_exchange
 ROOT = Path(__file__).resolve().parents[2]
 EMBSERVE = Path(sys.executable).with_name("embserve")
 # The tests of what the command does once it serves run on both servers it offers.
-SERVERS = ["uvicorn", "hypercorn"]
+SERVERS = ["granian", "uvicorn", "hypercorn"]
 
 
 def start(
@@ -92,7 +92,7 @@ def test_embserve_run_serves_the_quickstart(
     assert banner.index("embserve: starting 1 replica(s) of 'SentimentAPI'") < len(banner)
     ready = next(i for i, line in enumerate(banner) if "'SentimentAPI' ready: 1/1 in" in line)
     assert ready < next(i for i, line in enumerate(banner) if "serving on" in line)
-    server = "uvicorn" if "with uvicorn" in text else "hypercorn"
+    server = next(name for name in SERVERS if f"with {name}" in text)
     assert f"serving on {url} with {server} (Ctrl-C to stop)" in text
     hint = f"curl -s -X POST {url}/sentiment -d 'I love fast serving'"
     assert banner[-1] == f"try: {hint}"

@@ -24,7 +24,7 @@ from tests.waiting import wait_until
 BODY_TIMEOUT_S = 0.3
 
 
-@pytest.fixture(params=["hypercorn", "uvicorn"])
+@pytest.fixture(params=["hypercorn", "uvicorn", "granian"])
 def server(request: pytest.FixtureRequest) -> str:
     """The server that embserve_asgi.server.serve runs: each test runs on both."""
     name: str = request.param

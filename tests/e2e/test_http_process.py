@@ -87,7 +87,7 @@ def test_requests_reach_a_worker_process_as_starlette_requests(server: Server) -
         )
 
 
-@pytest.mark.parametrize("server_cli", ["hypercorn", "uvicorn"])
+@pytest.mark.parametrize("server_cli", ["hypercorn", "uvicorn", "granian"])
 def test_a_server_cli_serves_a_process_backend_app_from_its_worker(server_cli: str) -> None:
     # hypercorn runs the app in a daemonic multiprocessing child, which multiprocessing does
     # not let start children of its own: the process backend's workers are not those.
@@ -96,6 +96,8 @@ def test_a_server_cli_serves_a_process_backend_app_from_its_worker(server_cli: s
     binary = str(Path(sys.executable).with_name(server_cli))
     if server_cli == "hypercorn":
         command = [binary, "--bind", f"127.0.0.1:{port}", app]
+    elif server_cli == "granian":
+        command = [binary, "--interface", "asgi", "--port", str(port), app]
     else:
         command = [binary, "--host", "127.0.0.1", "--port", str(port), app]
     server = subprocess.Popen(

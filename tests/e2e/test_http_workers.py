@@ -80,7 +80,7 @@ def test_workers_are_refused_when_each_process_would_start_its_own_replicas(
     assert not (folder / "started.log").exists()  # no replica started, anywhere
 
 
-@pytest.mark.parametrize("server", ["uvicorn", "hypercorn"])
+@pytest.mark.parametrize("server", ["granian", "uvicorn", "hypercorn"])
 def test_two_workers_answer_on_one_port_when_replicas_are_shared(
     service: tuple[Path, dict[str, str]], server: str
 ) -> None:

@@ -14,13 +14,12 @@ import contextlib
 import importlib.util
 import logging
 import socket
-import time
 from collections.abc import Awaitable, Callable, Iterator
 from typing import Any
 
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
+from embserve_asgi._logs import AccessLog, forward_log
 
-__all__ = ["AccessLog", "available", "loop_factory", "serve_uvicorn"]
+__all__ = ["available", "loop_factory", "serve_uvicorn"]
 
 
 def available() -> bool:
@@ -36,44 +35,6 @@ def loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
 
     factory: Callable[[], asyncio.AbstractEventLoop] = uvloop.new_event_loop
     return factory
-
-
-class AccessLog:
-    """ASGI middleware that logs one line per HTTP request, as hypercorn's access log does:
-    ``client - - [time] "METHOD path version" status length "referer" "user-agent"``."""
-
-    def __init__(self, app: ASGIApp, logger: logging.Logger) -> None:
-        self.app = app
-        self.logger = logger
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        answer: dict[str, Any] = {}
-
-        async def sending(message: Message) -> None:
-            if message["type"] == "http.response.start":
-                answer.update(message)
-            await send(message)
-
-        try:
-            await self.app(scope, receive, sending)
-        finally:
-            self.logger.info(_line(scope, answer))
-
-
-def _line(scope: Scope, answer: dict[str, Any]) -> str:
-    asked = {name: value.decode("latin-1") for name, value in scope["headers"]}
-    sent = {name.lower(): value.decode("latin-1") for name, value in answer.get("headers", [])}
-    client = scope.get("client")
-    host = f"{client[0]}:{client[1]}" if client else "-"
-    when = time.strftime("[%d/%b/%Y:%H:%M:%S %z]")
-    request = f"{scope['method']} {scope['path']} {scope.get('http_version', '1.1')}"
-    status = answer.get("status", "-")
-    length = sent.get(b"content-length", "-")
-    referer, agent = asked.get(b"referer", "-"), asked.get(b"user-agent", "-")
-    return f'{host} - - {when} "{request}" {status} {length} "{referer}" "{agent}"'
 
 
 def _protocol() -> type[asyncio.Protocol]:
@@ -138,7 +99,7 @@ async def serve_uvicorn(
         def capture_signals(self) -> Iterator[None]:
             yield
 
-    _forward_log(error_log)
+    forward_log("uvicorn.error", error_log)
     config = uvicorn.Config(
         AccessLog(app, access_log) if access_log is not None else app,
         http=_protocol(),
@@ -177,20 +138,3 @@ async def _serving(server: Any, sock: socket.socket) -> None:
         await server.serve(sockets=[sock])
     except SystemExit as exc:  # uvicorn exits when the app's lifespan startup fails
         raise RuntimeError("the app failed to start (see the log)") from exc
-
-
-def _forward_log(error_log: logging.Logger) -> None:
-    # uvicorn logs to "uvicorn.error": send that where the caller's server log goes.
-    uvicorn_log = logging.getLogger("uvicorn.error")
-    uvicorn_log.propagate = False
-    uvicorn_log.handlers = [_Forward(error_log)]
-
-
-class _Forward(logging.Handler):
-    def __init__(self, target: logging.Logger) -> None:
-        super().__init__()
-        self.target = target
-
-    def emit(self, record: logging.LogRecord) -> None:
-        if self.target.isEnabledFor(record.levelno):
-            self.target.handle(record)

@@ -5,9 +5,10 @@
 with a route prefix). ``module`` is a dotted module name or a path to a ``.py`` file. The runtime
 starts and every route is deployed before the command says where it serves; progress goes to
 stderr meanwhile. Ctrl-C or SIGTERM stops it gracefully: no new connections, in-flight requests
-finish, then the runtime drains. It serves with uvicorn (httptools, uvloop) where installed, else
-hypercorn (``--server`` chooses); ``--workers N`` runs N server processes on the one port, for a
-backend whose replicas they share (see :mod:`embserve_asgi.workers`).
+finish, then the runtime drains. It serves with the fastest server installed: granian, else
+uvicorn (httptools, uvloop), else hypercorn (``--server`` chooses); ``--workers N`` runs N
+server processes on the one port, for a backend whose replicas they share (see
+:mod:`embserve_asgi.workers`).
 
 ``embserve status URL`` prints the status table of the server at ``URL`` (its ``/-/status``).
 
@@ -86,8 +87,8 @@ def _parser() -> argparse.ArgumentParser:
         "--server",
         choices=SERVERS,
         default="auto",
-        help="the HTTP server: auto (the default) is uvicorn with httptools (and uvloop) where "
-        "installed, else hypercorn",
+        help="the HTTP server: auto (the default) is the fastest installed: granian, else uvicorn "
+        "with httptools (and uvloop), else hypercorn",
     )
     run.add_argument(
         "--workers",

@@ -1,10 +1,10 @@
-"""Serving an ASGI app with uvicorn or hypercorn, on a socket bound beforehand.
+"""Serving an ASGI app with granian, uvicorn or hypercorn, on a socket bound beforehand.
 
 Binding first lets the caller learn the port (``port=0`` picks a free one) and print it before
 the server starts, and lets connections queue from that moment on: no waiting for readiness.
-Either server gives the same behaviour here (graceful shutdown that drains an embserve App,
-keep-alive and header timeouts, the access log's format); uvicorn with httptools and uvloop is
-the faster of the two, hypercorn has a read timeout besides.
+Each server gives the same behaviour here (graceful shutdown that drains an embserve App,
+keep-alive and header timeouts, the access log's format). granian is the fastest, then uvicorn
+with httptools and uvloop; hypercorn has a read timeout besides.
 """
 
 from __future__ import annotations
@@ -18,8 +18,8 @@ from typing import Any, TypeVar
 
 __all__ = ["SERVERS", "bind", "choose_server", "loop_factory", "run_on", "serve"]
 
-#: The names ``server=`` takes: ``auto`` is uvicorn where it and httptools are installed.
-SERVERS = ("auto", "uvicorn", "hypercorn")
+#: The names ``server=`` takes: ``auto`` is the fastest installed (granian, then uvicorn).
+SERVERS = ("auto", "granian", "uvicorn", "hypercorn")
 
 T = TypeVar("T")
 
@@ -45,18 +45,29 @@ def bind(host: str = "127.0.0.1", port: int = 8000) -> socket.socket:
 
 
 def choose_server(name: str = "auto", *, read_timeout: bool = False) -> str:
-    """The server to use for ``name`` (one of :data:`SERVERS`): ``uvicorn`` or ``hypercorn``.
+    """The server to use for ``name`` (one of :data:`SERVERS`): ``granian``, ``uvicorn`` or
+    ``hypercorn``.
 
-    ``auto`` is uvicorn when uvicorn and httptools are installed (``pip install
-    'embserve-asgi[uvicorn]'``) and no read timeout is asked for, else hypercorn. Raises
+    ``auto`` is the fastest installed that can do what is asked: granian (``pip install
+    'embserve-asgi[granian]'``), then uvicorn with httptools (``pip install
+    'embserve-asgi[uvicorn]'``), then hypercorn, the only one with a read timeout. Raises
     ValueError, with a message that says what to do, for a server that cannot do what is asked.
     """
-    from embserve_asgi import _uvicorn
+    from embserve_asgi import _granian, _uvicorn
 
     if name not in SERVERS:
         raise ValueError(f"server must be one of {', '.join(SERVERS)}, got {name!r}")
     if name == "auto":
-        return "uvicorn" if _uvicorn.available() and not read_timeout else "hypercorn"
+        if read_timeout:
+            return "hypercorn"
+        if _granian.available():
+            return "granian"
+        return "uvicorn" if _uvicorn.available() else "hypercorn"
+    if name == "granian":
+        if not _granian.available():
+            raise ValueError("granian is not installed (pip install 'embserve-asgi[granian]')")
+        if read_timeout:
+            raise ValueError("granian has no read timeout; use hypercorn for one")
     if name == "uvicorn":
         if not _uvicorn.available():
             raise ValueError(
@@ -68,9 +79,9 @@ def choose_server(name: str = "auto", *, read_timeout: bool = False) -> str:
 
 
 def loop_factory(server: str) -> Callable[[], asyncio.AbstractEventLoop] | None:
-    """The event loop to run ``server`` on: uvloop's for uvicorn where installed, else None
-    (asyncio's own)."""
-    if server != "uvicorn":
+    """The event loop to run ``server`` on: uvloop's for granian and uvicorn where installed,
+    else None (asyncio's own)."""
+    if server not in ("granian", "uvicorn"):
         return None
     from embserve_asgi import _uvicorn
 
@@ -113,9 +124,9 @@ async def serve(
 ) -> None:
     """Serve ``app`` on ``sock`` (which the server takes over) until ``shutdown_trigger`` returns.
 
-    ``server`` is ``hypercorn`` (the default), ``uvicorn`` or ``auto`` (see
-    :func:`choose_server`); uvicorn serves faster, on whatever event loop runs this (give it
-    uvloop's, see :func:`loop_factory`).
+    ``server`` is ``hypercorn`` (the default), ``granian``, ``uvicorn`` or ``auto`` (see
+    :func:`choose_server`); granian and uvicorn serve faster, on whatever event loop runs this
+    (give them uvloop's, see :func:`loop_factory`).
 
     On shutdown the server stops accepting, lets in-flight requests finish for up to
     ``graceful_timeout_s``, then runs the app's lifespan shutdown (an embserve App drains its
@@ -132,13 +143,15 @@ async def serve(
     access = logging.getLogger("embserve.http.access") if access_log else None
     errors = logging.getLogger("embserve.http.server")
     drain = getattr(app, "drain", None)
-    if server == "uvicorn":
+    if server in ("granian", "uvicorn"):
+        from embserve_asgi._granian import serve_granian
         from embserve_asgi._uvicorn import serve_uvicorn
 
         # As below: the App cuts what still runs at graceful_timeout_s and answers it 503;
-        # uvicorn waits a little longer before it cancels what is left.
+        # the server waits a little longer before it cancels what is left.
         extra = _LAST_ANSWERS_S if callable(drain) else 0.0
-        await serve_uvicorn(
+        serving = serve_granian if server == "granian" else serve_uvicorn
+        await serving(
             app,
             sock,
             shutdown_trigger=shutdown_trigger,
