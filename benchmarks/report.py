@@ -212,9 +212,11 @@ def dask_rows(r: dict[str, Any]) -> Iterator[Row]:
 
 
 def http_rows(r: dict[str, Any]) -> Iterator[Row]:
-    """``embserve run`` on each server against plain Starlette on the same server."""
-    served, target = r.get("servers", {}), r.get("target_ratio")
+    """``embserve run`` on each server against its floor; the target is the default server's."""
+    served = r.get("servers", {})
+    default = f"embserve_{r.get('embserve_run_default_server')}"
     for name, floor in r.get("floors", {}).items():
+        target = r.get("target_ratio") if name == default else None
         ratio = r.get("ratios_req_per_s", {}).get(f"{name}_to_{floor}")
         yield (
             f"HTTP no-op, {name.replace('_', ' + ')}, {r.get('connections', '?')} connections",
@@ -224,6 +226,16 @@ def http_rows(r: dict[str, Any]) -> Iterator[Row]:
             f">= {target}x" if target else "",
             None if target is None or ratio is None else ratio >= target,
         )
+        if name == default:  # the steadier figure on a shared machine; no target
+            cpu = served.get(name, {}).get("cpu_us_per_request")
+            yield (
+                f"server CPU a request, {name.replace('_', ' + ')} (floor's over embserve's)",
+                _num(cpu, "us"),
+                _num(served.get(floor, {}).get("cpu_us_per_request"), "us"),
+                _ratio(r.get("ratios_cpu_per_request", {}).get(f"{name}_to_{floor}")),
+                "",
+                None,
+            )
     for name, anchor in r.get("anchors", {}).items():
         yield (
             f"HTTP no-op, {name.replace('_', ' + ')}, against Starlette on the same server",

@@ -212,3 +212,21 @@ def test_requests_cut_by_the_graceful_timeout_get_503_with_their_request_id(serv
         "request_id": "cut-1",
     }
     assert cancelled.is_set()  # the async user code was cancelled, not left running
+
+
+def test_an_app_whose_start_fails_is_not_served_and_the_failure_raises(server: str) -> None:
+    from embserve_asgi.server import bind, serve
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        assert scope["type"] == "lifespan"
+        await receive()
+        await send({"type": "lifespan.startup.failed", "message": "no model file"})
+
+    async def serving() -> None:
+        sock = bind("127.0.0.1", 0)
+        never = asyncio.Event()
+        await asyncio.wait_for(serve(app, sock, server=server, shutdown_trigger=never.wait), 10)
+
+    # Each server says it its own way (hypercorn: its LifespanFailureError); none serves on.
+    with pytest.raises(Exception, match=r"failed to start|[Ll]ifespan failure"):
+        asyncio.run(serving())

@@ -18,6 +18,7 @@ import contextlib
 import importlib.util
 import logging
 import socket
+import sys
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -29,8 +30,9 @@ __all__ = ["available", "serve_granian"]
 
 
 def available() -> bool:
-    """Whether granian is installed."""
-    return importlib.util.find_spec("granian") is not None
+    """Whether granian is installed (and usable here: not on Windows, where its socket handling
+    differs from what this module was tested with)."""
+    return sys.platform != "win32" and importlib.util.find_spec("granian") is not None
 
 
 class _Counted:
