@@ -213,38 +213,34 @@ def dask_rows(r: dict[str, Any]) -> Iterator[Row]:
 
 def http_rows(r: dict[str, Any]) -> Iterator[Row]:
     """``embserve run`` on each server against its floor; the target is the default server's."""
-    served = r.get("servers", {})
+    served, ratios = r.get("servers", {}), r.get("ratios_req_per_s", {})
     default = f"embserve_{r.get('embserve_run_default_server')}"
-    for name, floor in r.get("floors", {}).items():
-        target = r.get("target_ratio") if name == default else None
-        ratio = r.get("ratios_req_per_s", {}).get(f"{name}_to_{floor}")
-        yield (
-            f"HTTP no-op, {name.replace('_', ' + ')}, {r.get('connections', '?')} connections",
+
+    def versus(name: str, other: str, what: str, target: float | None) -> Row:
+        ratio = ratios.get(f"{name}_to_{other}")
+        return (
+            f"HTTP no-op, {name.replace('_', ' + ')}, {what}",
             _num(served.get(name, {}).get("req_per_s"), "req/s"),
-            _num(served.get(floor, {}).get("req_per_s"), f"req/s ({floor.replace('_', ' + ')})"),
+            _num(served.get(other, {}).get("req_per_s"), f"req/s ({other.replace('_', ' + ')})"),
             _ratio(ratio),
             f">= {target}x" if target else "",
             None if target is None or ratio is None else ratio >= target,
         )
+
+    connections = f"{r.get('connections', '?')} connections"
+    for name, floor in r.get("floors", {}).items():
+        yield versus(name, floor, connections, r.get("target_ratio") if name == default else None)
         if name == default:  # the steadier figure on a shared machine; no target
-            cpu = served.get(name, {}).get("cpu_us_per_request")
             yield (
                 f"server CPU a request, {name.replace('_', ' + ')} (floor's over embserve's)",
-                _num(cpu, "us"),
+                _num(served.get(name, {}).get("cpu_us_per_request"), "us"),
                 _num(served.get(floor, {}).get("cpu_us_per_request"), "us"),
                 _ratio(r.get("ratios_cpu_per_request", {}).get(f"{name}_to_{floor}")),
                 "",
                 None,
             )
     for name, anchor in r.get("anchors", {}).items():
-        yield (
-            f"HTTP no-op, {name.replace('_', ' + ')}, against Starlette on the same server",
-            _num(served.get(name, {}).get("req_per_s"), "req/s"),
-            _num(served.get(anchor, {}).get("req_per_s"), f"req/s ({anchor.replace('_', ' + ')})"),
-            _ratio(r.get("ratios_req_per_s", {}).get(f"{name}_to_{anchor}")),
-            "",
-            None,
-        )
+        yield versus(name, anchor, "against Starlette on the same server", None)
 
 
 def threads_rows(r: dict[str, Any]) -> Iterator[Row]:
