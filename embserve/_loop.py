@@ -221,11 +221,37 @@ def poll_while(loop: asyncio.AbstractEventLoop, waiter: Awaiting) -> None:
             selector.waiters.add(waiter)
 
 
-class LoopThread:
-    """Runs an asyncio loop in a daemon thread until :meth:`stop`."""
+#: The event loops a runtime of its own thread may run on (``Runtime(loop=...)``).
+LOOPS = ("auto", "asyncio", "uvloop")
 
-    def __init__(self, name: str) -> None:
-        self.loop = asyncio.new_event_loop()
+
+def loop_factory(kind: str = "auto") -> Callable[[], asyncio.AbstractEventLoop]:
+    """What makes a runtime's own event loop: uvloop's for ``"uvloop"``, and for ``"auto"``
+    where uvloop is installed (as uvicorn chooses); else asyncio's. Raises ``ValueError`` for
+    another kind, and for ``"uvloop"`` where it is not installed."""
+    if kind not in LOOPS:
+        raise ValueError(f"loop must be one of {', '.join(LOOPS)}; got {kind!r}")
+    if kind != "asyncio" and sys.platform != "win32":
+        try:
+            import uvloop
+        except ImportError:
+            pass
+        else:
+            factory: Callable[[], asyncio.AbstractEventLoop] = uvloop.new_event_loop
+            return factory
+    if kind == "uvloop":
+        raise ValueError("loop='uvloop' needs uvloop (pip install uvloop; not on Windows)")
+    return asyncio.new_event_loop
+
+
+class LoopThread:
+    """Runs an event loop (``factory``'s, asyncio's by default) in a daemon thread until
+    :meth:`stop`."""
+
+    def __init__(
+        self, name: str, factory: Callable[[], asyncio.AbstractEventLoop] | None = None
+    ) -> None:
+        self.loop = (factory or asyncio.new_event_loop)()
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
         self._thread.start()
 

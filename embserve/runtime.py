@@ -20,7 +20,14 @@ from embserve._deploy import Deployer
 from embserve._dispatch import Dispatcher
 from embserve._endpoint import Endpoint
 from embserve._http import HTTPServer, start_http
-from embserve._loop import LoopThread, running_loop, start_from_loop, stop_runners
+from embserve._loop import (
+    LOOPS,
+    LoopThread,
+    loop_factory,
+    running_loop,
+    start_from_loop,
+    stop_runners,
+)
 from embserve.backends import Backend, resolve_backend
 from embserve.clock import Clock
 from embserve.deployment import Application, Deployment
@@ -69,6 +76,10 @@ class Runtime:
             cluster (a backend whose ``shares_replicas`` it makes true: the Dask backend): the
             first to run a deployment starts its replicas, the others attach and route to
             them directly; see docs/scaling.md. ValueError at start for other backends.
+        loop: the event loop of a runtime in a thread of its own: ``"auto"`` (default: uvloop's
+            where it is installed, as uvicorn chooses, else asyncio's), ``"asyncio"`` or
+            ``"uvloop"`` (ValueError at start where it is not installed). A runtime started on
+            the caller's loop (``async with``) runs on that loop.
     """
 
     def __init__(
@@ -79,7 +90,11 @@ class Runtime:
         seed: int | None = None,
         clock: Clock | None = None,
         namespace: str | None = None,
+        loop: str = "auto",
     ) -> None:
+        if loop not in LOOPS:
+            raise ValueError(f"loop must be one of {', '.join(LOOPS)}; got {loop!r}")
+        self._loop_kind = loop
         if namespace is not None and (not isinstance(namespace, str) or not namespace):
             raise ValueError(f"namespace must be a non-empty str, got {namespace!r}")
         self.id = name or f"rt-{uuid.uuid4().hex[:8]}"
@@ -133,7 +148,7 @@ class Runtime:
                 raise EmbserveError("this runtime was shut down; create a new one")
             if self._loop is not None:
                 return self
-            thread = LoopThread(f"embserve-{self.id}")
+            thread = LoopThread(f"embserve-{self.id}", loop_factory(self._loop_kind))
             try:
                 thread.run(self._start_on_loop())
             except BaseException:
