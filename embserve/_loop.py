@@ -59,9 +59,10 @@ else:
                 return loop  # type: ignore[no-any-return]
             _found.loop = None  # it stopped (or another thread runs it now)
         loop = _get_running_loop()
-        # Remembered only when it tells which thread runs it, as asyncio's own loops do (a
-        # plain thread finds none, and asyncio answers that without the system call).
-        if loop is not None and isinstance(loop, asyncio.BaseEventLoop):
+        # Remembered only when it tells which thread runs it (_thread_id), as asyncio's own
+        # loops do, and the loops of other kinds (uvloop's) that a LoopThread runs (a plain
+        # thread finds none, and asyncio answers that without the system call).
+        if loop is not None and getattr(loop, "_thread_id", None) == _ident():
             _found.loop = loop
         return loop
 
@@ -256,20 +257,28 @@ class LoopThread:
         self._thread.start()
 
     def _run(self) -> None:
-        asyncio.set_event_loop(self.loop)
+        loop = self.loop
+        asyncio.set_event_loop(loop)
+        # A loop that does not say which thread runs it, as asyncio's do, is told here, for
+        # running_loop() (so that it finds it without a system call), until it is closed.
+        told = not isinstance(loop, asyncio.BaseEventLoop) and not hasattr(loop, "_thread_id")
+        if told:
+            loop._thread_id = threading.get_ident()  # type: ignore[attr-defined]
         try:
-            self.loop.run_forever()
+            loop.run_forever()
         finally:
             try:
-                pending = asyncio.all_tasks(self.loop)
+                pending = asyncio.all_tasks(loop)
                 for task in pending:
                     task.cancel()
                 if pending:
-                    self.loop.run_until_complete(asyncio.gather(*pending, return_exceptions=True))
-                self.loop.run_until_complete(self.loop.shutdown_asyncgens())
-                self.loop.run_until_complete(self.loop.shutdown_default_executor())
+                    loop.run_until_complete(asyncio.gather(*pending, return_exceptions=True))
+                loop.run_until_complete(loop.shutdown_asyncgens())
+                loop.run_until_complete(loop.shutdown_default_executor())
             finally:
-                self.loop.close()
+                loop.close()
+                if told:
+                    loop._thread_id = None  # type: ignore[attr-defined]
 
     def run(self, coro: Coroutine[Any, Any, T], timeout_s: float | None = None) -> T:
         """Run ``coro`` on the loop and wait for its result from this (other) thread."""

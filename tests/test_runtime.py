@@ -79,6 +79,30 @@ async def test_async_context_runs_on_the_callers_loop_and_leaves_no_task() -> No
     assert asyncio.all_tasks() == before
 
 
+@pytest.mark.parametrize("loop", ["asyncio", "uvloop"])
+def test_a_runtime_of_its_own_thread_runs_on_the_loop_asked_for(loop: str) -> None:
+    pytest.importorskip("uvloop")
+    from embserve._loop import running_loop
+
+    with Runtime(loop=loop) as runtime:
+        assert runtime.loop is not None
+        assert ("uvloop" in type(runtime.loop).__module__) == (loop == "uvloop")
+        assert runtime.run(double.bind()).remote(4).result() == 8
+
+        async def found() -> tuple[bool, bool]:  # twice: the second time it was remembered
+            return running_loop() is runtime.loop, running_loop() is runtime.loop
+
+        assert asyncio.run_coroutine_threadsafe(found(), runtime.loop).result() == (True, True)
+        assert running_loop() is None  # this thread runs no loop
+    # Once the loop is closed, its thread no longer says it runs it.
+    assert getattr(runtime.loop, "_thread_id", None) is None
+
+
+def test_an_unknown_loop_is_refused_at_once() -> None:
+    with pytest.raises(ValueError, match="loop must be one of auto, asyncio, uvloop"):
+        Runtime(loop="trio")
+
+
 def test_runtime_starts_on_first_use_and_shuts_down(no_thread_left: None) -> None:
     runtime = Runtime()
     handle = runtime.run(double.bind())
