@@ -58,13 +58,13 @@ else:
             if loop._thread_id == _ident() and "_nest_patched" not in _asyncio_names:
                 return loop  # type: ignore[no-any-return]
             _found.loop = None  # it stopped (or another thread runs it now)
-        loop = _get_running_loop()
+        running = _get_running_loop()
         # Remembered only when it tells which thread runs it (_thread_id), as asyncio's own
         # loops do, and the loops of other kinds (uvloop's) that a LoopThread runs (a plain
         # thread finds none, and asyncio answers that without the system call).
-        if loop is not None and getattr(loop, "_thread_id", None) == _ident():
-            _found.loop = loop
-        return loop
+        if running is not None and getattr(running, "_thread_id", None) == _ident():
+            _found.loop = running
+        return running
 
     def _forget_loops() -> None:
         global _found
