@@ -8,7 +8,6 @@ them through :class:`Handle` objects from any Python code, serve them over HTTP 
 from __future__ import annotations
 
 import importlib
-import logging
 from typing import Any
 
 from embserve._default import (
@@ -54,10 +53,6 @@ from embserve.snapshot import (
 )
 
 __version__ = "0.1.0"
-
-# The library prints nothing itself: its records go to the "embserve" logger hierarchy, and
-# where an application configured no logging they are dropped, not written to stderr.
-logging.getLogger("embserve").addHandler(logging.NullHandler())
 
 __all__ = [
     "App",
