@@ -111,8 +111,14 @@ class DeploymentController(RequestPath):
         timer: list[Timer] = []
 
         def still_waiting() -> None:
-            # Nothing waits silently: say every so often what the start waits for.
-            reason = self.backend.pending.get(self.name) or "its backend is still starting it"
+            # Nothing waits silently: say every so often what the start waits for. The
+            # backend's reason is the deployment's; it is this replica's only while it is
+            # allocating. Past that the backend may be launching it or its constructor running.
+            pending = self.backend.pending.get(self.name)
+            if pending and spec.replica_id in self.backend.allocating:
+                reason = pending
+            else:
+                reason = "still starting (its constructor may still be running)"
             logger.warning(
                 "deployment %s: replica %s is not running after %.0f s: %s",
                 self.name,

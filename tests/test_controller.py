@@ -8,6 +8,7 @@ The runtime runs on the test's loop with a :class:`tests.clock.FakeClock`; only 
 from __future__ import annotations
 
 import asyncio
+import threading
 import time
 from collections.abc import Callable
 
@@ -181,6 +182,46 @@ async def test_placement_that_cannot_finish_times_out_and_says_what_is_short(
         assert issubclass(embserve.DeploymentTimeoutError, TimeoutError)
         assert rt.status().deployments["gpu"].target_replicas == 2  # left in place
         assert (await handle.remote()).startswith("gpu#")
+
+
+class SlowToLoad:
+    loaded = threading.Event()
+
+    def __init__(self) -> None:
+        SlowToLoad.loaded.wait(10)
+
+    def __call__(self) -> str:
+        return embserve.get_replica_context().replica_id
+
+
+async def test_the_start_notice_tells_a_running_constructor_from_a_wait_for_resources(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    clock = FakeClock()
+    SlowToLoad.loaded.clear()
+    backend = embserve.backends.LocalBackend(resources={"GPU": 1}, gpu_ids=["0"])
+    deployment = embserve.deployment(num_replicas=2, resources={"GPU": 1})(SlowToLoad)
+    async with embserve.Runtime(backend, clock=clock) as rt:
+        run = asyncio.ensure_future(rt.run_async(deployment.bind(), name="slow"))
+
+        def states() -> list[str]:
+            status = rt.status().deployments.get("slow")
+            return sorted(r.state.value for r in status.replicas) if status else []
+
+        # One replica holds the GPU and runs its constructor; the other waits for the GPU.
+        await until(lambda: states() == ["PENDING_ALLOCATION", "STARTING"])
+        await clock.advance(10)
+        reasons = sorted(
+            r.getMessage().split(" is not running after 10 s: ")[1]
+            for r in caplog.records
+            if "is not running after 10 s" in r.getMessage()
+        )
+        assert len(reasons) == 2, reasons
+        assert reasons[0] == "still starting (its constructor may still be running)"
+        assert reasons[1].startswith("waiting for resources: GPU")
+        SlowToLoad.loaded.set()
+        run.cancel()
+        await asyncio.gather(run, return_exceptions=True)
 
 
 async def test_a_demand_that_can_never_fit_fails_at_once() -> None:
