@@ -70,8 +70,8 @@ def _parser() -> argparse.ArgumentParser:
     run = commands.add_parser(
         "run",
         help="serve module:attr over HTTP",
-        description="Serve an embserve App, Application or Runtime over HTTP with uvicorn "
-        "or hypercorn. Ctrl-C or SIGTERM stops it gracefully.",
+        description="Serve an embserve App, Application or Runtime over HTTP with granian, "
+        "uvicorn or hypercorn (see --server). Ctrl-C or SIGTERM stops it gracefully.",
     )
     run.set_defaults(handler=_run)
     run.add_argument(
