@@ -1,7 +1,9 @@
 """The quickstart: two deployments, one composed into the other, called through handles and HTTP.
 
 ``python examples/quickstart.py`` calls them through handles (the console demo, :func:`main`).
-``make demo`` (``embserve run examples/quickstart.py:app``) serves them over HTTP::
+``make demo`` (``embserve run examples/quickstart.py:app``) serves them over HTTP on one route,
+``/sentiment``, the one it lists. A route matches the paths under its prefix too, and
+:class:`SentimentAPI` answers ``/sentiment/words`` word by word::
 
     curl -s -X POST http://127.0.0.1:8000/sentiment -d 'I love fast serving'
     curl -s -X POST http://127.0.0.1:8000/sentiment/words -d 'streamed word by word'
@@ -55,7 +57,10 @@ class SentimentAPI:
         self.sentiment = sentiment
 
     async def __call__(self, request: Request) -> Any:
-        text = (await request.body()).decode("utf-8")
+        try:
+            text = (await request.body()).decode("utf-8")
+        except UnicodeDecodeError:
+            raise embserve.HTTPError(400, "the request body is not UTF-8 text") from None
         if request.url.path.endswith("/words"):
             return [
                 word async for word in self.sentiment.options(stream=True).stream_words.remote(text)

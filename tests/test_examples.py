@@ -100,6 +100,9 @@ def test_quickstart_as_a_script_and_under_embserve_run() -> None:
         answer = http.post("/sentiment", content="I love fast serving").json()
         assert answer["label"] == "positive"
         assert http.post("/sentiment/words", content="a b").json() == ["a", "b"]
+        not_text = http.post("/sentiment", content=b"\xff")
+        assert not_text.status_code == 400
+        assert not_text.json()["error"] == "the request body is not UTF-8 text"
 
 
 def test_the_classifier_batches_concurrent_requests() -> None:
