@@ -301,7 +301,7 @@ class ReplicaHost:
         """
         method = request.method
         batcher = self._senders.get(method, _UNKNOWN)
-        if batcher is _UNKNOWN or (batcher is not None and batcher.closed):
+        if batcher is _UNKNOWN:
             batcher = self._batcher(method)
         if batcher is None or request.kwargs or len(request.args) != 1:
             return None
@@ -311,6 +311,9 @@ class ReplicaHost:
         try:
             withdraw: Callable[[], None] = batcher.send(value, future)
         except Exception:
+            # A batcher that closed is looked up again by the next request (which finds the
+            # one made in its place), not asked whether it closed by every request.
+            self._senders.pop(method, None)
             return None
         return withdraw
 
