@@ -489,6 +489,29 @@ async def test_a_replica_that_stops_closes_its_batchers() -> None:
             await waiting
 
 
+@embserve.deployment
+class Doubles:
+    @embserve.batch(max_batch_size=4, batch_wait_timeout_s=0.001)
+    async def __call__(self, items: list[int]) -> list[int]:
+        return [2 * i for i in items]
+
+
+async def test_a_batcher_closed_under_a_running_replica_is_replaced_for_later_requests() -> None:
+    async with embserve.Runtime() as rt:
+        handle = await rt.run_async(Doubles.bind(), name="doubles")
+        assert await handle.remote(1) == 2
+        (first,) = [b for b in live_batchers() if b.name == "Doubles.__call__" and not b.closed]
+        await first.close()
+        # The next request finds the closed one and is served all the same (by call()); the
+        # ones after it are batched again, by the batcher made in its place.
+        assert await asyncio.gather(*(handle.remote(i) for i in range(8))) == [
+            2 * i for i in range(8)
+        ]
+        assert await handle.remote(5) == 10
+        others = [b for b in live_batchers() if b.name == "Doubles.__call__" and not b.closed]
+        assert len(others) == 1 and others[0].metrics.items >= 8
+
+
 # --------------------------------------------------------------------------- send()
 
 
