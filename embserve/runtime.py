@@ -77,7 +77,8 @@ class Runtime:
             first to run a deployment starts its replicas, the others attach and route to
             them directly; see docs/scaling.md. ValueError at start for other backends.
         loop: the event loop of a runtime in a thread of its own: ``"auto"`` (default: uvloop's
-            where it is installed, as uvicorn chooses, else asyncio's), ``"asyncio"`` or
+            where it is installed and the backend is the in-thread one, else asyncio's, whose
+            selector the process and Dask backends poll for answers), ``"asyncio"`` or
             ``"uvloop"`` (ValueError at start where it is not installed). A runtime started on
             the caller's loop (``async with``) runs on that loop.
     """
@@ -148,7 +149,13 @@ class Runtime:
                 raise EmbserveError("this runtime was shut down; create a new one")
             if self._loop is not None:
                 return self
-            thread = LoopThread(f"embserve-{self.id}", loop_factory(self._loop_kind))
+            kind = self._loop_kind
+            if kind == "auto" and not _in_thread(self._backend_spec):
+                # Replicas in other processes answer over sockets, and the loop polls a moment
+                # for their answers (busy_poll_s), which takes asyncio's selector: uvloop has
+                # none, and without the polls their calls take longer than uvloop saves.
+                kind = "asyncio"
+            thread = LoopThread(f"embserve-{self.id}", loop_factory(kind))
             try:
                 thread.run(self._start_on_loop())
             except BaseException:
@@ -535,6 +542,13 @@ class Runtime:
 
     def __repr__(self) -> str:
         return f"Runtime(id={self.id!r}, backend={self._backend_spec!r})"
+
+
+def _in_thread(backend: str | Backend | None) -> bool:
+    # Whether the backend keeps replicas in this process, on the runtime's loop.
+    from embserve.local import LocalBackend
+
+    return backend is None or backend == "local" or isinstance(backend, LocalBackend)
 
 
 # Runtimes with a thread of their own, stopped at exit so no replica outlives the interpreter.

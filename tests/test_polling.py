@@ -152,3 +152,23 @@ def test_a_process_replicas_caller_loop_polls_as_its_backend_says(poll_s: float)
             return isinstance(selector, PollingSelector) and len(selector.waiters) == 1
 
     assert asyncio.run(main()) is (poll_s > 0)
+
+
+@pytest.mark.timeout(60)
+def test_a_runtime_of_its_own_thread_keeps_asyncios_loop_for_the_process_backend() -> None:
+    # uvloop has no selector to poll; the in-thread backend, which never polls, gets it.
+    pytest.importorskip("uvloop")
+    with embserve.Runtime(backend=ProcessBackend()) as rt:
+        handle = rt.run(echo.bind())
+        assert handle.remote(3).result() == 3
+        assert isinstance(rt.loop, asyncio.BaseEventLoop)
+
+        async def on_the_loop() -> tuple[int, bool]:  # its loop awaits the answer: it polls
+            answer = await handle.remote(4)
+            selector = asyncio.get_running_loop()._selector
+            return answer, isinstance(selector, PollingSelector)
+
+        future = asyncio.run_coroutine_threadsafe(on_the_loop(), rt.loop)
+        assert future.result(timeout=30) == (4, True)
+    with embserve.Runtime() as local:
+        assert "uvloop" in type(local.loop).__module__
