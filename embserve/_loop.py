@@ -226,12 +226,17 @@ def poll_while(loop: asyncio.AbstractEventLoop, waiter: Awaiting) -> None:
 LOOPS = ("auto", "asyncio", "uvloop")
 
 
+def check_loop(kind: str) -> None:
+    """Raise ``ValueError`` unless ``kind`` is one of :data:`LOOPS`."""
+    if kind not in LOOPS:
+        raise ValueError(f"loop must be one of {', '.join(LOOPS)}; got {kind!r}")
+
+
 def loop_factory(kind: str = "auto") -> Callable[[], asyncio.AbstractEventLoop]:
     """What makes a runtime's own event loop: uvloop's for ``"uvloop"``, and for ``"auto"``
     where uvloop is installed (as uvicorn chooses); else asyncio's. Raises ``ValueError`` for
     another kind, and for ``"uvloop"`` where it is not installed."""
-    if kind not in LOOPS:
-        raise ValueError(f"loop must be one of {', '.join(LOOPS)}; got {kind!r}")
+    check_loop(kind)
     if kind != "asyncio" and sys.platform != "win32":
         try:
             import uvloop
@@ -261,7 +266,7 @@ class LoopThread:
         asyncio.set_event_loop(loop)
         # A loop that does not say which thread runs it, as asyncio's do, is told here, for
         # running_loop() (so that it finds it without a system call), until it is closed.
-        told = not isinstance(loop, asyncio.BaseEventLoop) and not hasattr(loop, "_thread_id")
+        told = not hasattr(loop, "_thread_id")
         if told:
             loop._thread_id = threading.get_ident()  # type: ignore[attr-defined]
         try:

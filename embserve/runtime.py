@@ -21,8 +21,8 @@ from embserve._dispatch import Dispatcher
 from embserve._endpoint import Endpoint
 from embserve._http import HTTPServer, start_http
 from embserve._loop import (
-    LOOPS,
     LoopThread,
+    check_loop,
     loop_factory,
     running_loop,
     start_from_loop,
@@ -93,8 +93,7 @@ class Runtime:
         namespace: str | None = None,
         loop: str = "auto",
     ) -> None:
-        if loop not in LOOPS:
-            raise ValueError(f"loop must be one of {', '.join(LOOPS)}; got {loop!r}")
+        check_loop(loop)
         self._loop_kind = loop
         if namespace is not None and (not isinstance(namespace, str) or not namespace):
             raise ValueError(f"namespace must be a non-empty str, got {namespace!r}")
