@@ -32,6 +32,15 @@ if TYPE_CHECKING:
 
 T = TypeVar("T")
 
+#: ``threading.get_ident``. ``getattr(loop, "_thread_id", None) == thread_ident()`` tells that
+#: ``loop`` runs in this thread now (asyncio's loops say so while they run, and LoopThread
+#: tells loops of other kinds): with ``NESTING not in ASYNCIO_NAMES`` (no nest_asyncio,
+#: under which another loop may run inside it), what ``running_loop() is loop`` answers, without
+#: a call. The hot paths of a call check it so, and ask :func:`running_loop` only when it fails.
+thread_ident = threading.get_ident
+ASYNCIO_NAMES: Mapping[str, Any] = vars(asyncio)
+NESTING = "_nest_patched"  # in ASYNCIO_NAMES once nest_asyncio patched asyncio
+
 if sys.version_info >= (3, 12):
     #: The running loop of this thread, or None: asyncio.get_running_loop without the
     #: exception, which costs more than the whole check on the hot path of a call.
@@ -43,8 +52,8 @@ else:
     # runs in this thread (a thread runs one loop at a time); a fork forgets them all. Not
     # once nest_asyncio patched asyncio: there a loop may run inside another in one thread.
     _get_running_loop = asyncio._get_running_loop
-    _ident = threading.get_ident
-    _asyncio_names = vars(asyncio)
+    _ident = thread_ident
+    _asyncio_names = ASYNCIO_NAMES
 
     class _Found(threading.local):
         loop: Any = None  # a class default: a thread that never found one reads it at once
@@ -55,7 +64,7 @@ else:
         """The running loop of this thread, or None (asyncio's, without its getpid())."""
         loop = _found.loop
         if loop is not None:
-            if loop._thread_id == _ident() and "_nest_patched" not in _asyncio_names:
+            if loop._thread_id == _ident() and NESTING not in _asyncio_names:
                 return loop  # type: ignore[no-any-return]
             _found.loop = None  # it stopped (or another thread runs it now)
         running = _get_running_loop()

@@ -18,10 +18,13 @@ from collections.abc import AsyncIterator, Callable, Coroutine, Generator, Itera
 from typing import Any, Protocol
 
 from embserve._loop import (
+    ASYNCIO_NAMES,
+    NESTING,
     call_soon_threadsafe,
     running_loop,
     settle_like,
     start_task,
+    thread_ident,
     when_done,
     wrap_future,
 )
@@ -129,9 +132,14 @@ class Response:
 
     def __await__(self) -> Generator[Any, None, Any]:
         # The future's own iterator, not a generator around it: one frame less each time the
-        # awaiting task is resumed.
+        # awaiting task is resumed. On its own loop (the usual case) without a call to learn so
+        # (see thread_ident).
         future = self._future
-        if isinstance(future, asyncio.Future) and running_loop() is self._loop:
+        loop = self._loop
+        if isinstance(future, asyncio.Future) and (
+            (getattr(loop, "_thread_id", None) == thread_ident() and NESTING not in ASYNCIO_NAMES)
+            or running_loop() is loop
+        ):
             return future.__await__()
         waiter = wrap_future(self._concurrent(), running_loop() or asyncio.get_event_loop())
         return waiter.__await__()

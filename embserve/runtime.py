@@ -21,12 +21,15 @@ from embserve._dispatch import Dispatcher
 from embserve._endpoint import Endpoint
 from embserve._http import HTTPServer, start_http
 from embserve._loop import (
+    ASYNCIO_NAMES,
+    NESTING,
     LoopThread,
     check_loop,
     loop_factory,
     running_loop,
     start_from_loop,
     stop_runners,
+    thread_ident,
 )
 from embserve.backends import Backend, resolve_backend
 from embserve.clock import Clock
@@ -508,6 +511,8 @@ class Runtime:
         dispatch = self._dispatch
         if request.stream:
             return ResponseStream(functools.partial(dispatch.stream, request), loop)
+        if getattr(loop, "_thread_id", None) == thread_ident() and NESTING not in ASYNCIO_NAMES:
+            return Response(dispatch.start(request, loop), loop)  # on it: see thread_ident
         caller = running_loop()
         if caller is loop:
             return Response(dispatch.start(request, loop), loop)

@@ -15,6 +15,7 @@ from typing import Any
 import pytest
 
 from embserve._loop import call_soon_threadsafe, running_loop, start_from_loop, wrap_future
+from embserve.response import Response
 
 who: contextvars.ContextVar[str] = contextvars.ContextVar("who", default="nobody")
 
@@ -301,5 +302,38 @@ def test_running_loop_remembers_nothing_once_asyncio_allows_nested_loops(
             asyncio.events._set_running_loop(outer)
 
     assert outer.run_until_complete(look()) == (outer, inner)
+    outer.close()
+    inner.close()
+
+
+def test_a_response_is_bridged_to_a_loop_nested_in_the_thread_of_its_own(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Response.__await__ takes its loop's thread id as telling that its loop runs the awaiting
+    # code; not once nest_asyncio marked asyncio, where a loop may run inside it: there it is
+    # bridged as from any other loop (the future's own iterator would fail the awaiting task).
+    outer = asyncio.new_event_loop()
+    inner = asyncio.new_event_loop()
+    future = outer.create_future()
+    response = Response(future, outer)
+
+    async def wait() -> Any:
+        return await response
+
+    async def start() -> asyncio.Task[Any]:
+        monkeypatch.setattr(asyncio, "_nest_patched", True, raising=False)
+        outer._thread_id = threading.get_ident()
+        try:
+            task = asyncio.ensure_future(wait())
+            await asyncio.sleep(0)  # the task awaits the response now
+        finally:
+            outer._thread_id = None
+        return task
+
+    task = inner.run_until_complete(start())
+    assert not task.done()
+    future.set_result(7)
+    outer.run_until_complete(asyncio.sleep(0))  # the bridge's link runs on ``outer``
+    assert inner.run_until_complete(task) == 7
     outer.close()
     inner.close()
