@@ -19,7 +19,13 @@ from embserve._endpoint import Endpoint
 from embserve._loop import start_task
 from embserve.errors import EmbserveError
 from embserve.request import Request
-from embserve.response import NOT_HERE, ResponseStream, has_responses, resolve_responses
+from embserve.response import (
+    NOT_HERE,
+    Response,
+    ResponseStream,
+    has_responses,
+    resolve_responses,
+)
 
 logger = logging.getLogger("embserve.runtime")
 _NO_SHADOWS: list[str] = []  # shared, never changed: most requests have no shadow
@@ -68,7 +74,10 @@ class Dispatcher:
         """
         if loop is None:
             loop = asyncio.get_running_loop()
-        if has_responses(request.args, request.kwargs):
+        for value in request.args:  # has_responses(), without its call for the usual request
+            if isinstance(value, Response):
+                return start_task(loop, self._resolve_and_serve(request))
+        if request.kwargs and has_responses((), request.kwargs):
             return start_task(loop, self._resolve_and_serve(request))
         try:
             only = self._only(request)

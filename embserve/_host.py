@@ -307,7 +307,9 @@ class ReplicaHost:
             return None
         if request.trace_context is not None and tracing.ENABLED:
             return None
-        value = _materialized(request.args[0])
+        value = request.args[0]
+        if _MATERIALIZES.get(type(value)) is not False:  # _materialized(), with no call if not
+            value = _materialized(value)
         try:
             withdraw: Callable[[], None] = batcher.send(value, future)
         except Exception:
