@@ -63,19 +63,13 @@ class _SentItem(_Item):
     __slots__ = ("batcher",)
 
     sent = True
-
-    def __init__(
-        self, batcher: DynamicBatcher, value: Any, future: asyncio.Future[Any], arrived: float
-    ) -> None:
-        self.batcher = batcher
-        self.value = value
-        self.cost = 1
-        self.arrived = arrived
-        self.future = future
-        self.queue = None
+    batcher: DynamicBatcher  # made by DynamicBatcher.send, which sets every field
 
     def __call__(self) -> None:
         self.batcher._withdraw(self)
+
+
+_new_item = object.__new__
 
 
 class _Bucket:
@@ -183,7 +177,15 @@ class DynamicBatcher(Batcher[Any, Any]):
         callers' futures in one loop over them and wakes nothing else. Raises what
         :meth:`submit` raises at once (a closed batcher, an item over the size limit).
         """
-        entry = _SentItem(self, item, future, self._now())
+        # _SentItem(...) without the class call and __init__ frame (700 of the 48k machine
+        # instructions a batched request costs): the same fields, set in this frame.
+        entry = _new_item(_SentItem)
+        entry.batcher = self
+        entry.value = item
+        entry.cost = 1
+        entry.arrived = self._now()
+        entry.future = future
+        entry.queue = None
         if self._size_fn is not None or self._closed:  # the checks of _enqueue, if needed
             entry.cost = self._enqueue(item).cost
         self._after_arrival(entry)

@@ -50,6 +50,9 @@ def _let_go() -> None:
     pass
 
 
+_new_lease = object.__new__
+
+
 class Lease:
     """One request's slot on one replica, counted in its ``ongoing`` until given back.
 
@@ -366,7 +369,14 @@ class Router(ABC):
         if replica is None:
             return None
         replica.ongoing += 1
-        return Lease(self, replica)
+        # Lease(self, replica) without the class call and __init__ frame, on the path of every
+        # request: the same fields, set here.
+        lease: Lease = _new_lease(Lease)
+        lease._router = self
+        lease.replica = replica
+        lease._holds = 0
+        lease._released = False
+        return lease
 
     @property
     def threads_allowed(self) -> bool:
