@@ -755,7 +755,11 @@ def start_from_loop(
     crossing.discard = discard
     crossing.source = None
     crossing.context = contextvars.copy_context()
-    lane = crossing.lane = _lane(loop, here)
+    lanes = getattr(here, "_embserve_lanes", None)  # _lane()'s look-up, with no call when found
+    lane = lanes.get(loop) if lanes is not None else None
+    if lane is None:
+        lane = _lane(loop, here)
+    crossing.lane = lane
     lane.calls.append(crossing)
     if not lane.calling:
         # Set before the hand-over: a begin_all that starts now sees this call, or a later
@@ -872,7 +876,10 @@ class _Lane:
             if source.done():  # over in its first step: its outcome goes back in this burst
                 crossing.settled(source)
                 continue
-            when_done(source, crossing.settled)
+            if isinstance(source, Answered) and source.then is None:  # when_done(), inline
+                source.then = crossing.settled
+            else:
+                source.add_done_callback(crossing.settled)
             if crossing.cancelled():  # cancelled while this ran, before the source was there
                 source.cancel()
 
@@ -882,8 +889,12 @@ class _Lane:
         for _ in range(len(answers)):
             crossing = answers.popleft()
             if not crossing.done():
-                assert crossing.source is not None
-                settle_like(crossing, crossing.source)
+                source = crossing.source
+                assert source is not None
+                if source.cancelled() or source.exception() is not None:
+                    settle_like(crossing, source)
+                else:  # the usual outcome, without settle_like's call
+                    crossing.set_result(source.result())
 
 
 def _lane(loop: asyncio.AbstractEventLoop, here: asyncio.AbstractEventLoop) -> _Lane:
