@@ -413,7 +413,8 @@ class DynamicBatcher(Batcher[Any, Any]):
         task.add_done_callback(self._finished)
 
     def _finished(self, batch: asyncio.Task[None] | Future[Any]) -> None:
-        # A batch slot is free: the next ready batch starts now, before its callers wake.
+        # A batch slot is free: the next ready batch starts now (its first step in a later
+        # turn of the loop; a batch in a thread starts computing at once).
         items = self._running.pop(batch, None)
         if items is not None:
             self._running_cost -= self._cost_of(items)
@@ -493,10 +494,13 @@ class DynamicBatcher(Batcher[Any, Any]):
             self._fail_batch(items, exc)
             return
         self._record(len(items), started, False)
+        # Answers before the next batch: their hand-over to other threads and loops is then
+        # on its way before that batch's first step, so their callers take them (and send
+        # their next calls) while it computes, rather than once it is over.
+        self._settle(items, results)
         task = current_task(self.loop)  # asyncio's asks for the loop (and, before 3.12, the pid)
         if task is not None:
             self._finished(task)
-        self._settle(items, results)
 
     def _settle(self, items: list[_Item], results: Any) -> None:
         # Every caller's answer in this one loop turn, in one step (set_results): each future

@@ -614,6 +614,30 @@ async def test_a_sync_batch_runs_in_a_thread_while_the_loop_fills_the_next() -> 
     await batcher.close()
 
 
+def test_callers_on_another_loop_get_their_answers_while_the_next_batch_runs() -> None:
+    # A finished batch hands its answers over to callers on other loops before the next batch
+    # starts: they take them (and send their next calls) while it computes, as numpy and GPU
+    # calls let go of the GIL, instead of after it. The second batch here blocks the runtime's
+    # loop, as a computation would, until the first caller has its answer.
+    answered = threading.Event()
+
+    @embserve.deployment(max_queued_requests=-1)
+    class Model:
+        @embserve.batch(max_batch_size=1, batch_wait_timeout_s=0)
+        async def __call__(self, xs: list[int]) -> list[bool]:
+            return [answered.wait(10) if xs == [2] else True]
+
+    async def two_calls(handle: embserve.Handle) -> bool:
+        first, second = handle.remote(1), handle.remote(2)  # one burst: batch 2 waits for 1
+        assert await first
+        answered.set()
+        return bool(await second)
+
+    with embserve.Runtime() as rt:
+        handle = rt.run(Model.bind())
+        assert asyncio.run(two_calls(handle)) is True
+
+
 async def test_abandon_fails_waiting_and_running_items() -> None:
     fn = ThreadRecorder()
     fn.gate.clear()
