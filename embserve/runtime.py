@@ -511,10 +511,10 @@ class Runtime:
         dispatch = self._dispatch
         if request.stream:
             return ResponseStream(functools.partial(dispatch.stream, request), loop)
-        if getattr(loop, "_thread_id", None) == thread_ident() and NESTING not in ASYNCIO_NAMES:
-            return Response(dispatch.start(request, loop), loop)  # on it: see thread_ident
-        caller = running_loop()
-        if caller is loop:
+        # On the runtime's loop, mostly told by its thread id without a call (see thread_ident).
+        if (
+            getattr(loop, "_thread_id", None) == thread_ident() and NESTING not in ASYNCIO_NAMES
+        ) or (caller := running_loop()) is loop:
             return Response(dispatch.start(request, loop), loop)
         if caller is None and request.stream is False and dispatch.may_run_here(request):
             return deferred(loop, dispatch, request)  # sync code: may run in this thread
